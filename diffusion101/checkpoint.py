@@ -1,0 +1,143 @@
+"""Checkpoints as dicts of tensors and plain values, written atomically, read with weights_only.
+
+model.pt: {"format", "model", "config", "preset", "optimizer", "epoch", "step", "step_in_epoch",
+           "rng"}. lora.pt: {"format", "lora", "lora_config", "base_fingerprint", "config"}.
+The architecture is always rebuilt from the file's own "config", never from the caller.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import signal
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import Config, UserError
+
+MODEL_FORMAT = "diffusion101/model/1"
+LORA_FORMAT = "diffusion101/lora/1"
+CONVERT_HINT = ("if you trust the file, convert it once with "
+                "'python scripts/convert_checkpoint.py --trust OLD.pt NEW.pt'")
+
+
+def _fault(name: str) -> bool:
+    """Fault injection for the crash tests: DIFFUSION101_FAULT names the fault to simulate."""
+    return os.environ.get("DIFFUSION101_FAULT") == name
+
+
+def atomic_write(path, write_fn) -> None:
+    """Write through write_fn(file) to a temporary file in the same folder, fsync, then
+    os.replace: a crash at any point leaves either the old file or the new one, never half."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"cannot save {path}: folder {folder} does not exist")
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if _fault("kill_before_replace"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not save {path}: {e.strerror or e}; "
+                        f"the previous file, if any, is untouched") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Persist the rename itself (the folder entry), where the platform allows it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save(obj: dict, path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load(path, what: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True, every failure turned into one clear UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise UserError(f"{what} is not a file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refused a global: the file pickles Python objects, and nothing of it ran.
+        raise UserError(f"{what} {path} holds pickled Python objects (such as a whole nn.Module), "
+                        f"which could run code on load, so it is refused; {CONVERT_HINT}") from None
+    except PermissionError:
+        raise UserError(f"{what} {path} cannot be read (permission denied)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError):
+        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} is not a Diffusion-101 file (no dict inside)")
+    return obj
+
+
+def load_model_checkpoint(path) -> dict:
+    ckpt = load(path, "checkpoint")
+    if ckpt.get("format") != MODEL_FORMAT or "model" not in ckpt or "config" not in ckpt:
+        if ckpt.get("format") == LORA_FORMAT:
+            raise UserError(f"{path} is a LoRA adapter, not a model checkpoint")
+        raise UserError(f"{path} is not a Diffusion-101 model checkpoint (format "
+                        f"{ckpt.get('format')!r}); {CONVERT_HINT}")
+    return ckpt
+
+
+def config_of(ckpt: dict) -> Config:
+    try:
+        return Config.from_dict(ckpt["config"])
+    except (UserError, TypeError, AttributeError) as e:
+        raise UserError(f"checkpoint config cannot be read: {e}") from None
+
+
+def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    """load_state_dict(strict) with a mismatch reported as one line."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"{where} does not fit this architecture: {detail[:200]}") from None
+
+
+def fingerprint(state_dict: dict) -> str:
+    """sha256 over the names, shapes and bytes of a state dict: identifies a base model."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_lora_file(path) -> dict:
+    obj = load(path, "LoRA adapter")
+    if obj.get("format") != LORA_FORMAT or "lora" not in obj or "base_fingerprint" not in obj:
+        raise UserError(f"{path} is not a Diffusion-101 LoRA adapter")
+    return obj
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the UNet from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
+    from .unet import UNet
+    ckpt = load_model_checkpoint(path)
+    cfg = config_of(ckpt)
+    model = UNet(cfg.model)
+    load_state(model, ckpt["model"], str(path))
+    return model.to(device), ckpt, cfg

@@ -1,0 +1,195 @@
+"""Configuration: one dataclass per concern, presets as named instances.
+
+Every field can be overridden from the command line with ``--set section.field=value``
+(for example ``--set model.channels=32,64,128``). The resolved configuration is printed
+at start and stored, as a plain dict, in every checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: shown as one line, never a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 48
+    in_channels: int = 1
+    channels: tuple = (64, 128, 256, 512, 1024)  # one ConvBlock per level; maxpool between
+    time_emb_dim: int = 256
+    num_classes: int = 10
+    cls_emb_dim: int = 32
+    q_dim: int = 16  # cross-attention query/key size
+    v_dim: int = 16  # cross-attention value size
+    ffn_dim: int = 32  # cross-attention feed-forward hidden size
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    clip: str = "x_t"  # the reference clamps x_t to [-1, 1] after every reverse step; or "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 400
+    lr: float = 1e-3
+    loss: str = "l1"  # "l1" (reference) or "mse"
+    max_steps: int = 0  # 0: no limit; otherwise stop (and save) after this many optimizer steps
+    save_every: int = 0  # 0: save after each epoch only; otherwise also every N steps
+    seed: int = 0
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 1.0
+    targets: tuple = ("w_q", "w_k", "w_v")  # Linear names inside the cross-attention modules
+    epochs: int = 1
+    batch_size: int = 400
+    lr: float = 1e-3
+    max_steps: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists, not tuples) so it pickles under weights_only and prints as JSON."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            sub = getattr(cfg, section, None)
+            if sub is None or not dataclasses.is_dataclass(sub):
+                raise UserError(f"unknown config section '{section}'")
+            for name, value in values.items():
+                _set_field(sub, section, name, value)
+        return cfg
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _set_field(sub, section: str, name: str, value):
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if name not in fields:
+        raise UserError(f"unknown config field '{section}.{name}' (known: {', '.join(fields)})")
+    default = getattr(type(sub)(), name)
+    if isinstance(default, tuple):
+        value = tuple(value)
+    setattr(sub, name, value)
+
+
+def _parse_value(text: str, default):
+    """Parse a command-line string to the type of the field's default value."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, tuple):
+            items = [s for s in text.split(",") if s]
+            kind = type(default[0]) if default else str
+            return tuple(kind(s) for s in items)
+        return type(default)(text)
+    except ValueError:
+        raise UserError(f"cannot read '{text}' as {type(default).__name__}") from None
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Apply one 'section.field=value' assignment in place."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise UserError(f"override '{assignment}' is not of the form section.field=value")
+    key, text = assignment.split("=", 1)
+    section, name = key.split(".", 1)
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub):
+        raise UserError(f"unknown config section '{section}' (known: model, diffusion, train, lora)")
+    if name not in {f.name for f in dataclasses.fields(sub)}:
+        known = ", ".join(f.name for f in dataclasses.fields(sub))
+        raise UserError(f"unknown config field '{key}' (known in {section}: {known})")
+    _set_field(sub, section, name, _parse_value(text, getattr(sub, name)))
+
+
+def _reference() -> Config:
+    # SPEC.md in exact numbers: the dataclass defaults are the reference design.
+    return Config()
+
+
+def _tiny() -> Config:
+    # A few thousand parameters at 16 px, 100 timesteps: for tests, seconds on a CPU.
+    return Config(
+        model=ModelConfig(img_size=16, channels=(8, 16), time_emb_dim=16, cls_emb_dim=8,
+                          q_dim=8, v_dim=8, ffn_dim=16),
+        diffusion=DiffusionConfig(timesteps=100, beta_start=1e-4, beta_end=0.2),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3),
+        lora=LoRAConfig(r=4, alpha=1.0, epochs=1, batch_size=16),
+    )
+
+
+def _small() -> Config:
+    # The reference architecture scaled to a CPU laptop: 28 px (MNIST's own size, no resize),
+    # three levels (28 -> 14 -> 7), the reference schedule, loss and optimizer.
+    return Config(
+        model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128,
+                          cls_emb_dim=32, q_dim=16, v_dim=16, ffn_dim=64),
+        diffusion=DiffusionConfig(),
+        train=TrainConfig(epochs=2, batch_size=128, lr=1e-3),
+        lora=LoRAConfig(epochs=1, batch_size=128),
+    )
+
+
+PRESETS = {"reference": _reference, "tiny": _tiny, "small": _small}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def validate(cfg: Config) -> None:
+    """Catch configurations the model cannot be built from, before any work starts."""
+    m = cfg.model
+    levels = len(m.channels)
+    if levels < 1 or any(c <= 0 for c in m.channels):
+        raise UserError("model.channels must be a non-empty list of positive ints")
+    if m.img_size <= 0 or m.img_size % (2 ** (levels - 1)):
+        raise UserError(f"model.img_size={m.img_size} must be divisible by 2**{levels - 1} "
+                        f"for {levels} levels")
+    if m.time_emb_dim < 4 or m.time_emb_dim % 2:
+        raise UserError("model.time_emb_dim must be an even number >= 4")
+    d = cfg.diffusion
+    if d.timesteps < 2 or not (0 < d.beta_start < d.beta_end < 1):
+        raise UserError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
+    if d.clip not in ("x_t", "none"):
+        raise UserError(f"diffusion.clip must be 'x_t' or 'none', not '{d.clip}'")
+    t = cfg.train
+    if t.loss not in ("l1", "mse"):
+        raise UserError(f"train.loss must be 'l1' or 'mse', not '{t.loss}'")
+    if t.batch_size <= 0 or t.epochs < 0 or t.lr <= 0 or t.max_steps < 0 or t.save_every < 0:
+        raise UserError("train.batch_size and train.lr must be positive; epochs, max_steps, "
+                        "save_every non-negative")
+    if cfg.lora.r <= 0 or cfg.lora.batch_size <= 0:
+        raise UserError("lora.r and lora.batch_size must be positive")
+
+
+def copy_config(cfg: Config) -> Config:
+    return copy.deepcopy(cfg)

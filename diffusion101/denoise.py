@@ -1,0 +1,132 @@
+"""The reverse process: start from noise, predict, step, repeat; then save what came out."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+
+
+@torch.inference_mode()
+def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: int = 1,
+           generator: torch.Generator | None = None, n_frames: int = 0):
+    """Generate one image per label. Returns (images (N, C, S, S) in [-1, 1], frames).
+
+    frames: (N, n_frames, C, S, S), x_t at n_frames evenly spaced points of the walk (the last
+    is the final image), or None when n_frames is 0. The model must already be in eval mode.
+    """
+    device = labels.device
+    n = labels.shape[0]
+    gen_device = generator.device if generator is not None else device
+    x = torch.randn((n, in_channels, img_size, img_size), generator=generator,
+                    device=gen_device).to(device)  # x_T ~ N(0, I)
+    steps = len(scheduler.timesteps)
+    keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
+    frames = []
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        eps = model(x, torch.full((n,), t, device=device, dtype=torch.long), labels)
+        x = scheduler.step(eps, t, x, generator=generator)
+        if i in keep:
+            frames.append(x.cpu())
+    return x, (torch.stack(frames, dim=1) if frames else None)
+
+
+def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device, n_frames: int = 0):
+    """Images for `digits`, repeated n_per_digit times (row k holds repetition k of every digit)."""
+    labels = torch.tensor(list(digits) * n_per_digit, dtype=torch.long, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    cfg = model.cfg
+    return sample(model, scheduler, labels, cfg.img_size, cfg.in_channels, generator, n_frames)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255, the same rounding as save_image."""
+    x = ((images[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def save_grid(images: torch.Tensor, path, nrow: int) -> None:
+    from torchvision.utils import save_image
+    grid_images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
+    checkpoint.atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2,
+                                                       format="png"))
+
+
+def save_progression(frames: torch.Tensor, digits, path) -> None:
+    """Rows: digits; columns: the intermediate x_t, from noise (left) to the result (right)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows, cols = frames.shape[0], frames.shape[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(((frames[r, c, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(str(digits[r]), rotation=0, labelpad=8)
+    fig.suptitle("denoising progression: noise (left) to digit (right)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same bytes each run
+    plt.close(fig)
+    checkpoint.atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def save_npz(images: torch.Tensor, labels, path) -> None:
+    """images: uint8 (N, H, W) 0..255; labels: int64 (N,), for external evaluation."""
+    arrays = {"images": to_uint8(images), "labels": np.asarray(labels, dtype=np.int64)}
+    checkpoint.atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def parse_digits(text: str, num_classes: int = 10) -> list:
+    from .config import UserError
+    try:
+        digits = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--digits '{text}' is not a comma-separated list of digits") from None
+    bad = [d for d in digits if not 0 <= d < num_classes]
+    if not digits or bad:
+        raise UserError(f"--digits must list labels in 0-{num_classes - 1}, got '{text}'")
+    return digits
+
+
+def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5,6,7,8,9",
+             n_per_digit=1, npz=None, n_frames=20, log=print):
+    """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz."""
+    from .config import UserError
+    from .diffusion import DDPMScheduler
+    from .lora import apply_lora_file, merge_lora
+
+    if n_per_digit < 1:
+        raise UserError("--n-per-digit must be at least 1")
+    model, ckpt, cfg = checkpoint.load_model(ckpt_path, device="cpu")
+    digit_list = parse_digits(digits, cfg.model.num_classes)
+    if lora_path is not None:
+        adapter = checkpoint.load_lora_file(lora_path)
+        apply_lora_file(model, adapter, checkpoint.fingerprint(ckpt["model"]), str(lora_path))
+        merge_lora(model)  # zero overhead at inference: W += (A @ B)^T * alpha / r
+    model.to(device).eval()  # BatchNorm uses its running statistics
+    scheduler = DDPMScheduler(cfg.diffusion, device=device)
+    out = Path(out)
+    for path in [out] + ([Path(npz)] if npz else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"sampling {len(digit_list) * n_per_digit} images with {len(scheduler.timesteps)} DDPM "
+        f"steps from {ckpt_path}" + (f" + {lora_path}" if lora_path else "") + f" on {device}")
+    images, frames = sample_digits(model, scheduler, digit_list, n_per_digit, seed, device, n_frames)
+    save_grid(images, out, nrow=len(digit_list))
+    written = [str(out)]
+    if frames is not None:
+        progress = out.with_name(out.stem + "_progress.png")
+        save_progression(frames[:len(digit_list)], digit_list, progress)
+        written.append(str(progress))
+    if npz:
+        save_npz(images, digit_list * n_per_digit, npz)
+        written.append(str(npz))
+    log("wrote " + ", ".join(written))
+    return images

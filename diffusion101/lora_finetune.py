@@ -1,0 +1,77 @@
+"""LoRA fine-tuning: freeze the base, train only the adapters on the Q/K/V projections."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import UserError
+from .dataset import epoch_batches, load_mnist
+from .diffusion import DDPMScheduler
+from .lora import inject_lora, lora_state_dict
+from .train import diffusion_loss
+from .unet import count_parameters
+
+
+def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=None, seed=0,
+             data=None, log=print) -> dict:
+    from tqdm import tqdm
+
+    model, ckpt, cfg = checkpoint.load_model(base_path, device="cpu")
+    lc = cfg.lora
+    for name, value in (("r", r), ("alpha", alpha), ("epochs", epochs), ("max_steps", max_steps)):
+        if value is not None:
+            setattr(lc, name, value)
+    if lc.r <= 0 or lc.alpha <= 0 or lc.epochs < 0 or lc.max_steps < 0:
+        raise UserError("--r and --alpha must be positive, --epochs and --max-steps non-negative")
+    base_fp = checkpoint.fingerprint(ckpt["model"])
+    total = sum(p.numel() for p in model.parameters())
+    wrapped = inject_lora(model, lc.r, lc.alpha, lc.targets)
+    if wrapped == 0:
+        raise UserError(f"no layer named {list(lc.targets)} in the cross-attention modules")
+    trainable = count_parameters(model)
+    log(f"LoRA r={lc.r} alpha={lc.alpha} on {wrapped} layers {list(lc.targets)}: "
+        f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the base's {total:,})")
+    model.to(device)
+    # The base is frozen, its BatchNorm statistics included: train mode would drift them, and
+    # lora.pt does not carry them, so sampling would see other statistics than training did.
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+    scheduler = DDPMScheduler(cfg.diffusion, device=device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lc.lr)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if data is None:
+        data = load_mnist(train=True, img_size=cfg.model.img_size)
+    step = 0
+    for epoch in range(lc.epochs):
+        batches = epoch_batches(len(data), lc.batch_size, seed, epoch)
+        bar = tqdm(batches, desc=f"lora epoch {epoch + 1}/{lc.epochs}", dynamic_ncols=True)
+        for idx in bar:
+            x0, y = data.batch(idx, device)
+            loss = diffusion_loss(model, scheduler, x0, y, generator, cfg.train.loss)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(f"loss is {value} at LoRA step {step + 1}; stopped, nothing saved")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.set_postfix(loss=f"{value:.4f}")
+            if lc.max_steps and step >= lc.max_steps:
+                break
+        bar.close()
+        if lc.max_steps and step >= lc.max_steps:
+            break
+    adapter = {"format": checkpoint.LORA_FORMAT, "lora": lora_state_dict(model),
+               "lora_config": {"r": lc.r, "alpha": lc.alpha, "targets": list(lc.targets)},
+               "base_fingerprint": base_fp, "config": cfg.to_dict(), "steps": step}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(adapter, out)
+    log(f"saved {out} ({len(adapter['lora'])} tensors, {step} steps)")
+    return adapter

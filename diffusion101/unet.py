@@ -1,0 +1,53 @@
+"""UNet noise predictor eps_theta(x_t, t, y), conditioned on the label by cross-attention."""
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .conv_block import ConvBlock
+from .time_position_emb import TimePositionEmbedding
+
+
+class UNet(nn.Module):
+    """Encoder: ConvBlock then MaxPool per level; decoder: ConvTranspose, concat skip, ConvBlock.
+
+    With the reference's channels (64..1024) and 48x48 inputs: 48 -> 24 -> 12 -> 6 -> 3.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        chs = [cfg.in_channels] + list(cfg.channels)
+        block = dict(time_emb_dim=cfg.time_emb_dim, q_dim=cfg.q_dim, v_dim=cfg.v_dim,
+                     ffn_dim=cfg.ffn_dim, cls_dim=cfg.cls_emb_dim)
+        self.time_emb = nn.Sequential(
+            TimePositionEmbedding(cfg.time_emb_dim),
+            nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim), nn.ReLU())
+        self.cls_emb = nn.Embedding(cfg.num_classes, cfg.cls_emb_dim)
+        self.enc_convs = nn.ModuleList(
+            ConvBlock(chs[i], chs[i + 1], **block) for i in range(len(chs) - 1))
+        self.maxpools = nn.ModuleList(nn.MaxPool2d(2) for _ in range(len(chs) - 2))
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(chs[i], chs[i - 1], kernel_size=2, stride=2)
+            for i in range(len(chs) - 1, 1, -1))
+        self.dec_convs = nn.ModuleList(
+            ConvBlock(2 * chs[i - 1], chs[i - 1], **block) for i in range(len(chs) - 1, 1, -1))
+        self.output = nn.Conv2d(chs[1], cfg.in_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x: (B, 1, S, S) noisy images; t: (B,) int timesteps; y: (B,) int labels
+        t_emb = self.time_emb(t)  # (B, time_emb_dim)
+        context = self.cls_emb(y)[:, None, :]  # (B, 1, cls_emb_dim): one label token
+        skips = []
+        for i, conv in enumerate(self.enc_convs):
+            x = conv(x, t_emb, context)
+            if i < len(self.maxpools):
+                skips.append(x)
+                x = self.maxpools[i](x)
+        for deconv, conv in zip(self.deconvs, self.dec_convs):
+            x = deconv(x)
+            x = conv(torch.cat([skips.pop(), x], dim=1), t_emb, context)
+        return self.output(x)  # (B, 1, S, S) predicted noise
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

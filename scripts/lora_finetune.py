@@ -1,0 +1,27 @@
+"""Fine-tune LoRA adapters on the cross-attention Q/K/V of a trained model; save only them."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from diffusion101.cli import Parser, add_common, resolve_device, run_cli
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    p.add_argument("--base", default="model.pt", help="the trained model (default: model.pt)")
+    p.add_argument("--out", default="lora.pt", help="adapter path (default: lora.pt)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--r", type=int, help="LoRA rank (default: the checkpoint's config, 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the checkpoint's config, 1)")
+    add_common(p)
+    a = p.parse_args(argv)
+    device = resolve_device(a.device)
+    from diffusion101.lora_finetune import finetune
+    finetune(a.base, a.out, device, r=a.r, alpha=a.alpha, epochs=a.epochs,
+             max_steps=a.max_steps, seed=a.seed or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,33 @@
+"""Train the class-conditioned DDPM.  python scripts/train.py --preset small --epochs 1"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from diffusion101.cli import Parser, add_common, add_config_flags, build_config, resolve_device, run_cli
+
+
+def main(argv=None):
+    p = Parser(description=__doc__)
+    p.add_argument("--preset", default="reference", help="reference, small or tiny")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--save-every", type=int, help="also save every N steps (default: per epoch)")
+    p.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
+    p.add_argument("--logdir", default=None, help="TensorBoard folder (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    add_common(p)
+    add_config_flags(p)
+    a = p.parse_args(argv)
+    cfg = build_config(a.preset, a.set, {
+        "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
+        "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed})
+    device = resolve_device(a.device)
+    from diffusion101.train import train
+    train(cfg, a.preset, a.out, a.logdir or f"runs/{a.preset}", device, resume=a.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
