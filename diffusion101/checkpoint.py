@@ -6,6 +6,7 @@ The architecture is always rebuilt from the file's own "config", never from the 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -23,9 +24,12 @@ CONVERT_HINT = ("if you trust the file, convert it once with "
                 "'python scripts/convert_checkpoint.py --trust OLD.pt NEW.pt'")
 
 
-def _fault(name: str) -> bool:
-    """Fault injection for the crash tests: DIFFUSION101_FAULT names the fault to simulate."""
-    return os.environ.get("DIFFUSION101_FAULT") == name
+def fault(name: str) -> str | None:
+    """Fault injection for the crash tests: DIFFUSION101_FAULT=name[:arg] simulates a fault.
+    Returns the argument ('' if none) when `name` is the fault asked for, else None."""
+    spec = os.environ.get("DIFFUSION101_FAULT", "")
+    key, _, arg = spec.partition(":")
+    return arg if key == name else None
 
 
 def atomic_write(path, write_fn) -> None:
@@ -39,9 +43,11 @@ def atomic_write(path, write_fn) -> None:
     try:
         with open(tmp, "wb") as f:
             write_fn(f)
+            if fault("disk_full") is not None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             f.flush()
             os.fsync(f.fileno())
-        if _fault("kill_before_replace"):
+        if fault("kill_before_replace") is not None:
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     except OSError as e:
@@ -75,7 +81,9 @@ def load(path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} is not a file: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e) and "global" not in str(e):
+            raise UserError(f"{what} {path} is truncated or corrupt and cannot be read") from None
         # weights_only refused a global: the file pickles Python objects, and nothing of it ran.
         raise UserError(f"{what} {path} holds pickled Python objects (such as a whole nn.Module), "
                         f"which could run code on load, so it is refused; {CONVERT_HINT}") from None
@@ -141,3 +149,29 @@ def load_model(path, device="cpu"):
     model = UNet(cfg.model)
     load_state(model, ckpt["model"], str(path))
     return model.to(device), ckpt, cfg
+
+
+def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
+    """The one place that unpickles arbitrary objects, and only when the user vouches for them."""
+    from .config import get_preset
+    from .unet import UNet
+    if not trusted:
+        raise UserError("converting unpickles the old file, which can run code: pass --trust "
+                        "only for a file you trust")
+    if Path(new).exists():
+        raise UserError(f"{new} exists; choose another output path")
+    cfg = get_preset(preset)
+    try:
+        obj = torch.load(old, map_location="cpu", weights_only=False)  # trusted by the user
+    except Exception as e:  # any failure of a foreign pickle is the user's file, not our bug
+        raise UserError(f"cannot read {old}: {type(e).__name__}: {e}") from None
+    state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"{old} holds a {type(obj).__name__}, not a model or a state dict")
+    model = UNet(cfg.model)
+    load_state(model, state, str(old))
+    save({"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
+          "model": model.state_dict(), "epoch": 0, "step": 0, "step_in_epoch": 0}, new)
+    log(f"wrote {new}: weights only, loadable with weights_only=True")

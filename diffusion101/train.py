@@ -6,8 +6,9 @@ the counters and every RNG state, so --resume continues exactly where the run st
 from __future__ import annotations
 
 import math
+import os
 import random
-import time
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,13 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     epoch, step, step_in_epoch = 0, 0, 0
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], str(out))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # a new --lr applies to the resumed run
-            group["lr"] = tc.lr
+        if "optimizer" in ckpt:  # a converted legacy file has weights only
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # a new --lr applies to the resumed run
+                group["lr"] = tc.lr
         epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
-        set_rng_state(generator, ckpt["rng"])
+        if "rng" in ckpt:
+            set_rng_state(generator, ckpt["rng"])
         log(f"resumed {out} at epoch {epoch}, step {step}")
 
     if data is None:
@@ -148,6 +151,8 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                 if tc.save_every and step % tc.save_every == 0:
                     ckpt = snapshot()
                     checkpoint.save(ckpt, out)
+                if checkpoint.fault("kill_after_step") == str(step):
+                    os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
                 if tc.max_steps and step >= tc.max_steps:
                     break
             bar.close()

@@ -1,0 +1,39 @@
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diffusion101.dataset import MNISTData  # noqa: E402
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module, to call its main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args, cwd, env_extra=None, check=True):
+    """Run scripts/<name>.py in a fresh interpreter, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def fake_data():
+    """256 random 16x16 'digits' with labels: enough for a few tiny training steps, no MNIST load."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 16, 16), generator=g, dtype=torch.uint8)
+    return MNISTData(images, torch.arange(256) % 10)

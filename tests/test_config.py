@@ -1,0 +1,43 @@
+import pytest
+
+from diffusion101.config import Config, UserError, apply_override, get_preset, validate
+
+
+def test_reference_preset_is_spec():
+    cfg = get_preset("reference")
+    assert cfg.model.img_size == 48 and cfg.model.channels == (64, 128, 256, 512, 1024)
+    assert cfg.model.time_emb_dim == 256 and cfg.model.cls_emb_dim == 32
+    assert (cfg.model.q_dim, cfg.model.v_dim, cfg.model.ffn_dim) == (16, 16, 32)
+    assert (cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (1000, 1e-4, 0.02)
+    assert cfg.diffusion.clip == "x_t"
+    t = cfg.train
+    assert (t.loss, t.lr, t.batch_size, t.epochs) == ("l1", 1e-3, 400, 200)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.targets) == (8, 1.0, ("w_q", "w_k", "w_v"))
+
+
+def test_override_types_and_round_trip():
+    cfg = get_preset("tiny")
+    apply_override(cfg, "model.channels=4,8,16")
+    apply_override(cfg, "train.lr=0.5")
+    apply_override(cfg, "lora.targets=w_v")
+    assert cfg.model.channels == (4, 8, 16) and cfg.train.lr == 0.5 and cfg.lora.targets == ("w_v",)
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("bad", ["model.nope=1", "nope.x=1", "train.lr=abc", "trainlr=1", "train.lr"])
+def test_bad_override_is_user_error(bad):
+    with pytest.raises(UserError):
+        apply_override(get_preset("tiny"), bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_validate_rejects_indivisible_size():
+    cfg = get_preset("tiny")
+    cfg.model.img_size = 15
+    with pytest.raises(UserError, match="divisible"):
+        validate(cfg)

@@ -1,0 +1,119 @@
+"""The scripts end to end on `tiny`, as a user runs them, and every bad input's one-line error."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One tiny model and adapter, trained by the scripts themselves, shared by these tests."""
+    d = tmp_path_factory.mktemp("e2e")
+    run_script("train", "--preset", "tiny", "--max-steps", "8", "--out", "model.pt",
+               "--logdir", "runs", cwd=d)
+    run_script("lora_finetune", "--base", "model.pt", "--out", "lora.pt", "--max-steps", "4", cwd=d)
+    return d
+
+
+def test_train_finetune_denoise_end_to_end(work):
+    assert list((work / "runs").glob("events.out.tfevents.*"))
+    adapter = torch.load(work / "lora.pt", weights_only=True)
+    assert set(adapter) >= {"lora", "lora_config", "base_fingerprint"}
+    assert all(k.endswith((".lora_a", ".lora_b")) for k in adapter["lora"])
+    proc = run_script("denoise", "--ckpt", "model.pt", "--lora", "lora.pt", "--out", "imgs/g.png",
+                      "--npz", "s.npz", "--digits", "0,3,7", "--n-per-digit", "2", cwd=work)
+    assert "wrote" in proc.stdout
+    assert Image.open(work / "imgs/g.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    assert Image.open(work / "imgs/g_progress.png").size[0] > 0
+    s = np.load(work / "s.npz")
+    assert s["images"].shape == (6, 16, 16) and s["images"].dtype == np.uint8
+    assert s["labels"].tolist() == [0, 3, 7, 0, 3, 7] and s["labels"].dtype == np.int64
+
+
+def test_sampling_is_byte_for_byte_repeatable(work):
+    for name in ("a", "b"):
+        run_script("denoise", "--ckpt", "model.pt", "--out", f"{name}.png", "--npz", f"{name}.npz",
+                   "--seed", "7", cwd=work)
+    assert (work / "a.png").read_bytes() == (work / "b.png").read_bytes()
+    assert (work / "a_progress.png").read_bytes() == (work / "b_progress.png").read_bytes()
+    assert (work / "a.npz").read_bytes() == (work / "b.npz").read_bytes()
+
+
+def _fails(name, *args, cwd, match, env_extra=None):
+    proc = run_script(name, *args, cwd=cwd, env_extra=env_extra, check=False)
+    # stderr may carry tqdm's progress bar before the failure; the failure itself is one line
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln]
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], proc.stderr
+    return proc
+
+
+def test_bad_inputs_one_line_and_nothing_overwritten(work, tmp_path):
+    keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
+    (work / "keep.png").write_bytes(b"precious")
+    _fails("train", "--preset", "nope", cwd=work, match="unknown preset")
+    _fails("train", "--preset", "tiny", "--set", "model.depth=3", cwd=work, match="unknown config field")
+    _fails("train", "--preset", "tiny", "--lr", "fast", cwd=work, match="invalid float")
+    _fails("train", "--preset", "tiny", "--set", "train.loss=l7", cwd=work, match="train.loss")
+    _fails("denoise", "--ckpt", "model.pt", "--digits", "3,11", "--out", "keep.png", cwd=work,
+           match="0-9")
+    _fails("denoise", "--ckpt", "absent.pt", "--out", "keep.png", cwd=work, match="not found")
+    (work / "junk.pt").write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    _fails("denoise", "--ckpt", "junk.pt", "--out", "keep.png", cwd=work, match="corrupt")
+    _fails("denoise", "--ckpt", "lora.pt", "--out", "keep.png", cwd=work, match="LoRA adapter")
+    # a checkpoint of another architecture: resuming it under other model settings
+    _fails("train", "--preset", "tiny", "--set", "model.channels=8,32", "--out", "model.pt",
+           "--resume", "--max-steps", "9", cwd=work, match="another architecture")
+    # a lora.pt trained on another base
+    run_script("train", "--preset", "tiny", "--max-steps", "2", "--seed", "5", "--out", "other.pt",
+               "--logdir", "runs2", cwd=work)
+    _fails("denoise", "--ckpt", "other.pt", "--lora", "lora.pt", "--out", "keep.png", cwd=work,
+           match="another base")
+    _fails("lora_finetune", "--base", "absent.pt", "--out", "lora.pt", cwd=work, match="not found")
+    _fails("denoise", "--ckpt", "model.pt", "--device", "tpu", "--out", "keep.png", cwd=work,
+           match="unknown device")
+    assert (work / "keep.png").read_bytes() == b"precious"
+    assert all((work / p).read_bytes() == b for p, b in keep.items())
+
+
+def test_malicious_checkpoint_refused_by_script(work, tmp_path):
+    marker = tmp_path / "marker"
+    payload = (f"import torch, os\nclass P:\n    def __reduce__(self):\n"
+               f"        return (os.system, ('touch {marker}',))\n"
+               f"torch.save({{'model': P()}}, 'evil.pt')\n")
+    (tmp_path / "make.py").write_text(payload)
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "make.py"], cwd=tmp_path, check=True)
+    _fails("denoise", "--ckpt", str(tmp_path / "evil.pt"), cwd=work, match="convert")
+    assert not marker.exists()
+
+
+def test_full_disk_during_save_keeps_previous(work):
+    before = (work / "model.pt").read_bytes()
+    _fails("train", "--preset", "tiny", "--out", "model.pt", "--resume", "--max-steps", "10",
+           cwd=work, match="No space left", env_extra={"DIFFUSION101_FAULT": "disk_full"})
+    assert (work / "model.pt").read_bytes() == before
+    assert not list(work.glob(".model.pt.*.tmp"))
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+    common = ["--preset", "tiny", "--max-steps", "12", "--save-every", "4", "--seed", "3",
+              "--logdir", "runs"]
+    run_script("train", *common, "--out", "straight.pt", cwd=tmp_path)
+    killed = run_script("train", *common, "--out", "crash.pt", cwd=tmp_path, check=False,
+                        env_extra={"DIFFUSION101_FAULT": "kill_after_step:7"})
+    assert killed.returncode == -9  # SIGKILL at step 7; the last save was at step 4
+    assert torch.load(tmp_path / "crash.pt", weights_only=True)["step"] == 4
+    run_script("train", *common, "--out", "crash.pt", "--resume", cwd=tmp_path)
+    a = torch.load(tmp_path / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "crash.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12 and b["epoch"] == 0  # still inside the first epoch
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])

@@ -1,0 +1,76 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion101 import checkpoint
+from diffusion101.config import UserError, get_preset
+from diffusion101.dataset import load_mnist
+from diffusion101.diffusion import DDPMScheduler
+from diffusion101.train import train
+from diffusion101.unet import UNet
+
+
+def test_tiny_overfits_one_fixed_batch():
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    model, sched = UNet(cfg.model), DDPMScheduler(cfg.diffusion)
+    x0, y = load_mnist(train=False, img_size=16).batch(torch.arange(16))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, cfg.diffusion.timesteps, (16,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = sched.add_noise(x0, noise, t)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    losses = []
+    for _ in range(150):
+        loss = F.l1_loss(model(xt, t, y), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def _cfg(max_steps):
+    cfg = get_preset("tiny")
+    cfg.train.max_steps = max_steps
+    cfg.train.epochs = 3
+    return cfg
+
+
+def test_train_saves_and_resumes(tmp_path, fake_data):
+    out = tmp_path / "model.pt"
+    train(_cfg(5), "tiny", out, tmp_path / "runs", "cpu", data=fake_data, log=lambda *a: None)
+    raw = torch.load(out, weights_only=True)
+    assert (raw["step"], raw["epoch"], raw["step_in_epoch"]) == (5, 0, 5)
+    assert set(raw) >= {"model", "optimizer", "config", "epoch", "step", "rng"}
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "runs").iterdir())
+    # 256 images / batch 16 = 16 steps an epoch: resume to step 20 crosses into epoch 2
+    state = train(_cfg(20), "tiny", out, tmp_path / "runs", "cpu", resume=True, data=fake_data,
+                  log=lambda *a: None)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (20, 1, 4)
+
+
+def test_resume_other_architecture_refused(tmp_path, fake_data):
+    out = tmp_path / "model.pt"
+    train(_cfg(2), "tiny", out, tmp_path / "runs", "cpu", data=fake_data, log=lambda *a: None)
+    before = out.read_bytes()
+    other = _cfg(4)
+    other.model.channels = (8, 32)
+    with pytest.raises(UserError, match="another architecture"):
+        train(other, "tiny", out, tmp_path / "runs", "cpu", resume=True, data=fake_data,
+              log=lambda *a: None)
+    assert out.read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_last_good(tmp_path, fake_data):
+    out = tmp_path / "model.pt"
+    cfg = _cfg(4)
+    cfg.train.save_every = 2
+    train(cfg, "tiny", out, tmp_path / "runs", "cpu", data=fake_data, log=lambda *a: None)
+    good = out.read_bytes()
+    cfg = _cfg(8)
+    cfg.train.lr = 1e30  # Adam's first steps of this size overflow the weights to inf
+    with pytest.raises(UserError, match=r"loss is (nan|inf).*keeps the last good checkpoint \(step 4\)"):
+        train(cfg, "tiny", out, tmp_path / "runs", "cpu", resume=True, data=fake_data,
+              log=lambda *a: None)
+    assert out.read_bytes() == good

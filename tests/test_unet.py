@@ -1,0 +1,67 @@
+import torch
+
+from diffusion101.config import get_preset
+from diffusion101.unet import UNet, count_parameters
+
+
+def spec_parameter_shapes() -> dict:
+    """The reference UNet written out from SPEC.md, layer by layer, independently of unet.py."""
+    shapes = {"time_emb.1.weight": (256, 256), "time_emb.1.bias": (256,), "cls_emb.weight": (10, 32)}
+
+    def block(prefix, cin, cout):
+        shapes.update({
+            f"{prefix}.seq1.0.weight": (cout, cin, 3, 3), f"{prefix}.seq1.0.bias": (cout,),
+            f"{prefix}.seq1.1.weight": (cout,), f"{prefix}.seq1.1.bias": (cout,),
+            f"{prefix}.time_emb_linear.weight": (cout, 256), f"{prefix}.time_emb_linear.bias": (cout,),
+            f"{prefix}.seq2.0.weight": (cout, cout, 3, 3), f"{prefix}.seq2.0.bias": (cout,),
+            f"{prefix}.seq2.1.weight": (cout,), f"{prefix}.seq2.1.bias": (cout,),
+            f"{prefix}.crossattn.w_q.weight": (16, cout), f"{prefix}.crossattn.w_q.bias": (16,),
+            f"{prefix}.crossattn.w_k.weight": (16, 32), f"{prefix}.crossattn.w_k.bias": (16,),
+            f"{prefix}.crossattn.w_v.weight": (16, 32), f"{prefix}.crossattn.w_v.bias": (16,),
+            f"{prefix}.crossattn.z_linear.weight": (cout, 16), f"{prefix}.crossattn.z_linear.bias": (cout,),
+            f"{prefix}.crossattn.norm1.weight": (cout,), f"{prefix}.crossattn.norm1.bias": (cout,),
+            f"{prefix}.crossattn.feedforward.0.weight": (32, cout),
+            f"{prefix}.crossattn.feedforward.0.bias": (32,),
+            f"{prefix}.crossattn.feedforward.2.weight": (cout, 32),
+            f"{prefix}.crossattn.feedforward.2.bias": (cout,),
+            f"{prefix}.crossattn.norm2.weight": (cout,), f"{prefix}.crossattn.norm2.bias": (cout,),
+        })
+
+    chs = [1, 64, 128, 256, 512, 1024]
+    for i in range(5):
+        block(f"enc_convs.{i}", chs[i], chs[i + 1])
+    for j, c in enumerate([1024, 512, 256, 128]):  # ConvTranspose2d(k2, s2, c -> c/2)
+        shapes[f"deconvs.{j}.weight"] = (c, c // 2, 2, 2)
+        shapes[f"deconvs.{j}.bias"] = (c // 2,)
+        block(f"dec_convs.{j}", c, c // 2)  # concat [skip, up] = 2 * (c/2) channels in
+    shapes["output.weight"] = (1, 64, 1, 1)
+    shapes["output.bias"] = (1,)
+    return shapes
+
+
+def test_reference_matches_spec_layer_by_layer():
+    model = UNet(get_preset("reference").model)
+    got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert got == spec_parameter_shapes()
+    assert count_parameters(model) == 32_175_313
+    assert sum(v.numel() for v in model.state_dict().values()) == 32_187_235
+    assert len(model.maxpools) == 4
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 18
+
+
+def test_reference_forward_shape_48():
+    model = UNet(get_preset("reference").model).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 48, 48), torch.tensor([0, 999]), torch.tensor([3, 7]))
+    assert out.shape == (2, 1, 48, 48)
+
+
+def test_tiny_forward_and_label_dependence():
+    torch.manual_seed(0)
+    model = UNet(get_preset("tiny").model).eval()
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 50, 99])
+    a = model(x, t, torch.tensor([0, 1, 2, 3]))
+    b = model(x, t, torch.tensor([4, 5, 6, 7]))
+    assert a.shape == (4, 1, 16, 16)
+    assert not torch.allclose(a, b)  # the label reaches the output
