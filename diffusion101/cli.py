@@ -49,9 +49,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                         "(repeatable)")
 
 
-def build_config(preset: str, overrides, shortcuts: dict) -> Config:
-    """Preset, then --set overrides, then the named shortcut flags (e.g. --lr) that were given."""
-    cfg = get_preset(preset)
+def build_config(preset: str, overrides, shortcuts: dict, base: Config | None = None) -> Config:
+    """Preset (or a checkpoint's config), then --set overrides, then the named shortcut flags
+    (e.g. --lr) that were given."""
+    cfg = base if base is not None else get_preset(preset)
     for assignment in overrides:
         apply_override(cfg, assignment)
     for key, value in shortcuts.items():

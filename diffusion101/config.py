@@ -6,7 +6,6 @@ at start and stored, as a plain dict, in every checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -27,6 +26,10 @@ class ModelConfig:
     q_dim: int = 16  # cross-attention query/key size
     v_dim: int = 16  # cross-attention value size
     ffn_dim: int = 32  # cross-attention feed-forward hidden size
+    # Past the reference (all off there):
+    cond_tokens: int = 1  # label tokens per class; 1 makes the softmax constant (one key)
+    null_class: bool = False  # a learned "no label" token, for classifier-free guidance
+    norm: str = "batch"  # "batch" (reference) or "group" (no train/eval gap, EMA-friendly)
 
 
 @dataclass
@@ -34,7 +37,11 @@ class DiffusionConfig:
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    clip: str = "x_t"  # the reference clamps x_t to [-1, 1] after every reverse step; or "none"
+    schedule: str = "linear"  # or "cosine" (Nichol & Dhariwal 2021)
+    prediction: str = "eps"  # what the network predicts: "eps" (reference) or "v"
+    # "x_t": clamp x_t to [-1, 1] after every reverse step (the reference); "x0": clamp the
+    # predicted x_0 instead (the usual practice); "none"
+    clip: str = "x_t"
 
 
 @dataclass
@@ -46,6 +53,27 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit; otherwise stop (and save) after this many optimizer steps
     save_every: int = 0  # 0: save after each epoch only; otherwise also every N steps
     seed: int = 0
+    # Past the reference (all off there):
+    p_uncond: float = 0.0  # probability of replacing the label by the null class (CFG)
+    ema_decay: float = 0.0  # 0: no EMA; else the decay of the weights' moving average
+    lr_schedule: str = "constant"  # or "cosine": linear warmup, then cosine decay to 0
+    warmup_steps: int = 0
+    optimizer: str = "adam"  # "adam" (reference) or "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0: off; else the max global gradient norm
+    eval_every: int = 0  # epochs between quality evaluations logged to TensorBoard (0: off)
+    eval_every_steps: int = 0  # the same, in optimizer steps
+    eval_n: int = 500  # digits generated for each of those evaluations
+
+
+@dataclass
+class SampleConfig:
+    """The sampler a checkpoint uses by default: the best measured for its preset."""
+    sampler: str = "ddpm"  # "ddpm" (reference), "ddim" or "dpm"
+    steps: int = 1000
+    guidance: float = 1.0  # classifier-free guidance scale w; 1 is plain conditional
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+    use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 
 
 @dataclass
@@ -65,6 +93,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict:
         """Plain dict (lists, not tuples) so it pickles under weights_only and prints as JSON."""
@@ -121,7 +150,7 @@ def apply_override(cfg: Config, assignment: str) -> None:
     section, name = key.split(".", 1)
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub):
-        raise UserError(f"unknown config section '{section}' (known: model, diffusion, train, lora)")
+        raise UserError(f"unknown config section '{section}' (known: model, diffusion, train, lora, sample)")
     if name not in {f.name for f in dataclasses.fields(sub)}:
         known = ", ".join(f.name for f in dataclasses.fields(sub))
         raise UserError(f"unknown config field '{key}' (known in {section}: {known})")
@@ -141,6 +170,7 @@ def _tiny() -> Config:
         diffusion=DiffusionConfig(timesteps=100, beta_start=1e-4, beta_end=0.2),
         train=TrainConfig(epochs=1, batch_size=16, lr=1e-3),
         lora=LoRAConfig(r=4, alpha=1.0, epochs=1, batch_size=16),
+        sample=SampleConfig(sampler="ddpm", steps=100),
     )
 
 
@@ -179,9 +209,26 @@ def validate(cfg: Config) -> None:
     d = cfg.diffusion
     if d.timesteps < 2 or not (0 < d.beta_start < d.beta_end < 1):
         raise UserError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
-    if d.clip not in ("x_t", "none"):
-        raise UserError(f"diffusion.clip must be 'x_t' or 'none', not '{d.clip}'")
+    for name, value, allowed in (("clip", d.clip, ("x_t", "x0", "none")),
+                                 ("schedule", d.schedule, ("linear", "cosine")),
+                                 ("prediction", d.prediction, ("eps", "v"))):
+        if value not in allowed:
+            raise UserError(f"diffusion.{name} must be one of {', '.join(allowed)}, not '{value}'")
+    if m.cond_tokens < 1 or m.norm not in ("batch", "group"):
+        raise UserError("model.cond_tokens must be >= 1 and model.norm 'batch' or 'group'")
     t = cfg.train
+    for name, value, allowed in (("lr_schedule", t.lr_schedule, ("constant", "cosine")),
+                                 ("optimizer", t.optimizer, ("adam", "adamw"))):
+        if value not in allowed:
+            raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
+    if not 0 <= t.p_uncond < 1 or not 0 <= t.ema_decay < 1:
+        raise UserError("train.p_uncond and train.ema_decay must be in [0, 1)")
+    if t.p_uncond > 0 and not m.null_class:
+        raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
+    s = cfg.sample
+    if s.sampler not in ("ddpm", "ddim", "dpm") or not 1 <= s.steps <= d.timesteps:
+        raise UserError(f"sample.sampler must be ddpm, ddim or dpm and sample.steps in "
+                        f"1..{d.timesteps}")
     if t.loss not in ("l1", "mse"):
         raise UserError(f"train.loss must be 'l1' or 'mse', not '{t.loss}'")
     if t.batch_size <= 0 or t.epochs < 0 or t.lr <= 0 or t.max_steps < 0 or t.save_every < 0:
@@ -189,7 +236,3 @@ def validate(cfg: Config) -> None:
                         "save_every non-negative")
     if cfg.lora.r <= 0 or cfg.lora.batch_size <= 0:
         raise UserError("lora.r and lora.batch_size must be positive")
-
-
-def copy_config(cfg: Config) -> Config:
-    return copy.deepcopy(cfg)

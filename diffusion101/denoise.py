@@ -10,16 +10,31 @@ import torch
 from . import checkpoint
 
 
+def guided(model, x, t, labels, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u), with the
+    conditional and the unconditional (null-label) passes batched into one forward."""
+    null = torch.full_like(labels, model.null_label)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 @torch.inference_mode()
 def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: int = 1,
-           generator: torch.Generator | None = None, n_frames: int = 0):
-    """Generate one image per label. Returns (images (N, C, S, S) in [-1, 1], frames).
+           generator: torch.Generator | None = None, n_frames: int = 0, guidance: float = 1.0):
+    """Generate one image per label: predict, step, repeat. Returns (images, frames).
 
-    frames: (N, n_frames, C, S, S), x_t at n_frames evenly spaced points of the walk (the last
-    is the final image), or None when n_frames is 0. The model must already be in eval mode.
+    images: (N, C, S, S) in about [-1, 1]. frames: (N, n_frames, C, S, S), x_t at n_frames
+    evenly spaced points of the walk (the last is the final image), or None when n_frames is 0.
+    The model must already be in eval mode; guidance 1 is the plain conditional model.
     """
+    if guidance != 1.0 and getattr(model, "null_label", None) is None:
+        from .config import UserError
+        raise UserError("guidance needs a model trained with a null class "
+                        "(model.null_class=true, train.p_uncond > 0)")
     device = labels.device
     n = labels.shape[0]
+    scheduler.set_timesteps(len(scheduler.timesteps))  # resets a multistep solver's history
     gen_device = generator.device if generator is not None else device
     x = torch.randn((n, in_channels, img_size, img_size), generator=generator,
                     device=gen_device).to(device)  # x_T ~ N(0, I)
@@ -27,19 +42,22 @@ def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: i
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames = []
     for i, t in enumerate(scheduler.timesteps.tolist()):
-        eps = model(x, torch.full((n,), t, device=device, dtype=torch.long), labels)
-        x = scheduler.step(eps, t, x, generator=generator)
+        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+        out = model(x, t_batch, labels) if guidance == 1.0 else guided(model, x, t_batch, labels, guidance)
+        x = scheduler.step(out, t, x, generator=generator)
         if i in keep:
             frames.append(x.cpu())
     return x, (torch.stack(frames, dim=1) if frames else None)
 
 
-def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device, n_frames: int = 0):
+def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device,
+                  n_frames: int = 0, guidance: float = 1.0):
     """Images for `digits`, repeated n_per_digit times (row k holds repetition k of every digit)."""
     labels = torch.tensor(list(digits) * n_per_digit, dtype=torch.long, device=device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     cfg = model.cfg
-    return sample(model, scheduler, labels, cfg.img_size, cfg.in_channels, generator, n_frames)
+    return sample(model, scheduler, labels, cfg.img_size, cfg.in_channels, generator, n_frames,
+                  guidance)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -96,29 +114,52 @@ def parse_digits(text: str, num_classes: int = 10) -> list:
     return digits
 
 
-def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5,6,7,8,9",
-             n_per_digit=1, npz=None, n_frames=20, log=print):
-    """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz."""
-    from .config import UserError
-    from .diffusion import DDPMScheduler
+def load_for_sampling(ckpt_path, device, lora_path=None, use_ema=None, log=print):
+    """The model to sample from: EMA weights when the checkpoint has them (unless told not
+    to), with an adapter merged in if given. Returns (model in eval mode, cfg)."""
     from .lora import apply_lora_file, merge_lora
-
-    if n_per_digit < 1:
-        raise UserError("--n-per-digit must be at least 1")
     model, ckpt, cfg = checkpoint.load_model(ckpt_path, device="cpu")
-    digit_list = parse_digits(digits, cfg.model.num_classes)
+    use_ema = cfg.sample.use_ema if use_ema is None else use_ema
+    if use_ema and "ema" in ckpt:
+        checkpoint.load_state(model, ckpt["ema"], f"{ckpt_path} (EMA weights)")
     if lora_path is not None:
         adapter = checkpoint.load_lora_file(lora_path)
         apply_lora_file(model, adapter, checkpoint.fingerprint(ckpt["model"]), str(lora_path))
         merge_lora(model)  # zero overhead at inference: W += (A @ B)^T * alpha / r
-    model.to(device).eval()  # BatchNorm uses its running statistics
-    scheduler = DDPMScheduler(cfg.diffusion, device=device)
+    return model.to(device).eval(), cfg  # eval: BatchNorm uses its running statistics
+
+
+def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5,6,7,8,9",
+             n_per_digit=1, npz=None, n_frames=20, sampler=None, steps=None, guidance=None,
+             eta=None, use_ema=None, log=print):
+    """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz.
+    Sampler options left None take the checkpoint's own defaults (its config's `sample`)."""
+    import time
+
+    from .config import UserError
+    from .diffusion import make_scheduler
+
+    if n_per_digit < 1:
+        raise UserError("--n-per-digit must be at least 1")
+    model, cfg = load_for_sampling(ckpt_path, "cpu", lora_path, use_ema, log)
+    digit_list = parse_digits(digits, cfg.model.num_classes)
+    sc = cfg.sample
+    sampler = sampler or sc.sampler
+    steps = steps or (sc.steps if sampler == sc.sampler else
+                      (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
+    guidance = sc.guidance if guidance is None else guidance
+    eta = sc.eta if eta is None else eta
+    scheduler = make_scheduler(sampler, cfg.diffusion, device, steps, eta)
+    model.to(device)
     out = Path(out)
     for path in [out] + ([Path(npz)] if npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"sampling {len(digit_list) * n_per_digit} images with {len(scheduler.timesteps)} DDPM "
-        f"steps from {ckpt_path}" + (f" + {lora_path}" if lora_path else "") + f" on {device}")
-    images, frames = sample_digits(model, scheduler, digit_list, n_per_digit, seed, device, n_frames)
+    log(f"sampling {len(digit_list) * n_per_digit} images: {sampler}, {steps} steps, guidance "
+        f"{guidance}, from {ckpt_path}" + (f" + {lora_path}" if lora_path else "") + f" on {device}")
+    start = time.perf_counter()
+    images, frames = sample_digits(model, scheduler, digit_list, n_per_digit, seed, device,
+                                   n_frames, guidance)
+    log(f"sampled in {time.perf_counter() - start:.2f} s")
     save_grid(images, out, nrow=len(digit_list))
     written = [str(out)]
     if frames is not None:

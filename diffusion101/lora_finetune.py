@@ -10,7 +10,7 @@ from torch import nn
 from . import checkpoint
 from .config import UserError
 from .dataset import epoch_batches, load_mnist
-from .diffusion import DDPMScheduler
+from .diffusion import make_scheduler
 from .lora import inject_lora, lora_state_dict
 from .train import diffusion_loss
 from .unet import count_parameters
@@ -43,7 +43,7 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
-    scheduler = DDPMScheduler(cfg.diffusion, device=device)
+    scheduler = make_scheduler("ddpm", cfg.diffusion, device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lc.lr)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if data is None:
@@ -54,7 +54,8 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
         bar = tqdm(batches, desc=f"lora epoch {epoch + 1}/{lc.epochs}", dynamic_ncols=True)
         for idx in bar:
             x0, y = data.batch(idx, device)
-            loss = diffusion_loss(model, scheduler, x0, y, generator, cfg.train.loss)
+            loss = diffusion_loss(model, scheduler, x0, y, generator, cfg.train.loss,
+                                  cfg.train.p_uncond)
             value = loss.item()
             if not math.isfinite(value):
                 raise UserError(f"loss is {value} at LoRA step {step + 1}; stopped, nothing saved")

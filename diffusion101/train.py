@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +20,44 @@ from . import checkpoint
 from .config import Config, UserError
 from .dataset import MNISTData, epoch_batches, load_mnist
 from .denoise import sample_digits
-from .diffusion import DDPMScheduler
+from .diffusion import NoiseSchedule, make_scheduler
+from .ema import EMA
 from .unet import UNet, count_parameters
 
 
-def diffusion_loss(model, scheduler: DDPMScheduler, x0, y, generator, loss: str) -> torch.Tensor:
-    """Noise x0 to a random timestep per image and score the model's noise prediction."""
+def diffusion_loss(model, scheduler: NoiseSchedule, x0, y, generator, loss: str,
+                   p_uncond: float = 0.0) -> torch.Tensor:
+    """Noise x0 to a random timestep per image and score the model's prediction of the target
+    (the noise, or v). With p_uncond > 0 some labels become the null class, so the same network
+    also learns the unconditional model that classifier-free guidance needs."""
     b = x0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator,
                       device=generator.device).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    if p_uncond > 0:
+        drop = (torch.rand(b, generator=generator, device=generator.device) < p_uncond).to(y.device)
+        y = torch.where(drop, torch.full_like(y, model.null_label), y)
     pred = model(scheduler.add_noise(x0, noise, t), t, y)  # (B, 1, S, S)
-    return F.l1_loss(pred, noise) if loss == "l1" else F.mse_loss(pred, noise)
+    target = scheduler.target(x0, noise, t)
+    return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
+
+
+def make_optimizer(params, tc):
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def make_lr_schedule(optimizer, tc, total_steps: int):
+    """Constant (the reference), or linear warmup then cosine decay to zero at total_steps."""
+    def factor(step: int) -> float:
+        if tc.lr_schedule == "constant":
+            return 1.0
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        progress = (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -61,15 +88,35 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def log_sample_grid(writer, model, scheduler, cfg: Config, device, seed: int, tag: str, step: int):
-    """Generate digits 0-9 and put the grid in TensorBoard (BatchNorm in eval mode)."""
+def log_sample_grid(writer, model, cfg: Config, device, seed: int, tag: str, step: int):
+    """Generate digits 0-9 with the preset's sampler and put the grid in TensorBoard."""
     from torchvision.utils import make_grid
     was_training = model.training
-    model.eval()
+    model.eval()  # BatchNorm uses its running statistics, as at sampling time
+    sc = cfg.sample
+    scheduler = make_scheduler(sc.sampler, cfg.diffusion, device, sc.steps, sc.eta)
     images, _ = sample_digits(model, scheduler, list(range(cfg.model.num_classes)), 1,
-                              seed=seed, device=device)
+                              seed=seed, device=device, guidance=sc.guidance)
     model.train(was_training)
     writer.add_image(tag, make_grid((images + 1) / 2, nrow=cfg.model.num_classes), step)
+
+
+def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: float, log) -> dict:
+    """Conditional accuracy and FID on a small sample, with the preset's sampler (issue: the
+    quality curve of a run). The classifier ships with the package."""
+    from .evaluate import evaluate_model
+    was_training = model.training
+    model.eval()
+    sc = cfg.sample
+    metrics = evaluate_model(model, cfg, n=cfg.train.eval_n, device=device, seed=1234,
+                             sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance, eta=sc.eta)
+    model.train(was_training)
+    writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
+    writer.add_scalar("eval/fid", metrics["fid"], step)
+    writer.add_scalar("eval/train_minutes", train_minutes, step)
+    log(f"eval at step {step} ({train_minutes:.1f} train min): accuracy "
+        f"{100 * metrics['accuracy']:.2f}%, FID {metrics['fid']:.2f} (n={cfg.train.eval_n})")
+    return metrics
 
 
 def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
@@ -87,8 +134,9 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             raise UserError(f"{out} holds a model of another architecture or schedule (preset "
                             f"'{ckpt.get('preset')}'); resume with the same preset and model "
                             f"settings, or write to another --out")
-        # Architecture, schedule and seed come from the checkpoint; epochs and limits may change.
-        cfg.train.seed = saved.train.seed
+        # The data order, noise and learning rate follow the run's own, whatever the command
+        # line says: a resumed run continues the interrupted one exactly.
+        cfg.train.seed, cfg.train.lr = saved.train.seed, saved.train.lr
     elif out.exists():
         log(f"note: {out} exists and will be replaced at the first save (use --resume to continue it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,34 +145,51 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
+    if data is None:
+        data = load_mnist(train=True, img_size=cfg.model.img_size)
+    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0))
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+
     model = UNet(cfg.model).to(device)
-    scheduler = DDPMScheduler(cfg.diffusion, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    generator = torch.Generator(device="cpu").manual_seed(tc.seed)  # timesteps and noise
-    epoch, step, step_in_epoch = 0, 0, 0
+    scheduler = make_scheduler("ddpm", cfg.diffusion, device)  # training uses add_noise/target only
+    optimizer = make_optimizer(model.parameters(), tc)
+    lr_schedule = make_lr_schedule(optimizer, tc, total_steps)
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    generator = torch.Generator(device="cpu").manual_seed(tc.seed)  # timesteps, noise, label drop
+    epoch, step, step_in_epoch, train_seconds = 0, 0, 0, 0.0
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], str(out))
         if "optimizer" in ckpt:  # a converted legacy file has weights only
             optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # a new --lr applies to the resumed run
-                group["lr"] = tc.lr
+        if "lr_schedule" in ckpt:
+            lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else model.state_dict())
         epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        train_seconds = ckpt.get("train_seconds", 0.0)
         if "rng" in ckpt:
             set_rng_state(generator, ckpt["rng"])
         log(f"resumed {out} at epoch {epoch}, step {step}")
 
-    if data is None:
-        data = load_mnist(train=True, img_size=cfg.model.img_size)
     log(f"config (preset '{preset}'):\n{cfg}")
     log(f"{count_parameters(model):,} trainable parameters; {len(data):,} training images; "
         f"device {device}")
     writer = SummaryWriter(str(logdir))
 
     def snapshot() -> dict:
-        return {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                "rng": rng_state(generator)}
+        state = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_schedule": lr_schedule.state_dict(), "epoch": epoch, "step": step,
+                 "step_in_epoch": step_in_epoch, "train_seconds": train_seconds,
+                 "rng": rng_state(generator)}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return state
+
+    def sampling_model():
+        return ema.model if ema is not None else model
 
     state = None
     model.train()
@@ -133,9 +198,10 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             batches = epoch_batches(len(data), tc.batch_size, tc.seed, epoch)
             bar = tqdm(batches[step_in_epoch:], desc=f"epoch {epoch + 1}/{tc.epochs}",
                        initial=step_in_epoch, total=len(batches), dynamic_ncols=True)
+            tick = time.perf_counter()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                loss = diffusion_loss(model, scheduler, x0, y, generator, tc.loss)
+                loss = diffusion_loss(model, scheduler, x0, y, generator, tc.loss, tc.p_uncond)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise UserError(f"loss is {value} at step {step + 1} (epoch {epoch + 1}); "
@@ -143,7 +209,12 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                                     f"(step {ckpt['step'] if ckpt else 'none saved yet'})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
+                lr_schedule.step()
+                if ema is not None:
+                    ema.update(model)
                 step += 1
                 step_in_epoch += 1
                 writer.add_scalar("train/loss", value, step)
@@ -153,12 +224,19 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                     checkpoint.save(ckpt, out)
                 if checkpoint.fault("kill_after_step") == str(step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
+                if tc.eval_every_steps and step % tc.eval_every_steps == 0:
+                    train_seconds += time.perf_counter() - tick
+                    log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
+                    tick = time.perf_counter()
                 if tc.max_steps and step >= tc.max_steps:
                     break
             bar.close()
+            train_seconds += time.perf_counter() - tick
             if step_in_epoch == len(batches):  # the epoch ran to its end
                 epoch, step_in_epoch = epoch + 1, 0
-                log_sample_grid(writer, model, scheduler, cfg, device, tc.seed, "samples", epoch)
+                log_sample_grid(writer, sampling_model(), cfg, device, tc.seed, "samples", epoch)
+                if tc.eval_every and epoch % tc.eval_every == 0:
+                    log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
             ckpt = snapshot()
             checkpoint.save(ckpt, out)
         state = ckpt
@@ -166,5 +244,6 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         writer.close()
     if state is None:
         state = snapshot()
-    log(f"saved {out} (epoch {epoch}, step {step}); TensorBoard logs in {logdir}")
+    log(f"saved {out} (epoch {epoch}, step {step}, {train_seconds / 60:.1f} train minutes); "
+        f"TensorBoard logs in {logdir}")
     return state

@@ -18,11 +18,14 @@ class UNet(nn.Module):
         self.cfg = cfg
         chs = [cfg.in_channels] + list(cfg.channels)
         block = dict(time_emb_dim=cfg.time_emb_dim, q_dim=cfg.q_dim, v_dim=cfg.v_dim,
-                     ffn_dim=cfg.ffn_dim, cls_dim=cfg.cls_emb_dim)
+                     ffn_dim=cfg.ffn_dim, cls_dim=cfg.cls_emb_dim, norm=cfg.norm)
         self.time_emb = nn.Sequential(
             TimePositionEmbedding(cfg.time_emb_dim),
             nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim), nn.ReLU())
-        self.cls_emb = nn.Embedding(cfg.num_classes, cfg.cls_emb_dim)
+        # One row per class (plus the null class for guidance), holding cond_tokens tokens.
+        self.null_label = cfg.num_classes if cfg.null_class else None
+        self.cls_emb = nn.Embedding(cfg.num_classes + int(cfg.null_class),
+                                    cfg.cls_emb_dim * cfg.cond_tokens)
         self.enc_convs = nn.ModuleList(
             ConvBlock(chs[i], chs[i + 1], **block) for i in range(len(chs) - 1))
         self.maxpools = nn.ModuleList(nn.MaxPool2d(2) for _ in range(len(chs) - 2))
@@ -36,7 +39,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # x: (B, 1, S, S) noisy images; t: (B,) int timesteps; y: (B,) int labels
         t_emb = self.time_emb(t)  # (B, time_emb_dim)
-        context = self.cls_emb(y)[:, None, :]  # (B, 1, cls_emb_dim): one label token
+        # (B, L, cls_emb_dim): L = cond_tokens label tokens (1 in the reference)
+        context = self.cls_emb(y).view(y.shape[0], self.cfg.cond_tokens, self.cfg.cls_emb_dim)
         skips = []
         for i, conv in enumerate(self.enc_convs):
             x = conv(x, t_emb, context)

@@ -1,4 +1,4 @@
-"""Generate digits with the 1000-step DDPM sampler; save a grid and the denoising progression."""
+"""Generate digits 0-9 from a checkpoint; save a grid and the denoising progression beside it."""
 import sys
 from pathlib import Path
 
@@ -16,12 +16,18 @@ def main(argv=None):
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--n-per-digit", type=int, default=1)
     p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
     add_common(p)
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     from diffusion101.denoise import generate
     generate(a.ckpt, a.out, device, lora_path=a.lora, seed=a.seed or 0, digits=a.digits,
-             n_per_digit=a.n_per_digit, npz=a.npz)
+             n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
+             guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None)
 
 
 if __name__ == "__main__":

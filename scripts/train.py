@@ -9,7 +9,9 @@ from diffusion101.cli import Parser, add_common, add_config_flags, build_config,
 
 def main(argv=None):
     p = Parser(description=__doc__)
-    p.add_argument("--preset", default="reference", help="reference, small or tiny")
+    p.add_argument("--preset", default=None,
+                   help="reference, cpu, small or tiny (default: reference; with --resume, the "
+                        "checkpoint's own)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
     p.add_argument("--batch-size", type=int)
@@ -18,15 +20,24 @@ def main(argv=None):
     p.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
     p.add_argument("--logdir", default=None, help="TensorBoard folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--eval-every", type=int,
+                   help="log conditional accuracy and FID to TensorBoard every N epochs")
     add_common(p)
     add_config_flags(p)
     a = p.parse_args(argv)
-    cfg = build_config(a.preset, a.set, {
+    base = preset = None
+    if a.resume and a.preset is None:  # continue with the run's own configuration
+        from diffusion101 import checkpoint
+        saved = checkpoint.load_model_checkpoint(a.out)
+        base, preset = checkpoint.config_of(saved), saved.get("preset", "reference")
+    preset = preset or a.preset or "reference"
+    cfg = build_config(preset, a.set, {
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
-        "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed})
+        "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
+        "train.eval_every": a.eval_every}, base=base)
     device = resolve_device(a.device)
     from diffusion101.train import train
-    train(cfg, a.preset, a.out, a.logdir or f"runs/{a.preset}", device, resume=a.resume)
+    train(cfg, preset, a.out, a.logdir or f"runs/{preset}", device, resume=a.resume)
 
 
 if __name__ == "__main__":

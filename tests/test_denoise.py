@@ -4,7 +4,7 @@ import torch
 
 from diffusion101.config import UserError, get_preset
 from diffusion101.denoise import parse_digits, sample, sample_digits, save_grid, save_npz, to_uint8
-from diffusion101.diffusion import DDPMScheduler
+from diffusion101.diffusion import DDPMScheduler, make_scheduler
 from diffusion101.unet import UNet
 
 
@@ -31,18 +31,17 @@ def test_same_seed_same_images_other_seed_other_images():
 
 
 def test_sampler_loop_is_model_then_scheduler_step():
-    # With a model that predicts zero noise and no noise injected (t=0 only), one step is x / sqrt(alpha_0).
-    sched = DDPMScheduler(get_preset("tiny").diffusion)
-    sched.timesteps = torch.tensor([0])
+    # One DDIM step (eta 0) from t = 999 to the end with a model that predicts zero noise
+    # returns x0_hat = x_T / sqrt(alpha_bar_999), clamped by the reference's x_t clip.
+    sched = make_scheduler("ddim", get_preset("tiny").diffusion, steps=1)
 
     class Zero(torch.nn.Module):
         def forward(self, x, t, y):
             return torch.zeros_like(x)
 
-    g = torch.Generator().manual_seed(0)
     x_start = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
-    out, _ = sample(Zero(), sched, torch.tensor([1, 2]), 4, 1, g)
-    assert torch.allclose(out, (x_start / sched.alphas[0].sqrt()).clamp(-1, 1))
+    out, _ = sample(Zero(), sched, torch.tensor([1, 2]), 4, 1, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, (x_start / sched.sqrt_alpha_bar[-1]).clamp(-1, 1))
 
 
 def test_npz_and_grid(tmp_path):
