@@ -116,6 +116,58 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
     """Index tensors of each batch in one epoch; with `world` processes, each takes every
-    world-th index (the DistributedSampler's split) so ranks see disjoint data."""
-    order = epoch_order(n, seed, epoch)[rank::world]
+    world-th index (the DistributedSampler's split) so ranks see disjoint data. The order is
+    first padded by repeating its start, as DistributedSampler does, so that every rank has
+    the same number of batches (a rank with one batch fewer would hang the others)."""
+    order = epoch_order(n, seed, epoch)
+    if world > 1 and n % world:
+        order = torch.cat([order, order[: world - n % world]])
+    order = order[rank::world]
     return list(order.split(batch_size))
+
+
+def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
+    """A torchvision ImageFolder whose sub-folders are named 0-9: any image size or mode,
+    converted to one channel and resized to img_size, kept as uint8 like MNIST."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.v2 import functional as TF
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    try:
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{root} is not an image folder with class sub-folders ({e})") from None
+    names = sorted(folder.class_to_idx)
+    wrong = [n for n in names if not (n.isdigit() and 0 <= int(n) < num_classes)]
+    if wrong:
+        raise UserError(f"{root}: sub-folders must be named 0-{num_classes - 1}, found {wrong[:3]}")
+    images, labels = [], []
+    for path, idx in folder.samples:
+        try:
+            img = folder.loader(path).convert("L")
+        except OSError:
+            raise UserError(f"cannot read image {path}") from None
+        t = TF.pil_to_tensor(img)  # (1, H, W) uint8
+        images.append(TF.resize(t, [img_size, img_size], antialias=True)[0])
+        labels.append(int(names[idx]))
+    if not images:
+        raise UserError(f"{root} holds no images")
+    return MNISTData(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def bold(images: torch.Tensor) -> torch.Tensor:
+    """The built-in style target: strokes thickened by a 3x3 grey dilation (max filter)."""
+    import torch.nn.functional as F
+    x = images[:, None].float()
+    return F.max_pool2d(x, 3, stride=1, padding=1)[:, 0].to(torch.uint8)
+
+
+def write_image_folder(data: MNISTData, root) -> None:
+    """Write digits as PNGs in the ImageFolder layout root/<label>/<index>.png."""
+    from PIL import Image
+    root = Path(root)
+    for d in range(10):
+        (root / str(d)).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(data.images, data.labels.tolist())):
+        Image.fromarray(img.numpy()).save(root / str(label) / f"{i:05d}.png")

@@ -119,12 +119,43 @@ def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: fl
     return metrics
 
 
+def distributed_setup(device: torch.device):
+    """(rank, world, device) for this process. A run is distributed when torchrun sets
+    WORLD_SIZE > 1: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def replica_divergence(model) -> float:
+    """Largest |w_rank - w_rank0| over all weights and ranks: 0.0 when DDP kept them in step."""
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
 def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
           data: MNISTData | None = None, log=print) -> dict:
     """Train (or resume) and return the final checkpoint dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    rank, world, device = distributed_setup(torch.device(device))
+    main = rank == 0  # only the main process logs, samples and writes checkpoints
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731
     out = Path(out)
     ckpt = None
     if resume:
@@ -139,7 +170,8 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         cfg.train.seed, cfg.train.lr = saved.train.seed, saved.train.lr
     elif out.exists():
         log(f"note: {out} exists and will be replaced at the first save (use --resume to continue it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
 
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -147,7 +179,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     random.seed(tc.seed)
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
-    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0))
+    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0, rank, world))
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
         total_steps = min(total_steps, tc.max_steps)
@@ -157,7 +189,8 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     optimizer = make_optimizer(model.parameters(), tc)
     lr_schedule = make_lr_schedule(optimizer, tc, total_steps)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    generator = torch.Generator(device="cpu").manual_seed(tc.seed)  # timesteps, noise, label drop
+    # timesteps, noise and label drop; offset by rank so the processes draw different noise
+    generator = torch.Generator(device="cpu").manual_seed(tc.seed + 1_000_003 * rank)
     epoch, step, step_in_epoch, train_seconds = 0, 0, 0, 0.0
     if ckpt is not None:
         checkpoint.load_state(model, ckpt["model"], str(out))
@@ -169,14 +202,20 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else model.state_dict())
         epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         train_seconds = ckpt.get("train_seconds", 0.0)
-        if "rng" in ckpt:
+        if "rng" in ckpt and world == 1:
             set_rng_state(generator, ckpt["rng"])
+        elif world > 1:  # the checkpoint holds rank 0's stream; give each rank its own anew
+            generator.manual_seed(tc.seed + 1_000_003 * rank + step)
         log(f"resumed {out} at epoch {epoch}, step {step}")
+    net = model  # what the loop calls; the DDP wrapper when distributed
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log(f"config (preset '{preset}'):\n{cfg}")
     log(f"{count_parameters(model):,} trainable parameters; {len(data):,} training images; "
-        f"device {device}")
-    writer = SummaryWriter(str(logdir))
+        f"device {device}" + (f"; {world} processes" if world > 1 else ""))
+    writer = SummaryWriter(str(logdir)) if main else None
 
     def snapshot() -> dict:
         state = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
@@ -195,14 +234,21 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     model.train()
     try:
         while epoch < tc.epochs and not (tc.max_steps and step >= tc.max_steps):
-            batches = epoch_batches(len(data), tc.batch_size, tc.seed, epoch)
+            batches = epoch_batches(len(data), tc.batch_size, tc.seed, epoch, rank, world)
             bar = tqdm(batches[step_in_epoch:], desc=f"epoch {epoch + 1}/{tc.epochs}",
-                       initial=step_in_epoch, total=len(batches), dynamic_ncols=True)
+                       initial=step_in_epoch, total=len(batches), dynamic_ncols=True,
+                       disable=not main)
             tick = time.perf_counter()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                loss = diffusion_loss(model, scheduler, x0, y, generator, tc.loss, tc.p_uncond)
-                value = loss.item()
+                loss = diffusion_loss(net, scheduler, x0, y, generator, tc.loss, tc.p_uncond)
+                if world > 1:  # every rank sees the mean loss, so all stop together on NaN
+                    import torch.distributed as dist
+                    mean_loss = loss.detach().clone()
+                    dist.all_reduce(mean_loss)
+                    value = mean_loss.item() / world
+                else:
+                    value = loss.item()
                 if not math.isfinite(value):
                     raise UserError(f"loss is {value} at step {step + 1} (epoch {epoch + 1}); "
                                     f"training stopped, {out} keeps the last good checkpoint "
@@ -217,14 +263,16 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                     ema.update(model)
                 step += 1
                 step_in_epoch += 1
-                writer.add_scalar("train/loss", value, step)
-                bar.set_postfix(loss=f"{value:.4f}")
+                if main:
+                    writer.add_scalar("train/loss", value, step)
+                    bar.set_postfix(loss=f"{value:.4f}")
                 if tc.save_every and step % tc.save_every == 0:
                     ckpt = snapshot()
-                    checkpoint.save(ckpt, out)
+                    if main:
+                        checkpoint.save(ckpt, out)
                 if checkpoint.fault("kill_after_step") == str(step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
-                if tc.eval_every_steps and step % tc.eval_every_steps == 0:
+                if main and tc.eval_every_steps and step % tc.eval_every_steps == 0:
                     train_seconds += time.perf_counter() - tick
                     log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
                     tick = time.perf_counter()
@@ -234,14 +282,21 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             train_seconds += time.perf_counter() - tick
             if step_in_epoch == len(batches):  # the epoch ran to its end
                 epoch, step_in_epoch = epoch + 1, 0
-                log_sample_grid(writer, sampling_model(), cfg, device, tc.seed, "samples", epoch)
-                if tc.eval_every and epoch % tc.eval_every == 0:
-                    log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
+                if main:
+                    log_sample_grid(writer, sampling_model(), cfg, device, tc.seed, "samples", epoch)
+                    if tc.eval_every and epoch % tc.eval_every == 0:
+                        log_quality(writer, sampling_model(), cfg, device, step,
+                                    train_seconds / 60, log)
             ckpt = snapshot()
-            checkpoint.save(ckpt, out)
+            if main:
+                checkpoint.save(ckpt, out)
         state = ckpt
+        if world > 1:
+            log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(model):.3g} "
+                f"over {world} processes")
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if state is None:
         state = snapshot()
     log(f"saved {out} (epoch {epoch}, step {step}, {train_seconds / 60:.1f} train minutes); "

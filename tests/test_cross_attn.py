@@ -27,3 +27,18 @@ def test_output_layernormed_over_channels():
     out = attn(torch.randn(2, 8, 4, 4), torch.randn(2, 1, 6))
     mean = out.mean(dim=1)  # over channels, per pixel; LayerNorm's affine is identity at init
     assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
+
+
+def test_multi_token_softmax_is_not_constant_and_queries_matter():
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, 4, 16, 6)
+    x, ctx = torch.randn(2, 8, 5, 5), torch.randn(2, 4, 6)  # four label tokens
+    b, c, h, w = x.shape
+    q = attn.w_q(x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+    weights = torch.softmax(q @ attn.w_k(ctx).transpose(1, 2) / 2.0, dim=-1)  # (B, HW, 4)
+    assert torch.allclose(weights.sum(-1), torch.ones(b, h * w), atol=1e-6)
+    assert weights.std(dim=1).mean() > 1e-3  # the weights vary from pixel to pixel
+    before = attn(x, ctx)
+    with torch.no_grad():
+        attn.w_q.weight.normal_()
+    assert not torch.allclose(attn(x, ctx), before, atol=1e-4)  # unlike the one-token case

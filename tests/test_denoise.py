@@ -62,3 +62,29 @@ def test_bad_digits(bad):
     with pytest.raises(UserError):
         parse_digits(bad)
     assert parse_digits("0, 3,7") == [0, 3, 7]
+
+
+def _guided_model(norm="group", tokens=1):
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.model.null_class, cfg.model.norm, cfg.model.cond_tokens = True, norm, tokens
+    return UNet(cfg.model).eval()
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_guidance_one_is_the_conditional_prediction(norm):
+    from diffusion101.denoise import guided
+    model = _guided_model(norm)
+    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([5, 50, 70, 99]), torch.tensor([0, 4, 8, 9])
+    with torch.no_grad():
+        cond = model(x, t, y)
+        uncond = model(x, t, torch.full_like(y, 10))
+        assert torch.allclose(guided(model, x, t, y, 1.0), cond, atol=1e-5)
+        assert torch.allclose(guided(model, x, t, y, 0.0), uncond, atol=1e-5)
+        assert torch.allclose(guided(model, x, t, y, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
+
+
+def test_guidance_needs_a_null_class():
+    model, sched = _model()
+    with pytest.raises(UserError, match="null class"):
+        sample_digits(model, sched, [1], 1, seed=0, device="cpu", guidance=2.0)

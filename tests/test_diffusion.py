@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from diffusion101.config import DiffusionConfig
-from diffusion101.diffusion import DDPMScheduler, extract
+from diffusion101.diffusion import DDPMScheduler, extract, make_scheduler
 
 
 def test_schedule_closed_forms():
@@ -54,3 +55,74 @@ def test_reference_clamps_every_step():
     s = DDPMScheduler(DiffusionConfig())  # clip = "x_t", as the reference
     out = s.step(torch.full((1, 1, 2, 2), -50.0), 10, torch.zeros(1, 1, 2, 2))
     assert out.max().item() <= 1.0 and out.min().item() >= -1.0
+
+
+# ---- fast samplers (DDIM, DPM-Solver++) -------------------------------------------------
+
+def test_ddim_eta1_all_steps_is_the_ddpm_posterior():
+    cfg = DiffusionConfig(clip="none")
+    ddpm, ddim = make_scheduler("ddpm", cfg), make_scheduler("ddim", cfg, steps=1000, eta=1.0)
+    assert torch.equal(ddpm.timesteps, ddim.timesteps)
+    x, eps = torch.randn(4096, 1, 1, 1), torch.randn(4096, 1, 1, 1)
+    for t in (999, 500, 37, 1):
+        # noise-free parts agree (same mean) ...
+        zero = torch.Generator()
+        mean_ddpm = ddpm.inv_sqrt_alpha[t] * (x - ddpm.eps_coef[t] * eps)
+        sigma = 1.0 * math.sqrt((1 - ddim.alpha_bar_prev[t].item()) / (1 - ddim.alpha_bar[t].item())
+                                * (1 - ddim.alpha_bar[t].item() / ddim.alpha_bar_prev[t].item()))
+        assert math.isclose(sigma ** 2, ddpm.posterior_var[t].item(), rel_tol=1e-4)
+        # ... and with the same noise draw the two steps coincide
+        a = ddpm.step(eps, t, x, generator=zero.manual_seed(t))
+        b = ddim.step(eps, t, x, generator=torch.Generator().manual_seed(t))
+        assert torch.allclose(a, b, atol=1e-4), (t, (a - b).abs().max())
+        assert torch.allclose((a - mean_ddpm).std(), torch.tensor(sigma), rtol=0.05)
+
+
+def test_ddim_eta0_is_deterministic_and_ignores_generator():
+    s = make_scheduler("ddim", DiffusionConfig(clip="x0"), steps=10, eta=0.0)
+    assert len(s.timesteps) == 10 and s.timesteps[0] == 999 and s.timesteps[-1] == 0
+    x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    a = s.step(eps, 999, x, generator=torch.Generator().manual_seed(1))
+    b = s.step(eps, 999, x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_v_prediction_round_trip():
+    s = make_scheduler("ddim", DiffusionConfig(prediction="v", clip="none"), steps=10)
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([900, 900, 900])
+    xt = s.add_noise(x0, eps, t)
+    x0_hat, eps_hat = s.split(s.target(x0, eps, t), 900, xt)
+    assert torch.allclose(x0_hat, x0, atol=1e-4) and torch.allclose(eps_hat, eps, atol=1e-4)
+
+
+def test_cosine_schedule_closed_form():
+    s = make_scheduler("ddim", DiffusionConfig(schedule="cosine"), steps=10)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 250, 500, 900):
+        assert math.isclose(s.alpha_bar[t].item(), f(t + 1) / f(0), rel_tol=1e-4)
+
+
+def test_samplers_recover_x0_with_an_oracle():
+    # With a model that knows the true x0 (it returns the exact noise of x_t given x0), every
+    # sampler must land on x0: the update rules are consistent with the forward process.
+    cfg = DiffusionConfig(clip="none")
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    for name, steps in (("ddim", 10), ("dpm", 10), ("ddpm", 1000)):
+        s = make_scheduler(name, cfg, steps=steps)
+        x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(1)
+        for t in s.timesteps.tolist():
+            eps = (x - s.sqrt_alpha_bar[t] * x0) / s.sqrt_one_minus_alpha_bar[t]
+            x = s.step(eps, t, x, generator=g)
+        assert torch.allclose(x, x0, atol=1e-3), (name, (x - x0).abs().max())
+
+
+def test_unknown_sampler_and_bad_steps():
+    from diffusion101.config import UserError
+    with pytest.raises(UserError):
+        make_scheduler("euler", DiffusionConfig())
+    with pytest.raises(UserError):
+        make_scheduler("ddpm", DiffusionConfig(), steps=50)
+    with pytest.raises(UserError):
+        make_scheduler("ddim", DiffusionConfig(), steps=0)

@@ -73,3 +73,23 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, fake_data):
     saved = torch.load(out, weights_only=True)
     assert saved["step"] == bad_step - 1  # the checkpoint before the bad step is the one kept
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "train.py"), "--preset", "tiny", "--max-steps", "4",
+           "--device", "cpu", "--out", "ddp.pt", "--logdir", "runs"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "replicas agree: max |w_rank - w_0| = 0 over 2 processes" in proc.stdout
+    assert proc.stdout.count("saved ddp.pt") == 1  # rank 0 alone writes
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["ddp.pt"]
+    ckpt = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
+    assert len(list((tmp_path / "runs").glob("events.out.tfevents.*"))) == 1

@@ -65,3 +65,13 @@ def test_tiny_forward_and_label_dependence():
     b = model(x, t, torch.tensor([4, 5, 6, 7]))
     assert a.shape == (4, 1, 16, 16)
     assert not torch.allclose(a, b)  # the label reaches the output
+
+
+def test_options_past_the_reference():
+    cfg = get_preset("tiny").model
+    cfg.null_class, cfg.cond_tokens, cfg.norm = True, 4, "group"
+    model = UNet(cfg)
+    assert model.cls_emb.weight.shape == (11, 4 * cfg.cls_emb_dim) and model.null_label == 10
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    out = model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([10, 3]))
+    assert out.shape == (2, 1, 16, 16)

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from diffusion101 import evaluate
+from diffusion101.config import UserError
+from diffusion101.dataset import load_mnist, resize_uint8
+
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def test_digits():
+    return load_mnist(train=False, img_size=28)
+
+
+def test_frechet_distance_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 5, generator=g, dtype=torch.float64)
+    mu, sigma = evaluate.feature_stats(a)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-9  # a set against itself
+    # N(m1, I) vs N(m2, 4 I) in D dims: |m1 - m2|^2 + D (1 + 4 - 2 * 2) = |dm|^2 + D
+    d = 5
+    fid = evaluate.frechet_distance(torch.zeros(d), torch.eye(d), torch.full((d,), 3.0), 4 * torch.eye(d))
+    assert abs(fid - (9 * d + d)) < 1e-9
+    assert torch.allclose(sigma, torch.from_numpy(np.cov(a.numpy(), rowvar=False)))
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(500, 8, generator=g, dtype=torch.float64) * 2 + 1
+    (m1, s1), (m2, s2) = evaluate.feature_stats(x), evaluate.feature_stats(y)
+    covmean = scipy_linalg.sqrtm(s1.numpy() @ s2.numpy()).real
+    ref = float(((m1 - m2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * np.trace(covmean))
+    assert abs(evaluate.frechet_distance(m1, s1, m2, s2) - ref) < 1e-6 * max(1.0, abs(ref))
+
+
+def test_shipped_classifier_reads_test_digits(test_digits):
+    clf, blob = evaluate.load_classifier()
+    assert blob["test_accuracy"] >= 0.993
+    m = evaluate.score(evaluate.uint8_to_unit(test_digits.images[:2000]), test_digits.labels[:2000])
+    assert m["accuracy"] >= 0.99
+
+
+def test_self_fid_is_zero_and_noise_is_far_above_floor(test_digits):
+    clf, blob = evaluate.load_classifier()
+    x = evaluate.uint8_to_unit(test_digits.images)
+    _, feats = evaluate.classify(clf, x)
+    mu, sigma = evaluate.feature_stats(feats)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    # the stored test statistics are these very features
+    assert evaluate.frechet_distance(mu, sigma, blob["test_mu"], blob["test_sigma"]) < 1e-6
+    noise = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    m = evaluate.score(noise, evaluate.balanced_labels(2000))
+    assert m["fid"] > 20 * m["fid_floor_mean"]
+    assert m["accuracy"] < 0.5
+
+
+def test_resized_48_and_back_scores_like_real_digits(test_digits):
+    # The reference generates 48x48: scoring resizes to 28x28 (antialiased) first.
+    idx = torch.randperm(10000, generator=torch.Generator().manual_seed(3))[:2000]
+    big = evaluate.uint8_to_unit(resize_uint8(test_digits.images[idx], 48))
+    m = evaluate.score(big[:, None], test_digits.labels[idx])
+    assert m["accuracy"] >= 0.99
+    assert m["floor_n"] == 2000 and m["fid"] <= 2 * m["fid_floor_mean"]
+    # training digits at 48 px score like the floor too: the comparison is resolution-fair
+    train = load_mnist(train=True, img_size=48)
+    j = torch.randperm(60000, generator=torch.Generator().manual_seed(4))[:2000]
+    m = evaluate.score(evaluate.uint8_to_unit(train.images[j]), train.labels[j])
+    assert m["fid"] <= 2 * m["fid_floor_mean"], m["fid"]
+
+
+def test_npz_round_trip(tmp_path, test_digits):
+    path = tmp_path / "s.npz"
+    np.savez(path, images=test_digits.images[:500].numpy(), labels=test_digits.labels[:500].numpy())
+    m = evaluate.evaluate_npz(path)
+    assert m["n"] == 500 and m["accuracy"] >= 0.98
+    np.savez(path, images=np.zeros((3, 28, 28), np.float32), labels=np.zeros(3, np.int64))
+    with pytest.raises(UserError, match="uint8"):
+        evaluate.evaluate_npz(path)
+
+
+def test_evaluate_script_end_to_end_on_tiny(tmp_path):
+    run_script("train", "--preset", "tiny", "--max-steps", "3", "--out", "m.pt", "--logdir", "r",
+               cwd=tmp_path)
+    proc = run_script("evaluate", "--ckpt", "m.pt", "--n", "40", "--sampler", "ddim", "--steps", "5",
+                      "--json", "r.json", cwd=tmp_path)
+    import json
+    m = json.loads((tmp_path / "r.json").read_text())
+    assert m["n"] == 40 and 0 <= m["accuracy"] <= 1 and m["fid"] > 0 and m["images_per_second"] > 0
+    assert sorted(m["per_digit_accuracy"]) == [str(d) for d in range(10)]
+    assert "conditional accuracy" in proc.stdout
