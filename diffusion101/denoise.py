@@ -114,24 +114,45 @@ def parse_digits(text: str, num_classes: int = 10) -> list:
     return digits
 
 
-def load_for_sampling(ckpt_path, device, lora_path=None, use_ema=None, log=print):
+def parse_lora_specs(specs) -> list:
+    """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]."""
+    from .config import UserError
+    out = []
+    for spec in specs or []:
+        path, scale = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                path, scale = spec, 1.0  # a ':' that is part of the path
+        out.append((path, scale))
+    if len(set(p for p, _ in out)) != len(out):
+        raise UserError("the same --lora file was given twice")
+    return out
+
+
+def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log=print):
     """The model to sample from: EMA weights when the checkpoint has them (unless told not
-    to), with an adapter merged in if given. Returns (model in eval mode, cfg)."""
+    to), with adapters [(path, strength), ...] added, merged into the weights or applied in
+    the forward pass. Returns (model in eval mode, cfg)."""
     from .lora import apply_lora_file, merge_lora
     model, ckpt, cfg = checkpoint.load_model(ckpt_path, device="cpu")
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     if use_ema and "ema" in ckpt:
         checkpoint.load_state(model, ckpt["ema"], f"{ckpt_path} (EMA weights)")
-    if lora_path is not None:
-        adapter = checkpoint.load_lora_file(lora_path)
-        apply_lora_file(model, adapter, checkpoint.fingerprint(ckpt["model"]), str(lora_path))
-        merge_lora(model)  # zero overhead at inference: W += (A @ B)^T * alpha / r
+    base_fp = checkpoint.fingerprint(ckpt["model"]) if loras else None
+    for i, (path, strength) in enumerate(loras):
+        adapter = checkpoint.load_lora_file(path)
+        apply_lora_file(model, adapter, base_fp, str(path), name=f"adapter{i}", strength=strength)
+    if loras and merge:
+        merge_lora(model)  # zero overhead at inference: W += (A @ B)^T * alpha / r * strength
     return model.to(device).eval(), cfg  # eval: BatchNorm uses its running statistics
 
 
-def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5,6,7,8,9",
+def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8,9",
              n_per_digit=1, npz=None, n_frames=20, sampler=None, steps=None, guidance=None,
-             eta=None, use_ema=None, log=print):
+             eta=None, use_ema=None, merge=True, log=print):
     """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz.
     Sampler options left None take the checkpoint's own defaults (its config's `sample`)."""
     import time
@@ -141,7 +162,7 @@ def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5
 
     if n_per_digit < 1:
         raise UserError("--n-per-digit must be at least 1")
-    model, cfg = load_for_sampling(ckpt_path, "cpu", lora_path, use_ema, log)
+    model, cfg = load_for_sampling(ckpt_path, "cpu", loras, use_ema, merge, log)
     digit_list = parse_digits(digits, cfg.model.num_classes)
     sc = cfg.sample
     sampler = sampler or sc.sampler
@@ -155,7 +176,9 @@ def generate(ckpt_path, out, device, lora_path=None, seed=0, digits="0,1,2,3,4,5
     for path in [out] + ([Path(npz)] if npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
     log(f"sampling {len(digit_list) * n_per_digit} images: {sampler}, {steps} steps, guidance "
-        f"{guidance}, from {ckpt_path}" + (f" + {lora_path}" if lora_path else "") + f" on {device}")
+        f"{guidance}, from {ckpt_path}"
+        + "".join(f" + {p} x{s:g}" for p, s in loras) + (" (merged)" if loras and merge else "")
+        + f" on {device}")
     start = time.perf_counter()
     images, frames = sample_digits(model, scheduler, digit_list, n_per_digit, seed, device,
                                    n_frames, guidance)

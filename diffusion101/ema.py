@@ -1,7 +1,10 @@
 """Exponential moving average of the weights (Polyak averaging), used for sampling.
 
-shadow <- decay * shadow + (1 - decay) * weights after every optimizer step; buffers (such as
-BatchNorm's running statistics) are copied, since averaging counters makes no sense.
+shadow <- d * shadow + (1 - d) * weights after every optimizer step, with the warm-up
+d = min(decay, (1 + step) / (10 + step)): early on the weights move fast, and an average over
+a long window would mix in the random initialisation (a run of the `cpu` preset sampled noise
+from its EMA at step 300 without it). Buffers (such as BatchNorm's running statistics) are
+copied, since averaging counters makes no sense.
 """
 from __future__ import annotations
 
@@ -18,12 +21,17 @@ class EMA:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step number `step` (0-based)."""
+        d = self.decay_at(step)
         shadow = list(self.model.parameters())
         live = [p.detach() for p in model.parameters()]
-        # lerp: shadow + (1 - decay) * (live - shadow) == decay * shadow + (1 - decay) * live
-        torch._foreach_lerp_(shadow, live, 1.0 - self.decay)
+        # lerp: shadow + (1 - d) * (live - shadow) == d * shadow + (1 - d) * live
+        torch._foreach_lerp_(shadow, live, 1.0 - d)
         for s, b in zip(self.model.buffers(), model.buffers()):
             s.copy_(b)
 

@@ -9,32 +9,50 @@ from torch import nn
 
 from . import checkpoint
 from .config import UserError
-from .dataset import epoch_batches, load_mnist
+from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import make_scheduler
 from .lora import inject_lora, lora_state_dict
 from .train import diffusion_loss
 from .unet import count_parameters
 
 
+def load_finetune_data(spec: str, img_size: int):
+    """'mnist' (the training set, as the reference did) or a folder of class sub-folders 0-9."""
+    if spec == "mnist":
+        return load_mnist(train=True, img_size=img_size)
+    return load_image_folder(spec, img_size)
+
+
 def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=None, seed=0,
-             data=None, log=print) -> dict:
+             data="mnist", targets=None, lr=None, full=False, log=print) -> dict:
+    """Train a LoRA adapter (or, with full=True, every weight, for comparison) on `data`."""
     from tqdm import tqdm
 
     model, ckpt, cfg = checkpoint.load_model(base_path, device="cpu")
+    if "ema" in ckpt and cfg.sample.use_ema:  # adapt the weights that sampling uses
+        checkpoint.load_state(model, ckpt["ema"], f"{base_path} (EMA weights)")
     lc = cfg.lora
-    for name, value in (("r", r), ("alpha", alpha), ("epochs", epochs), ("max_steps", max_steps)):
+    for name, value in (("r", r), ("alpha", alpha), ("epochs", epochs), ("max_steps", max_steps),
+                        ("targets", tuple(targets) if targets else None), ("lr", lr)):
         if value is not None:
             setattr(lc, name, value)
-    if lc.r <= 0 or lc.alpha <= 0 or lc.epochs < 0 or lc.max_steps < 0:
-        raise UserError("--r and --alpha must be positive, --epochs and --max-steps non-negative")
+    if lc.r <= 0 or lc.alpha <= 0 or lc.epochs < 0 or lc.max_steps < 0 or lc.lr <= 0:
+        raise UserError("--r, --alpha and --lr must be positive, --epochs and --max-steps "
+                        "non-negative")
+    if isinstance(data, str):
+        data = load_finetune_data(data, cfg.model.img_size)
     base_fp = checkpoint.fingerprint(ckpt["model"])
     total = sum(p.numel() for p in model.parameters())
-    wrapped = inject_lora(model, lc.r, lc.alpha, lc.targets)
-    if wrapped == 0:
-        raise UserError(f"no layer named {list(lc.targets)} in the cross-attention modules")
-    trainable = count_parameters(model)
-    log(f"LoRA r={lc.r} alpha={lc.alpha} on {wrapped} layers {list(lc.targets)}: "
-        f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the base's {total:,})")
+    if full:
+        log(f"full fine-tune: all {total:,} parameters train")
+    else:
+        wrapped = inject_lora(model, lc.r, lc.alpha, lc.targets)
+        if wrapped == 0:
+            raise UserError(f"no Linear layer named {list(lc.targets)} in this model")
+        trainable = count_parameters(model)
+        log(f"LoRA r={lc.r} alpha={lc.alpha} on {wrapped} layers {list(lc.targets)}: "
+            f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the base's "
+            f"{total:,})")
     model.to(device)
     # The base is frozen, its BatchNorm statistics included: train mode would drift them, and
     # lora.pt does not carry them, so sampling would see other statistics than training did.
@@ -69,10 +87,17 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
         bar.close()
         if lc.max_steps and step >= lc.max_steps:
             break
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if full:  # a whole model checkpoint, loadable by denoise.py and evaluate.py
+        state = {"format": checkpoint.MODEL_FORMAT, "preset": ckpt.get("preset"),
+                 "config": cfg.to_dict(), "model": model.state_dict(), "epoch": 0,
+                 "step": step, "step_in_epoch": 0}
+        checkpoint.save(state, out)
+        log(f"saved {out} (full fine-tune, {step} steps)")
+        return state
     adapter = {"format": checkpoint.LORA_FORMAT, "lora": lora_state_dict(model),
                "lora_config": {"r": lc.r, "alpha": lc.alpha, "targets": list(lc.targets)},
                "base_fingerprint": base_fp, "config": cfg.to_dict(), "steps": step}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(adapter, out)
     log(f"saved {out} ({len(adapter['lora'])} tensors, {step} steps)")
     return adapter

@@ -260,7 +260,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                 optimizer.step()
                 lr_schedule.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step)
                 step += 1
                 step_in_epoch += 1
                 if main:

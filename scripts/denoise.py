@@ -1,4 +1,5 @@
 """Generate digits 0-9 from a checkpoint; save a grid and the denoising progression beside it."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,7 +11,11 @@ from diffusion101.cli import Parser, add_common, resolve_device, run_cli
 def main(argv=None):
     p = Parser(description=__doc__)
     p.add_argument("--ckpt", default="model.pt", help="model checkpoint (default: model.pt)")
-    p.add_argument("--lora", default=None, help="a lora.pt to merge into the model first")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA adapter with its strength (default 1); repeat to stack several")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse adapters into the weights (default) or add them in the forward "
+                        "pass (--no-merge)")
     p.add_argument("--out", default="imgs/digits.png", help="grid PNG; the progression figure "
                    "goes beside it as <name>_progress.png")
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
@@ -25,7 +30,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     from diffusion101.denoise import generate
-    generate(a.ckpt, a.out, device, lora_path=a.lora, seed=a.seed or 0, digits=a.digits,
+    from diffusion101.denoise import parse_lora_specs
+    generate(a.ckpt, a.out, device, loras=parse_lora_specs(a.lora), merge=a.merge,
+             seed=a.seed or 0, digits=a.digits,
              n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
              guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None)
 

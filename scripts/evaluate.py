@@ -18,7 +18,8 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt)")
     src.add_argument("--npz", default=None, help="score these samples instead of generating")
-    p.add_argument("--lora", default=None, help="a lora.pt to merge into the model first")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapter(s) to merge into the model first")
     p.add_argument("--n", type=int, default=10000, help="digits to generate, balanced over 0-9")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
@@ -39,7 +40,9 @@ def main(argv=None):
         device = resolve_device(a.device)
         from diffusion101.denoise import load_for_sampling
         ckpt = a.ckpt or "model.pt"
-        model, cfg = load_for_sampling(ckpt, device, a.lora, False if a.no_ema else None)
+        from diffusion101.denoise import parse_lora_specs
+        model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
+                                       False if a.no_ema else None)
         sc = cfg.sample
         sampler = a.sampler or sc.sampler
         steps = a.steps or (sc.steps if sampler == sc.sampler else

@@ -15,12 +15,22 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int)
     p.add_argument("--r", type=int, help="LoRA rank (default: the checkpoint's config, 8)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the checkpoint's config, 1)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's lora.lr)")
+    p.add_argument("--data", default="mnist",
+                   help="'mnist', or an ImageFolder with sub-folders 0-9 (any size or mode)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated Linear layer names to adapt (default: w_q,w_k,w_v); "
+                        "e.g. w_q,w_k,w_v,z_linear,feedforward.0,feedforward.2,time_emb_linear")
+    p.add_argument("--full", action="store_true",
+                   help="fine-tune every weight instead (for comparison); --out is then a model")
     add_common(p)
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     from diffusion101.lora_finetune import finetune
+    targets = [t for t in a.targets.split(",") if t] if a.targets else None
     finetune(a.base, a.out, device, r=a.r, alpha=a.alpha, epochs=a.epochs,
-             max_steps=a.max_steps, seed=a.seed or 0)
+             max_steps=a.max_steps, seed=a.seed or 0, data=a.data, targets=targets, lr=a.lr,
+             full=a.full)
 
 
 if __name__ == "__main__":

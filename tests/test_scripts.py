@@ -117,3 +117,43 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+
+
+def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path):
+    from diffusion101.dataset import MNISTData, write_image_folder
+    # a tiny ImageFolder of 40 RGB 20x20 'digits', to check the conversion to 1 channel, 16 px
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 20, 20), generator=g, dtype=torch.uint8)
+    write_image_folder(MNISTData(images, torch.arange(40) % 10), tmp_path / "folder")
+    Image.open(tmp_path / "folder" / "3" / "00003.png").convert("RGB").save(
+        tmp_path / "folder" / "3" / "00003.png")
+    proc = run_script("lora_finetune", "--base", "model.pt", "--data", tmp_path / "folder",
+                      "--out", tmp_path / "style.pt", "--max-steps", "3",
+                      "--targets", "w_q,w_k,w_v,z_linear", cwd=work)
+    assert "12 layers" in proc.stdout and "% of the base" in proc.stdout
+    for merge in ("--merge", "--no-merge"):
+        run_script("denoise", "--ckpt", "model.pt", "--lora", "lora.pt:0.7",
+                   "--lora", f"{tmp_path / 'style.pt'}:0.3", merge, "--npz", f"{merge}.npz",
+                   "--out", f"{merge}.png", "--seed", "2", cwd=work)
+    a, b = np.load(work / "--merge.npz")["images"], np.load(work / "--no-merge.npz")["images"]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same images, up to rounding
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "bad" / "cat" / "x.png")
+    _fails("lora_finetune", "--base", "model.pt", "--data", tmp_path / "bad", "--out", "x.pt",
+           cwd=work, match="sub-folders must be named 0-9")
+
+
+def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path):
+    data = (work / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    _fails("denoise", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "x.png", cwd=work,
+           match="truncated or corrupt")
+    _fails("train", "--out", tmp_path / "cut.pt", "--resume", cwd=work,
+           match="truncated or corrupt")
+    assert not (tmp_path / "x.png").exists()
+    proc = _fails("train", "--preset", "tiny", "--set", "train.lr=1e30", "--save-every", "1",
+                  "--max-steps", "6", "--out", tmp_path / "nan.pt", "--logdir", tmp_path / "r",
+                  cwd=work, match="keeps the last good checkpoint")
+    step = int(proc.stderr.split("(step ")[-1].split(")")[0])
+    assert torch.load(tmp_path / "nan.pt", weights_only=True)["step"] == step

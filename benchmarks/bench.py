@@ -1,0 +1,241 @@
+"""Training and sampling throughput for a preset on one device, as one table.
+
+Every row is measured in this run, so the ratios between rows are the comparison:
+  python benchmarks/bench.py --preset reference --device cpu --batch-size 32 --literal
+  python benchmarks/bench.py --preset cpu --device cpu --variants plain,optimised
+
+Training: images/s of forward + backward + optimizer step in steady state (after warm-up),
+including the batch preparation. Sampling: images/s of one sampler step on a 10-digit batch.
+FLOP per image from torch.utils.flop_counter; achieved FLOP/s = FLOP/image x images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusion101.config import get_preset  # noqa: E402
+from diffusion101.dataset import load_mnist  # noqa: E402
+from diffusion101.diffusion import make_scheduler  # noqa: E402
+from diffusion101.train import diffusion_loss, make_optimizer  # noqa: E402
+from diffusion101.unet import UNet  # noqa: E402
+
+
+# ---- the literal baseline: SPEC.md written the plain way, as the reference code did ----------
+
+class LiteralCrossAttention(nn.Module):
+    def __init__(self, channel, qsize=16, vsize=16, fsize=32, cls_emb_size=32):
+        super().__init__()
+        self.w_q = nn.Linear(channel, qsize)
+        self.w_k = nn.Linear(cls_emb_size, qsize)
+        self.w_v = nn.Linear(cls_emb_size, vsize)
+        self.softmax = nn.Softmax(dim=-1)
+        self.z_linear = nn.Linear(vsize, channel)
+        self.norm1 = nn.LayerNorm(channel)
+        self.feedforward = nn.Sequential(nn.Linear(channel, fsize), nn.ReLU(), nn.Linear(fsize, channel))
+        self.norm2 = nn.LayerNorm(channel)
+
+    def forward(self, x, cls_emb):
+        x = x.permute(0, 2, 3, 1)
+        q = self.w_q(x).view(x.size(0), x.size(1) * x.size(2), -1)
+        k = self.w_k(cls_emb).view(cls_emb.size(0), 1, -1).transpose(1, 2)
+        attn = self.softmax(torch.matmul(q, k) / math.sqrt(q.size(2)))
+        v = self.w_v(cls_emb).view(cls_emb.size(0), 1, -1)
+        z = torch.matmul(attn, v)
+        z = self.z_linear(z).view(x.size(0), x.size(1), x.size(2), x.size(3))
+        z = self.norm1(z + x)
+        out = self.norm2(self.feedforward(z) + z)
+        return out.permute(0, 3, 1, 2)
+
+
+class LiteralConvBlock(nn.Module):
+    def __init__(self, in_channel, out_channel, time_emb_size=256):
+        super().__init__()
+        self.seq1 = nn.Sequential(nn.Conv2d(in_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.ReLU())
+        self.time_emb_linear = nn.Linear(time_emb_size, out_channel)
+        self.relu = nn.ReLU()
+        self.seq2 = nn.Sequential(nn.Conv2d(out_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.ReLU())
+        self.crossattn = LiteralCrossAttention(out_channel)
+
+    def forward(self, x, t_emb, cls_emb):
+        x = self.seq1(x)
+        t_emb = self.relu(self.time_emb_linear(t_emb)).view(x.size(0), x.size(1), 1, 1)
+        return self.crossattn(self.seq2(x + t_emb), cls_emb)
+
+
+class LiteralTimeEmb(nn.Module):
+    def __init__(self, size=256):
+        super().__init__()
+        half = size // 2
+        self.register_buffer("half_emb", torch.exp(torch.arange(half) * (-1 * math.log(10000) / (half - 1))))
+
+    def forward(self, t):
+        t = t.view(t.size(0), 1) * self.half_emb.unsqueeze(0).expand(t.size(0), -1)
+        return torch.cat((t.sin(), t.cos()), dim=-1)
+
+
+class LiteralUNet(nn.Module):
+    def __init__(self, channels=(1, 64, 128, 256, 512, 1024)):
+        super().__init__()
+        self.enc_convs = nn.ModuleList(LiteralConvBlock(channels[i], channels[i + 1]) for i in range(len(channels) - 1))
+        self.maxpools = nn.ModuleList(nn.MaxPool2d(2, 2, 0) for _ in range(len(channels) - 2))
+        self.deconvs = nn.ModuleList(nn.ConvTranspose2d(channels[-i - 1], channels[-i - 2], 2, 2)
+                                     for i in range(len(channels) - 2))
+        self.dec_convs = nn.ModuleList(LiteralConvBlock(channels[-i - 1], channels[-i - 2])
+                                       for i in range(len(channels) - 2))
+        self.output = nn.Conv2d(channels[1], channels[0], 1, 1, 0)
+        self.time_emb = nn.Sequential(LiteralTimeEmb(256), nn.Linear(256, 256), nn.ReLU())
+        self.cls_emb = nn.Embedding(10, 32)
+
+    def forward(self, x, t, cls):
+        t_emb, cls_emb = self.time_emb(t), self.cls_emb(cls)
+        residual = []
+        for i, conv in enumerate(self.enc_convs):
+            x = conv(x, t_emb, cls_emb)
+            if i != len(self.enc_convs) - 1:
+                residual.append(x)
+                x = self.maxpools[i](x)
+        for i, deconv in enumerate(self.deconvs):
+            x = deconv(x)
+            x = self.dec_convs[i](torch.cat((residual.pop(-1), x), dim=1), t_emb, cls_emb)
+        return self.output(x)
+
+
+def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
+    """The reference's loop: per-image PIL transforms through a DataLoader, Adam, L1."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+    from torchvision.datasets import MNIST
+
+    from diffusion101.dataset import prepare_raw
+    ds = MNIST(str(prepare_raw()), train=True, download=False, transform=transforms.Compose(
+        [transforms.Resize((48, 48)), transforms.ToTensor(), lambda x: x * 2 - 1]))
+    loader = iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0))
+    model = LiteralUNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    alpha_bar = torch.cumprod(1 - betas, dim=-1)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        x, y = next(loader)
+        t = torch.randint(0, 1000, (x.size(0),))
+        noise = torch.randn_like(x)
+        ab = alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise
+        loss = F.l1_loss(model(x_t, t, y), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+# ---- the package's own paths ----------------------------------------------------------------
+
+def flop_per_image(model, cfg, device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    s = cfg.model.img_size
+    x = torch.randn(2, cfg.model.in_channels, s, s, device=device)
+    t, y = torch.tensor([1, 500], device=device), torch.tensor([3, 4], device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return counter.get_total_flops() / 2
+
+
+def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_last: bool,
+               compile_model: bool, data) -> float:
+    torch.manual_seed(0)
+    model = UNet(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile_model else model
+    sched = make_scheduler("ddpm", cfg.diffusion, device)
+    opt = make_optimizer(model.parameters(), cfg.train)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data), generator=g)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        x0, y = data.batch(order[i * batch_size:(i + 1) * batch_size], device)
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = diffusion_loss(net, sched, x0, y, g, cfg.train.loss, cfg.train.p_uncond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def sample_rate(cfg, device, sampler: str, steps: int, guidance: float) -> float:
+    from diffusion101.denoise import sample_digits
+    torch.manual_seed(0)
+    model = UNet(cfg.model).to(device).eval()
+    sched = make_scheduler(sampler, cfg.diffusion, device, steps)
+    sample_digits(model, make_scheduler(sampler, cfg.diffusion, device, 2), range(10), 1, 0, device,
+                  guidance=guidance)  # warm-up
+    start = time.perf_counter()
+    sample_digits(model, sched, range(10), 1, 0, device, guidance=guidance)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 10 / (time.perf_counter() - start), time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="plain,channels_last",
+                   help="comma list of plain, channels_last, compile, channels_last+compile")
+    p.add_argument("--literal", action="store_true", help="also time the literal reference baseline")
+    p.add_argument("--samplers", default="ddpm:1000,ddim:25,dpm:20")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    cfg = get_preset(a.preset)
+    bs = a.batch_size or cfg.train.batch_size
+    data = load_mnist(train=True, img_size=cfg.model.img_size)
+    model = UNet(cfg.model).to(device)
+    flop = flop_per_image(model, cfg, device)
+    print(f"preset {a.preset}, device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), batch {bs}")
+    print(f"forward FLOP per image: {flop / 1e9:.3f} G (training ~3x)")
+    rows = []
+    if a.literal:
+        rate = literal_train_rate(bs, a.steps, a.warmup)
+        rows.append(("train", "literal baseline (SPEC.md as written)", rate))
+    for variant in a.variants.split(","):
+        rate = train_rate(cfg, device, bs, a.steps, a.warmup, "channels_last" in variant,
+                          "compile" in variant, data)
+        rows.append(("train", f"package, {variant}", rate))
+    base = rows[0][2]
+    print(f"\n| what | path | images/s | vs first row | achieved GFLOP/s |\n|---|---|---|---|---|")
+    for kind, name, rate in rows:
+        print(f"| {kind} | {name} | {rate:.1f} | {rate / base:.2f}x | {3 * flop * rate / 1e9:.1f} |")
+    guidance = cfg.sample.guidance
+    for spec in a.samplers.split(","):
+        name, steps = spec.split(":")
+        if name == "ddpm" and int(steps) != cfg.diffusion.timesteps:
+            continue
+        rate, seconds = sample_rate(cfg, device, name, int(steps), guidance)
+        evals = int(steps) * (2 if guidance != 1 else 1)
+        print(f"| sample 10 digits | {name} {steps} steps, guidance {guidance} | {rate:.1f} "
+              f"({seconds:.2f} s per grid) | | {flop * evals * rate / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Try every fault and bad input on a `tiny` run and print what happened, as the markdown table
+in docs/RELIABILITY.md. Each row is measured now: exit code, the line on stderr, and whether
+the files saved before are byte-for-byte intact.
+
+  python benchmarks/faults.py
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script, *args, cwd, env=None):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln and ln.strip()]
+    return proc.returncode, (lines[-1] if lines else ""), "Traceback" in proc.stderr
+
+
+def main():
+    d = Path(tempfile.mkdtemp())
+    run("train", "--preset", "tiny", "--max-steps", "6", "--save-every", "3", "--out", "model.pt",
+        "--logdir", "runs", cwd=d)
+    run("lora_finetune", "--base", "model.pt", "--out", "lora.pt", "--max-steps", "2", cwd=d)
+    run("train", "--preset", "tiny", "--max-steps", "2", "--seed", "9", "--out", "other.pt",
+        "--logdir", "runs", cwd=d)
+    (d / "grid.png").write_bytes(b"an earlier grid")
+    data = (d / "model.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"model": torch.nn.Linear(2, 2)}, d / "pickled.pt")  # a whole module, as the reference saved
+    marker = d / "MARKER"
+    (d / "evil.py").write_text(
+        "import os, torch\nclass P:\n    def __reduce__(self):\n"
+        f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': P()}}, 'evil.pt')\n")
+    subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
+    watched = ["model.pt", "lora.pt", "grid.png"]
+    cases = [
+        ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",
+         "--save-every", "3", "--out", "kill.pt", "--logdir", "runs"], {"DIFFUSION101_FAULT": "kill_after_step:5"}),
+        ("killed between write and rename of model.pt", "train", ["--out", "model.pt", "--resume",
+         "--max-steps", "8", "--logdir", "runs"], {"DIFFUSION101_FAULT": "kill_before_replace"}),
+        ("disk full while saving model.pt", "train", ["--out", "model.pt", "--resume", "--max-steps", "8",
+         "--logdir", "runs"], {"DIFFUSION101_FAULT": "disk_full"}),
+        ("loss becomes NaN/inf", "train", ["--preset", "tiny", "--set", "train.lr=1e30", "--save-every", "1",
+         "--max-steps", "6", "--out", "nan.pt", "--logdir", "runs"], None),
+        ("malicious pickle as model.pt", "denoise", ["--ckpt", "evil.pt", "--out", "grid.png"], None),
+        ("whole pickled nn.Module (the reference's format)", "denoise", ["--ckpt", "pickled.pt", "--out", "grid.png"], None),
+        ("truncated checkpoint", "denoise", ["--ckpt", "truncated.pt", "--out", "grid.png"], None),
+        ("missing checkpoint", "denoise", ["--ckpt", "absent.pt", "--out", "grid.png"], None),
+        ("lora.pt given as the model", "denoise", ["--ckpt", "lora.pt", "--out", "grid.png"], None),
+        ("lora.pt of another base", "denoise", ["--ckpt", "other.pt", "--lora", "lora.pt", "--out", "grid.png"], None),
+        ("resume under another architecture", "train", ["--preset", "tiny", "--set", "model.channels=8,32",
+         "--out", "model.pt", "--resume", "--logdir", "runs"], None),
+        ("unknown preset", "train", ["--preset", "huge", "--out", "model.pt"], None),
+        ("unknown config field", "train", ["--preset", "tiny", "--set", "model.depth=3", "--out", "model.pt"], None),
+        ("digit outside 0-9", "denoise", ["--ckpt", "model.pt", "--digits", "3,12", "--out", "grid.png"], None),
+        ("--device cuda without a GPU", "denoise", ["--ckpt", "model.pt", "--device", "cuda", "--out", "grid.png"], None),
+    ]
+    print("| fault or bad input | exit code | what it printed (stderr, last line) | traceback | files saved before |")
+    print("|---|---|---|---|---|")
+    for title, script, args, env in cases:
+        before = {p: (d / p).read_bytes() for p in watched}
+        code, line, tb = run(script, *args, cwd=d, env=env)
+        intact = all((d / p).read_bytes() == b for p, b in before.items())
+        extra = ""
+        if title.startswith("SIGKILL"):
+            saved = torch.load(d / "kill.pt", weights_only=True)["step"]
+            code2, _, _ = run("train", "--out", "kill.pt", "--resume", "--logdir", "runs", cwd=d)
+            extra = f"; kill.pt kept step {saved}; --resume exit {code2}, ended at step " \
+                    f"{torch.load(d / 'kill.pt', weights_only=True)['step']}"
+        if title.startswith("malicious"):
+            extra = f"; marker file created: {marker.exists()}"
+        if title.startswith("killed between"):
+            extra = f"; model.pt still loads at step {torch.load(d / 'model.pt', weights_only=True)['step']}"
+        line = line.replace("|", "\\|") or "(nothing)"
+        print(f"| {title} | {code} | `{line}` | {'yes' if tb else 'no'} | "
+              f"{'intact' if intact else 'CHANGED'}{extra} |")
+
+
+if __name__ == "__main__":
+    main()
