@@ -141,6 +141,19 @@ def load_lora_file(path) -> dict:
     return obj
 
 
+def sampling_weights(ckpt: dict) -> dict:
+    """The weights sampling uses: the EMA copy when the run kept one (and its config says to
+    sample with it), else the raw weights. An exported checkpoint holds them under "model"."""
+    cfg = config_of(ckpt)
+    return ckpt["ema"] if "ema" in ckpt and cfg.sample.use_ema else ckpt["model"]
+
+
+def base_fingerprint(ckpt: dict) -> str:
+    """What a LoRA adapter records of its base: the fingerprint of the weights it adapted,
+    so an adapter trained on a full checkpoint also fits that checkpoint's export."""
+    return fingerprint(sampling_weights(ckpt))
+
+
 def load_model(path, device="cpu"):
     """Rebuild the UNet from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
     from .unet import UNet
@@ -175,3 +188,39 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     save({"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
           "model": model.state_dict(), "epoch": 0, "step": 0, "step_in_epoch": 0}, new)
     log(f"wrote {new}: weights only, loadable with weights_only=True")
+
+
+SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.pt"
+
+
+def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
+    """A small checkpoint for sampling only: the weights that sampling uses (EMA when there)
+    under "model", the config and counters; no optimizer, no RNG states. `overrides`
+    ('sample.guidance=3', ...) set the sampler defaults the file carries; nothing else may
+    change, since the weights were trained for the rest."""
+    from .config import apply_override
+    ckpt = load_model_checkpoint(src)
+    weights = sampling_weights(ckpt)
+    cfg = config_of(ckpt)
+    for assignment in overrides:
+        if not assignment.startswith("sample."):
+            raise UserError(f"export can only change sampler defaults (sample.*), not '{assignment}'")
+        apply_override(cfg, assignment)
+    out = {"format": MODEL_FORMAT, "preset": ckpt.get("preset"), "config": cfg.to_dict(),
+           "model": weights, "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
+           "step_in_epoch": ckpt.get("step_in_epoch", 0),
+           "train_seconds": ckpt.get("train_seconds", 0.0), "exported_from_ema": weights is not ckpt["model"]}
+    save(out, dst)
+    log(f"wrote {dst}: sampling weights only ({Path(dst).stat().st_size / 1e6:.1f} MB)")
+    return out
+
+
+def default_checkpoint(path, log=print):
+    """The checkpoint a sampling command uses: the one asked for, else model.pt in the working
+    folder, else the checkpoint shipped with the package (and say so)."""
+    if path is not None:
+        return path
+    if Path("model.pt").exists():
+        return "model.pt"
+    log(f"no --ckpt and no model.pt here: using the shipped checkpoint {SHIPPED_PATH}")
+    return SHIPPED_PATH

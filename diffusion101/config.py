@@ -201,7 +201,7 @@ def _cpu() -> Config:
                           optimizer="adamw", lr_schedule="cosine", warmup_steps=100,
                           p_uncond=0.1, ema_decay=0.995, grad_clip=1.0),
         lora=LoRAConfig(epochs=1, batch_size=128),
-        sample=SampleConfig(sampler="dpm", steps=20, guidance=2.0),
+        sample=SampleConfig(sampler="dpm", steps=20, guidance=3.0),
     )
 
 

@@ -141,7 +141,9 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     if use_ema and "ema" in ckpt:
         checkpoint.load_state(model, ckpt["ema"], f"{ckpt_path} (EMA weights)")
-    base_fp = checkpoint.fingerprint(ckpt["model"]) if loras else None
+    if loras and not use_ema and "ema" in ckpt:
+        log("note: the adapters were trained on the EMA weights; sampling without them")
+    base_fp = checkpoint.base_fingerprint(ckpt) if loras else None
     for i, (path, strength) in enumerate(loras):
         adapter = checkpoint.load_lora_file(path)
         apply_lora_file(model, adapter, base_fp, str(path), name=f"adapter{i}", strength=strength)

@@ -29,8 +29,8 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
     from tqdm import tqdm
 
     model, ckpt, cfg = checkpoint.load_model(base_path, device="cpu")
-    if "ema" in ckpt and cfg.sample.use_ema:  # adapt the weights that sampling uses
-        checkpoint.load_state(model, ckpt["ema"], f"{base_path} (EMA weights)")
+    # adapt the weights that sampling uses (the EMA copy, when the run kept one)
+    checkpoint.load_state(model, checkpoint.sampling_weights(ckpt), str(base_path))
     lc = cfg.lora
     for name, value in (("r", r), ("alpha", alpha), ("epochs", epochs), ("max_steps", max_steps),
                         ("targets", tuple(targets) if targets else None), ("lr", lr)):
@@ -41,7 +41,7 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
                         "non-negative")
     if isinstance(data, str):
         data = load_finetune_data(data, cfg.model.img_size)
-    base_fp = checkpoint.fingerprint(ckpt["model"])
+    base_fp = checkpoint.base_fingerprint(ckpt)
     total = sum(p.numel() for p in model.parameters())
     if full:
         log(f"full fine-tune: all {total:,} parameters train")
@@ -67,9 +67,13 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
     step = 0
-    for epoch in range(lc.epochs):
+    epochs = lc.epochs
+    if lc.max_steps:  # a step budget wins over the epoch count, however small the data set
+        per_epoch = len(epoch_batches(len(data), lc.batch_size, seed, 0))
+        epochs = math.ceil(lc.max_steps / per_epoch)
+    for epoch in range(epochs):
         batches = epoch_batches(len(data), lc.batch_size, seed, epoch)
-        bar = tqdm(batches, desc=f"lora epoch {epoch + 1}/{lc.epochs}", dynamic_ncols=True)
+        bar = tqdm(batches, desc=f"lora epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
         for idx in bar:
             x0, y = data.batch(idx, device)
             loss = diffusion_loss(model, scheduler, x0, y, generator, cfg.train.loss,

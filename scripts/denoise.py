@@ -10,7 +10,8 @@ from diffusion101.cli import Parser, add_common, resolve_device, run_cli
 
 def main(argv=None):
     p = Parser(description=__doc__)
-    p.add_argument("--ckpt", default="model.pt", help="model checkpoint (default: model.pt)")
+    p.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt if it "
+                   "exists, else the checkpoint shipped with the package)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA adapter with its strength (default 1); repeat to stack several")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
@@ -31,7 +32,8 @@ def main(argv=None):
     device = resolve_device(a.device)
     from diffusion101.denoise import generate
     from diffusion101.denoise import parse_lora_specs
-    generate(a.ckpt, a.out, device, loras=parse_lora_specs(a.lora), merge=a.merge,
+    from diffusion101.checkpoint import default_checkpoint
+    generate(default_checkpoint(a.ckpt), a.out, device, loras=parse_lora_specs(a.lora), merge=a.merge,
              seed=a.seed or 0, digits=a.digits,
              n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
              guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None)

@@ -16,7 +16,7 @@ from diffusion101.cli import Parser, add_common, resolve_device, run_cli
 def main(argv=None):
     p = Parser(description=__doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt)")
+    src.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt, else the shipped one)")
     src.add_argument("--npz", default=None, help="score these samples instead of generating")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA adapter(s) to merge into the model first")
@@ -39,7 +39,8 @@ def main(argv=None):
             raise UserError("--n must be at least 10 and --batch-size positive")
         device = resolve_device(a.device)
         from diffusion101.denoise import load_for_sampling
-        ckpt = a.ckpt or "model.pt"
+        from diffusion101.checkpoint import default_checkpoint
+        ckpt = default_checkpoint(a.ckpt)
         from diffusion101.denoise import parse_lora_specs
         model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
                                        False if a.no_ema else None)

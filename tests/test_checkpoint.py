@@ -108,3 +108,31 @@ def test_crash_between_write_and_replace_keeps_previous(tmp_path):
 def test_save_into_missing_folder_is_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.save(_ckpt(), tmp_path / "nope" / "model.pt")
+
+
+def test_export_keeps_the_ema_weights_only(tmp_path):
+    full = _ckpt(0)
+    full["ema"] = _ckpt(1)["model"]
+    full["optimizer"] = {"state": {}, "param_groups": []}
+    checkpoint.save(full, tmp_path / "full.pt")
+    checkpoint.export_for_sampling(tmp_path / "full.pt", tmp_path / "slim.pt",
+                                   ["sample.guidance=3"], log=lambda *a: None)
+    model, slim, cfg = checkpoint.load_model(tmp_path / "slim.pt")
+    assert cfg.sample.guidance == 3.0
+    with pytest.raises(UserError, match="only change sampler defaults"):
+        checkpoint.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["model.norm=group"])
+    assert "optimizer" not in slim and "ema" not in slim and slim["exported_from_ema"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in full["ema"].items())
+    # an adapter trained on the full checkpoint fits its export: same base fingerprint
+    assert checkpoint.base_fingerprint(full) == checkpoint.base_fingerprint(slim)
+    assert checkpoint.base_fingerprint(full) != checkpoint.fingerprint(full["model"])
+
+
+def test_default_checkpoint_prefers_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    said = []
+    assert checkpoint.default_checkpoint("x.pt", log=said.append) == "x.pt"
+    assert checkpoint.default_checkpoint(None, log=said.append) == checkpoint.SHIPPED_PATH
+    assert "shipped checkpoint" in said[0]
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert checkpoint.default_checkpoint(None, log=said.append) == "model.pt"

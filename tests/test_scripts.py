@@ -133,9 +133,9 @@ def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path):
     assert "12 layers" in proc.stdout and "% of the base" in proc.stdout
     for merge in ("--merge", "--no-merge"):
         run_script("denoise", "--ckpt", "model.pt", "--lora", "lora.pt:0.7",
-                   "--lora", f"{tmp_path / 'style.pt'}:0.3", merge, "--npz", f"{merge}.npz",
-                   "--out", f"{merge}.png", "--seed", "2", cwd=work)
-    a, b = np.load(work / "--merge.npz")["images"], np.load(work / "--no-merge.npz")["images"]
+                   "--lora", f"{tmp_path / 'style.pt'}:0.3", merge, "--npz", f"{merge[2:]}.npz",
+                   "--out", f"{merge[2:]}.png", "--seed", "2", cwd=work)
+    a, b = np.load(work / "merge.npz")["images"], np.load(work / "no-merge.npz")["images"]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same images, up to rounding
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cat").mkdir()
