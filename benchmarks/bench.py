@@ -185,7 +185,7 @@ def sample_rate(cfg, device, sampler: str, steps: int, guidance: float) -> float
     torch.manual_seed(0)
     model = UNet(cfg.model).to(device).eval()
     sched = make_scheduler(sampler, cfg.diffusion, device, steps)
-    sample_digits(model, make_scheduler(sampler, cfg.diffusion, device, 2), range(10), 1, 0, device,
+    sample_digits(model, make_scheduler("ddim", cfg.diffusion, device, 2), range(10), 1, 0, device,
                   guidance=guidance)  # warm-up
     start = time.perf_counter()
     sample_digits(model, sched, range(10), 1, 0, device, guidance=guidance)
@@ -223,7 +223,7 @@ def main():
                           "compile" in variant, data)
         rows.append(("train", f"package, {variant}", rate))
     base = rows[0][2]
-    print(f"\n| what | path | images/s | vs first row | achieved GFLOP/s |\n|---|---|---|---|---|")
+    print("\n| what | path | images/s | vs first row | achieved GFLOP/s |\n|---|---|---|---|---|")
     for kind, name, rate in rows:
         print(f"| {kind} | {name} | {rate:.1f} | {rate / base:.2f}x | {3 * flop * rate / 1e9:.1f} |")
     guidance = cfg.sample.guidance

@@ -64,6 +64,10 @@ class TrainConfig:
     eval_every: int = 0  # epochs between quality evaluations logged to TensorBoard (0: off)
     eval_every_steps: int = 0  # the same, in optimizer steps
     eval_n: int = 500  # digits generated for each of those evaluations
+    # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
+    precision: str = "auto"  # "fp32", "bf16" (autocast; TF32 matmuls on CUDA too), "auto"
+    channels_last: str = "auto"  # "on", "off", "auto"
+    compile: str = "auto"  # torch.compile the network: "on", "off", "auto"
 
 
 @dataclass
@@ -158,8 +162,11 @@ def apply_override(cfg: Config, assignment: str) -> None:
 
 
 def _reference() -> Config:
-    # SPEC.md in exact numbers: the dataclass defaults are the reference design.
-    return Config()
+    # SPEC.md in exact numbers: the dataclass defaults are the reference design, kept in fp32
+    # on every device (bf16 is an option: --set train.precision=bf16).
+    cfg = Config()
+    cfg.train.precision = "fp32"
+    return cfg
 
 
 def _tiny() -> Config:
@@ -238,6 +245,11 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     for name, value, allowed in (("lr_schedule", t.lr_schedule, ("constant", "cosine")),
                                  ("optimizer", t.optimizer, ("adam", "adamw"))):
+        if value not in allowed:
+            raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
+    for name, value, allowed in (("precision", t.precision, ("auto", "fp32", "bf16")),
+                                 ("channels_last", t.channels_last, ("auto", "on", "off")),
+                                 ("compile", t.compile, ("auto", "on", "off"))):
         if value not in allowed:
             raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
     if not 0 <= t.p_uncond < 1 or not 0 <= t.ema_decay < 1:

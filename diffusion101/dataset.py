@@ -95,6 +95,7 @@ class MNISTData:
 
     def batch(self, idx: torch.Tensor, device="cpu"):
         """Images as (B, 1, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
+        idx = idx.to(self.images.device)  # the set may live on the GPU already
         x = self.images[idx].to(device, non_blocking=True)
         x = x[:, None].float().div_(255.0).mul_(2.0).sub_(1.0)
         return x, self.labels[idx].to(device, non_blocking=True)

@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
 from diffusion101.dataset import load_mnist
 from diffusion101.diffusion import DDPMScheduler
@@ -93,3 +92,25 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     assert ckpt["step"] == 4
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
     assert len(list((tmp_path / "runs").glob("events.out.tfevents.*"))) == 1
+
+
+def test_speed_options_auto_is_cuda_only_and_reference_keeps_fp32():
+    from diffusion101.train import speed_options
+    tc = get_preset("cpu").train
+    on_cuda = speed_options(tc, torch.device("cuda"))
+    assert all(on_cuda.values())
+    assert not any(speed_options(tc, torch.device("cpu")).values())
+    ref_cuda = speed_options(get_preset("reference").train, torch.device("cuda"))
+    assert not ref_cuda["bf16"] and not ref_cuda["tf32"] and ref_cuda["channels_last"]
+
+
+def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
+    # bf16 autocast and channels_last, forced on for the CPU: the same code the CUDA default
+    # takes; the checkpoint must come out in plain fp32 with unprefixed names.
+    cfg = _cfg(3)
+    cfg.train.precision, cfg.train.channels_last = "bf16", "on"
+    state = train(cfg, "tiny", tmp_path / "m.pt", tmp_path / "runs", "cpu", data=fake_data,
+                  log=lambda *a: None)
+    assert state["step"] == 3
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
