@@ -152,6 +152,17 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     return model.to(device).eval(), cfg  # eval: BatchNorm uses its running statistics
 
 
+def resolve_sampler(cfg, sampler=None, steps=None, guidance=None, eta=None):
+    """Fill the sampler options left None from the checkpoint's own defaults (cfg.sample); a
+    sampler other than the default gets all its steps (DDPM) or 25."""
+    sc = cfg.sample
+    sampler = sampler or sc.sampler
+    steps = steps or (sc.steps if sampler == sc.sampler else
+                      (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
+    return (sampler, steps, sc.guidance if guidance is None else guidance,
+            sc.eta if eta is None else eta)
+
+
 def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8,9",
              n_per_digit=1, npz=None, n_frames=20, sampler=None, steps=None, guidance=None,
              eta=None, use_ema=None, merge=True, log=print):
@@ -166,12 +177,7 @@ def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8
         raise UserError("--n-per-digit must be at least 1")
     model, cfg = load_for_sampling(ckpt_path, "cpu", loras, use_ema, merge, log)
     digit_list = parse_digits(digits, cfg.model.num_classes)
-    sc = cfg.sample
-    sampler = sampler or sc.sampler
-    steps = steps or (sc.steps if sampler == sc.sampler else
-                      (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
-    guidance = sc.guidance if guidance is None else guidance
-    eta = sc.eta if eta is None else eta
+    sampler, steps, guidance, eta = resolve_sampler(cfg, sampler, steps, guidance, eta)
     scheduler = make_scheduler(sampler, cfg.diffusion, device, steps, eta)
     model.to(device)
     out = Path(out)

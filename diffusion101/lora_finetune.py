@@ -1,4 +1,5 @@
-"""LoRA fine-tuning: freeze the base, train only the adapters on the Q/K/V projections."""
+"""LoRA fine-tuning: freeze the base, train only the adapters (by default on the cross-attention
+Q/K/V projections), on MNIST or on a folder of the user's own digits."""
 from __future__ import annotations
 
 import math

@@ -44,14 +44,10 @@ def main(argv=None):
         from diffusion101.denoise import parse_lora_specs
         model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
                                        False if a.no_ema else None)
-        sc = cfg.sample
-        sampler = a.sampler or sc.sampler
-        steps = a.steps or (sc.steps if sampler == sc.sampler else
-                            (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
-        metrics = evaluate.evaluate_model(
-            model, cfg, a.n, device, a.seed or 0, sampler, steps,
-            sc.guidance if a.guidance is None else a.guidance,
-            sc.eta if a.eta is None else a.eta, a.batch_size)
+        from diffusion101.denoise import resolve_sampler
+        sampler, steps, guidance, eta = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta)
+        metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sampler, steps,
+                                          guidance, eta, a.batch_size)
         metrics["ckpt"], metrics["lora"] = ckpt, a.lora
     print(evaluate.format_report(metrics))
     if a.json:
