@@ -180,7 +180,7 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
 
 
 @torch.inference_mode()
-def sample_rate(cfg, device, sampler: str, steps: int, guidance: float) -> float:
+def sample_rate(cfg, device, sampler: str, steps: int, guidance: float):
     from diffusion101.denoise import sample_digits
     torch.manual_seed(0)
     model = UNet(cfg.model).to(device).eval()
@@ -191,7 +191,8 @@ def sample_rate(cfg, device, sampler: str, steps: int, guidance: float) -> float
     sample_digits(model, sched, range(10), 1, 0, device, guidance=guidance)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 10 / (time.perf_counter() - start), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return 10 / seconds, seconds
 
 
 def main():

@@ -104,12 +104,6 @@ class NoiseSchedule:
             raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, not {n}")
         return torch.linspace(self.num_train_timesteps - 1, 0, n, dtype=torch.float64).round().long()
 
-    def to(self, device):
-        return type(self)(self.cfg, device=device, **self._extra())
-
-    def _extra(self) -> dict:
-        return {}
-
 
 class DDPMScheduler(NoiseSchedule):
     """Ancestral sampling (Ho et al. 2020): every training step, posterior variance beta-tilde."""
@@ -148,9 +142,6 @@ class DDIMScheduler(NoiseSchedule):
     def __init__(self, cfg: DiffusionConfig, device="cpu", eta: float = 0.0):
         super().__init__(cfg, device)
         self.eta = eta
-
-    def _extra(self):
-        return {"eta": self.eta}
 
     def prev_timestep(self, t: int) -> int:
         later = (self.timesteps < t).nonzero()

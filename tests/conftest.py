@@ -37,3 +37,10 @@ def fake_data():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 16, 16), generator=g, dtype=torch.uint8)
     return MNISTData(images, torch.arange(256) % 10)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so a float32 tolerance that holds
+    once holds on every run (an unseeded closed-form check failed 1 run in ~25)."""
+    torch.manual_seed(0)
