@@ -2,10 +2,11 @@
 
 Every row is measured in this run, so the ratios between rows are the comparison:
   python benchmarks/bench.py --preset reference --device cpu --batch-size 32 --literal
-  python benchmarks/bench.py --preset cpu --device cpu --variants plain,optimised
+  python benchmarks/bench.py --preset cpu --device cpu --unoptimised --sample-batches 100,500
 
 Training: images/s of forward + backward + optimizer step in steady state (after warm-up),
-including the batch preparation. Sampling: images/s of one sampler step on a 10-digit batch.
+including the batch preparation. Sampling: images/s of a 10-digit grid per sampler,
+and of evaluation-style generation at chosen batch sizes.
 FLOP per image from torch.utils.flop_counter; achieved FLOP/s = FLOP/image x images/s.
 """
 from __future__ import annotations
@@ -139,6 +140,50 @@ def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def unoptimised_train_rate(cfg, batch_size: int, steps: int, warmup: int) -> float:
+    """The preset's own model and loss on the plain path: per-image PIL transforms through a
+    DataLoader, a per-tensor (for-loop) optimizer and a host sync for the loss every step."""
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+    from torchvision.datasets import MNIST
+
+    from diffusion101.dataset import prepare_raw
+    size = cfg.model.img_size
+    ds = MNIST(str(prepare_raw()), train=True, download=False, transform=transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor(), lambda x: x * 2 - 1]))
+    loader = iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0))
+    torch.manual_seed(0)
+    model = UNet(cfg.model)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.train.lr, foreach=False)
+    sched = make_scheduler("ddpm", cfg.diffusion, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        x0, y = next(loader)
+        loss = diffusion_loss(model, sched, x0, y, g, cfg.train.loss, cfg.train.p_uncond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()  # the progress bar's per-step read of the loss
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def matmul_peak(device, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square fp32 matmul: the ceiling the training rates are measured against."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
 # ---- the package's own paths ----------------------------------------------------------------
 
 def flop_per_image(model, cfg, device) -> float:
@@ -195,6 +240,17 @@ def sample_rate(cfg, device, sampler: str, steps: int, guidance: float):
     return 10 / seconds, seconds
 
 
+@torch.inference_mode()
+def eval_sample_rate(cfg, device, batch: int, guidance: float, n: int = 400) -> float:
+    """Images/s of scripts/evaluate.py's generation (DPM-Solver++ 20 steps) at a given batch."""
+    from diffusion101.evaluate import generate_images
+    torch.manual_seed(0)
+    model = UNet(cfg.model).to(device).eval()
+    generate_images(model, cfg, batch, device, 0, "dpm", 2, guidance, batch_size=batch)  # warm-up
+    _, _, seconds = generate_images(model, cfg, n, device, 0, "dpm", 20, guidance, batch_size=batch)
+    return n / seconds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
@@ -205,6 +261,10 @@ def main():
     p.add_argument("--variants", default="plain,channels_last",
                    help="comma list of plain, channels_last, compile, channels_last+compile")
     p.add_argument("--literal", action="store_true", help="also time the literal reference baseline")
+    p.add_argument("--unoptimised", action="store_true",
+                   help="also time the preset's own model on the plain path (CPU)")
+    p.add_argument("--sample-batches", default="",
+                   help="comma list of digit batch sizes for evaluation-style sampling rows")
     p.add_argument("--samplers", default="ddpm:1000,ddim:25,dpm:20")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -215,18 +275,25 @@ def main():
     flop = flop_per_image(model, cfg, device)
     print(f"preset {a.preset}, device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), batch {bs}")
     print(f"forward FLOP per image: {flop / 1e9:.3f} G (training ~3x)")
+    peak = matmul_peak(device)
+    print(f"fp32 matmul (2048x2048) on this device: {peak / 1e9:.1f} GFLOP/s")
     rows = []
     if a.literal:
         rate = literal_train_rate(bs, a.steps, a.warmup)
         rows.append(("train", "literal baseline (SPEC.md as written)", rate))
+    if a.unoptimised:
+        rate = unoptimised_train_rate(cfg, bs, a.steps, a.warmup)
+        rows.append(("train", "preset model, unoptimised path", rate))
     for variant in a.variants.split(","):
         rate = train_rate(cfg, device, bs, a.steps, a.warmup, "channels_last" in variant,
                           "compile" in variant, data)
         rows.append(("train", f"package, {variant}", rate))
     base = rows[0][2]
-    print("\n| what | path | images/s | vs first row | achieved GFLOP/s |\n|---|---|---|---|---|")
+    print("\n| what | path | images/s | vs first row | achieved GFLOP/s (of matmul peak) |\n"
+          "|---|---|---|---|---|")
     for kind, name, rate in rows:
-        print(f"| {kind} | {name} | {rate:.1f} | {rate / base:.2f}x | {3 * flop * rate / 1e9:.1f} |")
+        print(f"| {kind} | {name} | {rate:.1f} | {rate / base:.2f}x | {3 * flop * rate / 1e9:.1f} "
+              f"({300 * flop * rate / peak:.0f}%) |")
     guidance = cfg.sample.guidance
     for spec in a.samplers.split(","):
         name, steps = spec.split(":")
@@ -236,6 +303,10 @@ def main():
         evals = int(steps) * (2 if guidance != 1 else 1)
         print(f"| sample 10 digits | {name} {steps} steps, guidance {guidance} | {rate:.1f} "
               f"({seconds:.2f} s per grid) | | {flop * evals * rate / 1e9:.1f} |")
+    for batch in [int(b) for b in a.sample_batches.split(",") if b]:
+        rate = eval_sample_rate(cfg, device, batch, guidance)
+        print(f"| sample for evaluation | dpm 20 steps, guidance {guidance}, {batch} digits a batch | "
+              f"{rate:.1f} | | {flop * 20 * (2 if guidance != 1 else 1) * rate / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def main(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA adapter(s) to merge into the model first")
     p.add_argument("--n", type=int, default=10000, help="digits to generate, balanced over 0-9")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
@@ -31,27 +32,24 @@ def main(argv=None):
     add_common(p)
     a = p.parse_args(argv)
     from diffusion101 import evaluate
+    from diffusion101.checkpoint import atomic_write, default_checkpoint
     from diffusion101.config import UserError
+    from diffusion101.denoise import load_for_sampling, parse_lora_specs, resolve_sampler
     if a.npz:
         metrics = evaluate.evaluate_npz(a.npz)
     else:
-        if a.n < 10 or a.batch_size < 1:
-            raise UserError("--n must be at least 10 and --batch-size positive")
+        if a.n < 10 or a.batch_size < 0:
+            raise UserError("--n must be at least 10 and --batch-size not negative")
         device = resolve_device(a.device)
-        from diffusion101.denoise import load_for_sampling
-        from diffusion101.checkpoint import default_checkpoint
         ckpt = default_checkpoint(a.ckpt)
-        from diffusion101.denoise import parse_lora_specs
         model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
                                        False if a.no_ema else None)
-        from diffusion101.denoise import resolve_sampler
         sampler, steps, guidance, eta = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta)
         metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sampler, steps,
                                           guidance, eta, a.batch_size)
         metrics["ckpt"], metrics["lora"] = ckpt, a.lora
     print(evaluate.format_report(metrics))
     if a.json:
-        from diffusion101.checkpoint import atomic_write
         text = json.dumps(metrics, indent=2).encode()
         atomic_write(a.json, lambda f: f.write(text))
 
