@@ -184,6 +184,32 @@ def matmul_peak(device, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
+def conv_layer_rates(model, cfg, batch: int, device, repeats: int = 5):
+    """Forward + backward FLOP/s of each 3x3 convolution of the network on its own, at the
+    shape it sees in training: what the convolution library reaches, with nothing around it."""
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: shapes.append((m, inp[0].shape[-1])))
+             for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    s = cfg.model.img_size
+    with torch.no_grad():
+        model(torch.randn(2, cfg.model.in_channels, s, s, device=device),
+              torch.tensor([1, 2], device=device), torch.tensor([3, 4], device=device))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for conv, size in shapes:
+        layer = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1).to(device)
+        x = torch.randn(batch, conv.in_channels, size, size, device=device, requires_grad=True)
+        for i in range(repeats + 2):
+            if i == 2:
+                start = time.perf_counter()
+            layer(x).sum().backward()
+        seconds = (time.perf_counter() - start) / repeats
+        flop = 3 * 2 * batch * conv.out_channels * size * size * conv.in_channels * 9
+        rows.append((f"{conv.in_channels}->{conv.out_channels} at {size}x{size}", flop / seconds))
+    return rows
+
+
 # ---- the package's own paths ----------------------------------------------------------------
 
 def flop_per_image(model, cfg, device) -> float:
@@ -263,6 +289,8 @@ def main():
     p.add_argument("--literal", action="store_true", help="also time the literal reference baseline")
     p.add_argument("--unoptimised", action="store_true",
                    help="also time the preset's own model on the plain path (CPU)")
+    p.add_argument("--layers", action="store_true",
+                   help="also time each 3x3 convolution alone (forward + backward)")
     p.add_argument("--sample-batches", default="",
                    help="comma list of digit batch sizes for evaluation-style sampling rows")
     p.add_argument("--samplers", default="ddpm:1000,ddim:25,dpm:20")
@@ -294,8 +322,11 @@ def main():
     for kind, name, rate in rows:
         print(f"| {kind} | {name} | {rate:.1f} | {rate / base:.2f}x | {3 * flop * rate / 1e9:.1f} "
               f"({300 * flop * rate / peak:.0f}%) |")
+    if a.layers:
+        for shape, rate in conv_layer_rates(model, cfg, bs, device):
+            print(f"| conv 3x3 alone | {shape} | | | {rate / 1e9:.1f} ({100 * rate / peak:.0f}%) |")
     guidance = cfg.sample.guidance
-    for spec in a.samplers.split(","):
+    for spec in filter(None, a.samplers.split(",")):
         name, steps = spec.split(":")
         if name == "ddpm" and int(steps) != cfg.diffusion.timesteps:
             continue
