@@ -110,16 +110,28 @@ class LiteralUNet(nn.Module):
         return self.output(x)
 
 
-def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
-    """The reference's loop: per-image PIL transforms through a DataLoader, Adam, L1."""
+def plain_loader(size: int, batch_size: int):
+    """MNIST the reference's way: torchvision's dataset, per-image PIL Resize and ToTensor,
+    batched by a DataLoader in the training process."""
     from torch.utils.data import DataLoader
     from torchvision import transforms
     from torchvision.datasets import MNIST
 
     from diffusion101.dataset import prepare_raw
     ds = MNIST(str(prepare_raw()), train=True, download=False, transform=transforms.Compose(
-        [transforms.Resize((48, 48)), transforms.ToTensor(), lambda x: x * 2 - 1]))
-    loader = iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0))
+        [transforms.Resize((size, size)), transforms.ToTensor(), lambda x: x * 2 - 1]))
+    return iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0))
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so a timer reads the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
+    """The reference's loop: per-image PIL transforms through a DataLoader, Adam, L1."""
+    loader = plain_loader(48, batch_size)
     model = LiteralUNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     betas = torch.linspace(1e-4, 0.02, 1000)
@@ -143,15 +155,7 @@ def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
 def unoptimised_train_rate(cfg, batch_size: int, steps: int, warmup: int) -> float:
     """The preset's own model and loss on the plain path: per-image PIL transforms through a
     DataLoader, a per-tensor (for-loop) optimizer and a host sync for the loss every step."""
-    from torch.utils.data import DataLoader
-    from torchvision import transforms
-    from torchvision.datasets import MNIST
-
-    from diffusion101.dataset import prepare_raw
-    size = cfg.model.img_size
-    ds = MNIST(str(prepare_raw()), train=True, download=False, transform=transforms.Compose(
-        [transforms.Resize((size, size)), transforms.ToTensor(), lambda x: x * 2 - 1]))
-    loader = iter(DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0))
+    loader = plain_loader(cfg.model.img_size, batch_size)
     torch.manual_seed(0)
     model = UNet(cfg.model)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
@@ -174,13 +178,11 @@ def matmul_peak(device, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a large square fp32 matmul: the ceiling the training rates are measured against."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
@@ -235,8 +237,7 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
     order = torch.randperm(len(data), generator=g)
     for i in range(warmup + steps):
         if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
         x0, y = data.batch(order[i * batch_size:(i + 1) * batch_size], device)
         if channels_last:
@@ -245,8 +246,7 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -260,8 +260,7 @@ def sample_rate(cfg, device, sampler: str, steps: int, guidance: float):
                   guidance=guidance)  # warm-up
     start = time.perf_counter()
     sample_digits(model, sched, range(10), 1, 0, device, guidance=guidance)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     return 10 / seconds, seconds
 
@@ -326,18 +325,19 @@ def main():
         for shape, rate in conv_layer_rates(model, cfg, bs, device):
             print(f"| conv 3x3 alone | {shape} | | | {rate / 1e9:.1f} ({100 * rate / peak:.0f}%) |")
     guidance = cfg.sample.guidance
+    passes = 2 if guidance != 1 else 1  # guidance batches a conditional and an unconditional pass
     for spec in filter(None, a.samplers.split(",")):
         name, steps = spec.split(":")
         if name == "ddpm" and int(steps) != cfg.diffusion.timesteps:
             continue
         rate, seconds = sample_rate(cfg, device, name, int(steps), guidance)
-        evals = int(steps) * (2 if guidance != 1 else 1)
+        evals = int(steps) * passes
         print(f"| sample 10 digits | {name} {steps} steps, guidance {guidance} | {rate:.1f} "
               f"({seconds:.2f} s per grid) | | {flop * evals * rate / 1e9:.1f} |")
     for batch in [int(b) for b in a.sample_batches.split(",") if b]:
         rate = eval_sample_rate(cfg, device, batch, guidance)
         print(f"| sample for evaluation | dpm 20 steps, guidance {guidance}, {batch} digits a batch | "
-              f"{rate:.1f} | | {flop * 20 * (2 if guidance != 1 else 1) * rate / 1e9:.1f} |")
+              f"{rate:.1f} | | {flop * 20 * passes * rate / 1e9:.1f} |")
 
 
 if __name__ == "__main__":

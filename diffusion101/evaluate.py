@@ -143,7 +143,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: 
                     guidance: float, eta: float = 0.0, batch_size: int = 0):
     """n balanced digits from a model in eval mode, in batches; returns (images, labels, seconds)."""
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
-    # (the cpu preset, guided: 100 digits a batch ~1.5x faster than 500; docs/BENCHMARKS.md);
+    # (the cpu preset, guided: 100 digits a batch 2.0x faster than 500; docs/BENCHMARKS.md);
     # a GPU wants big batches.
     batch_size = batch_size or (1000 if str(device).startswith("cuda") else 100)
     from .denoise import sample
