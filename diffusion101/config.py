@@ -76,6 +76,9 @@ class SampleConfig:
     sampler: str = "ddpm"  # "ddpm" (reference), "ddim" or "dpm"
     steps: int = 1000
     guidance: float = 1.0  # classifier-free guidance scale w; 1 is plain conditional
+    # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
+    # interval"); elsewhere the conditional prediction alone, one forward instead of two.
+    guidance_interval: tuple = (0.0, 1.0)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 
@@ -197,13 +200,14 @@ def _cpu() -> Config:
     # Quality per CPU-minute (docs/EXPERIMENTS.md has the measurements behind each choice):
     # 28 px (no resize), three levels, BatchNorm (GroupNorm, per image, erases the brightness
     # level this skip-less block design needs: grey backgrounds, 22% accuracy), four label
-    # tokens so the attention attends, a null class for guidance, MSE on eps, AdamW with
-    # warmup and cosine decay, EMA, and a few-step DPM-Solver++ sampler with guidance.
+    # tokens so the attention attends, a null class for guidance, MSE on v (at 600 steps: 97.8%
+    # accuracy against 73.8% for eps), AdamW with warmup and cosine decay, EMA, and a few-step
+    # DPM-Solver++ sampler with guidance.
     return Config(
         model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128, cls_emb_dim=32,
                           q_dim=16, v_dim=16, ffn_dim=64, cond_tokens=4, null_class=True,
                           norm="batch"),
-        diffusion=DiffusionConfig(clip="x0"),
+        diffusion=DiffusionConfig(clip="x0", prediction="v"),
         train=TrainConfig(epochs=3, max_steps=1200, batch_size=128, lr=2e-3, loss="mse",
                           optimizer="adamw", lr_schedule="cosine", warmup_steps=100,
                           p_uncond=0.1, ema_decay=0.995, grad_clip=1.0),
@@ -260,6 +264,9 @@ def validate(cfg: Config) -> None:
     if s.sampler not in ("ddpm", "ddim", "dpm") or not 1 <= s.steps <= d.timesteps:
         raise UserError(f"sample.sampler must be ddpm, ddim or dpm and sample.steps in "
                         f"1..{d.timesteps}")
+    gi = s.guidance_interval
+    if len(gi) != 2 or not 0 <= gi[0] <= gi[1] <= 1:
+        raise UserError("sample.guidance_interval must be two fractions lo,hi with 0 <= lo <= hi <= 1")
     if t.loss not in ("l1", "mse"):
         raise UserError(f"train.loss must be 'l1' or 'mse', not '{t.loss}'")
     if t.batch_size <= 0 or t.epochs < 0 or t.lr <= 0 or t.max_steps < 0 or t.save_every < 0:

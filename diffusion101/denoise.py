@@ -21,12 +21,14 @@ def guided(model, x, t, labels, guidance: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: int = 1,
-           generator: torch.Generator | None = None, n_frames: int = 0, guidance: float = 1.0):
+           generator: torch.Generator | None = None, n_frames: int = 0, guidance: float = 1.0,
+           guidance_interval=(0.0, 1.0)):
     """Generate one image per label: predict, step, repeat. Returns (images, frames).
 
     images: (N, C, S, S) in about [-1, 1]. frames: (N, n_frames, C, S, S), x_t at n_frames
     evenly spaced points of the walk (the last is the final image), or None when n_frames is 0.
     The model must already be in eval mode; guidance 1 is the plain conditional model.
+    guidance_interval (lo, hi): guide only at the steps whose t / timesteps is in [lo, hi].
     """
     if guidance != 1.0 and getattr(model, "null_label", None) is None:
         from .config import UserError
@@ -41,9 +43,13 @@ def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: i
     steps = len(scheduler.timesteps)
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames = []
+    lo, hi = (f * scheduler.num_train_timesteps for f in guidance_interval)
     for i, t in enumerate(scheduler.timesteps.tolist()):
         t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        out = model(x, t_batch, labels) if guidance == 1.0 else guided(model, x, t_batch, labels, guidance)
+        if guidance != 1.0 and lo <= t <= hi:
+            out = guided(model, x, t_batch, labels, guidance)
+        else:
+            out = model(x, t_batch, labels)
         x = scheduler.step(out, t, x, generator=generator)
         if i in keep:
             frames.append(x.cpu())
@@ -51,13 +57,13 @@ def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: i
 
 
 def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device,
-                  n_frames: int = 0, guidance: float = 1.0):
+                  n_frames: int = 0, guidance: float = 1.0, guidance_interval=(0.0, 1.0)):
     """Images for `digits`, repeated n_per_digit times (row k holds repetition k of every digit)."""
     labels = torch.tensor(list(digits) * n_per_digit, dtype=torch.long, device=device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     cfg = model.cfg
     return sample(model, scheduler, labels, cfg.img_size, cfg.in_channels, generator, n_frames,
-                  guidance)
+                  guidance, guidance_interval)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -114,6 +120,18 @@ def parse_digits(text: str, num_classes: int = 10) -> list:
     return digits
 
 
+def parse_interval(text):
+    """'0.1,0.7' -> (0.1, 0.7); None stays None (the checkpoint's default)."""
+    if text is None:
+        return None
+    from .config import UserError
+    try:
+        lo, hi = (float(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval '{text}' is not two numbers LO,HI") from None
+    return lo, hi
+
+
 def parse_lora_specs(specs) -> list:
     """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]."""
     from .config import UserError
@@ -152,20 +170,29 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     return model.to(device).eval(), cfg  # eval: BatchNorm uses its running statistics
 
 
-def resolve_sampler(cfg, sampler=None, steps=None, guidance=None, eta=None):
-    """Fill the sampler options left None from the checkpoint's own defaults (cfg.sample); a
-    sampler other than the default gets all its steps (DDPM) or 25."""
+def resolve_sampler(cfg, sampler=None, steps=None, guidance=None, eta=None,
+                    guidance_interval=None):
+    """The sampler options as a SampleConfig: those left None come from the checkpoint's own
+    defaults (cfg.sample); a sampler other than the default gets all its steps (DDPM) or 25."""
+    import dataclasses
+
+    from .config import validate
     sc = cfg.sample
     sampler = sampler or sc.sampler
     steps = steps or (sc.steps if sampler == sc.sampler else
                       (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
-    return (sampler, steps, sc.guidance if guidance is None else guidance,
-            sc.eta if eta is None else eta)
+    chosen = dataclasses.replace(
+        sc, sampler=sampler, steps=steps, guidance=sc.guidance if guidance is None else guidance,
+        eta=sc.eta if eta is None else eta,
+        guidance_interval=tuple(sc.guidance_interval if guidance_interval is None
+                                else guidance_interval))
+    validate(dataclasses.replace(cfg, sample=chosen))  # one clear line for a bad option
+    return chosen
 
 
 def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8,9",
              n_per_digit=1, npz=None, n_frames=20, sampler=None, steps=None, guidance=None,
-             eta=None, use_ema=None, merge=True, log=print):
+             eta=None, use_ema=None, merge=True, guidance_interval=None, log=print):
     """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz.
     Sampler options left None take the checkpoint's own defaults (its config's `sample`)."""
     import time
@@ -177,19 +204,20 @@ def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8
         raise UserError("--n-per-digit must be at least 1")
     model, cfg = load_for_sampling(ckpt_path, "cpu", loras, use_ema, merge, log)
     digit_list = parse_digits(digits, cfg.model.num_classes)
-    sampler, steps, guidance, eta = resolve_sampler(cfg, sampler, steps, guidance, eta)
-    scheduler = make_scheduler(sampler, cfg.diffusion, device, steps, eta)
+    sc = resolve_sampler(cfg, sampler, steps, guidance, eta, guidance_interval)
+    scheduler = make_scheduler(sc.sampler, cfg.diffusion, device, sc.steps, sc.eta)
     model.to(device)
     out = Path(out)
     for path in [out] + ([Path(npz)] if npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"sampling {len(digit_list) * n_per_digit} images: {sampler}, {steps} steps, guidance "
-        f"{guidance}, from {ckpt_path}"
+    interval = "" if sc.guidance_interval == (0.0, 1.0) else f" in t/T {sc.guidance_interval}"
+    log(f"sampling {len(digit_list) * n_per_digit} images: {sc.sampler}, {sc.steps} steps, "
+        f"guidance {sc.guidance}{interval}, from {ckpt_path}"
         + "".join(f" + {p} x{s:g}" for p, s in loras) + (" (merged)" if loras and merge else "")
         + f" on {device}")
     start = time.perf_counter()
     images, frames = sample_digits(model, scheduler, digit_list, n_per_digit, seed, device,
-                                   n_frames, guidance)
+                                   n_frames, sc.guidance, sc.guidance_interval)
     log(f"sampled in {time.perf_counter() - start:.2f} s")
     save_grid(images, out, nrow=len(digit_list))
     written = [str(out)]

@@ -140,7 +140,8 @@ def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
 
 
 def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
-                    guidance: float, eta: float = 0.0, batch_size: int = 0):
+                    guidance: float, eta: float = 0.0, batch_size: int = 0,
+                    guidance_interval=(0.0, 1.0)):
     """n balanced digits from a model in eval mode, in batches; returns (images, labels, seconds)."""
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
     # (the cpu preset, guided: 100 digits a batch 2.0x faster than 500; docs/BENCHMARKS.md);
@@ -155,7 +156,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: 
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
         images, _ = sample(model, scheduler, chunk.to(device), cfg.model.img_size,
-                           cfg.model.in_channels, generator, 0, guidance)
+                           cfg.model.in_channels, generator, 0, guidance, guidance_interval)
         out.append(images.cpu())
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -163,11 +164,13 @@ def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: 
 
 
 def evaluate_model(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
-                   guidance: float, eta: float = 0.0, batch_size: int = 0) -> dict:
+                   guidance: float, eta: float = 0.0, batch_size: int = 0,
+                   guidance_interval=(0.0, 1.0)) -> dict:
     images, labels, seconds = generate_images(model, cfg, n, device, seed, sampler, steps,
-                                              guidance, eta, batch_size)
+                                              guidance, eta, batch_size, guidance_interval)
     metrics = score(images, labels, device)
-    metrics.update(sampler=sampler, steps=steps, guidance=guidance, eta=eta,
+    metrics.update(sampler=sampler, steps=steps, guidance=guidance,
+                   guidance_interval=list(guidance_interval), eta=eta,
                    sample_seconds=seconds, images_per_second=n / seconds)
     return metrics
 
@@ -189,8 +192,10 @@ def evaluate_npz(path) -> dict:
 
 
 def format_report(m: dict) -> str:
+    interval = m.get("guidance_interval", [0.0, 1.0])
     lines = [f"n = {m['n']}" + (f", sampler {m['sampler']}, {m['steps']} steps, guidance "
-                                f"{m['guidance']}" if "sampler" in m else ""),
+                                f"{m['guidance']}" if "sampler" in m else "")
+             + (f" in t/T {interval[0]:g}..{interval[1]:g}" if interval != [0.0, 1.0] else ""),
              f"conditional accuracy: {100 * m['accuracy']:.2f}%",
              "per digit: " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in
                                        sorted(m["per_digit_accuracy"].items())),

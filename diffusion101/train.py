@@ -112,7 +112,8 @@ def log_sample_grid(writer, model, cfg: Config, device, seed: int, tag: str, ste
     sc = cfg.sample
     scheduler = make_scheduler(sc.sampler, cfg.diffusion, device, sc.steps, sc.eta)
     images, _ = sample_digits(model, scheduler, list(range(cfg.model.num_classes)), 1,
-                              seed=seed, device=device, guidance=sc.guidance)
+                              seed=seed, device=device, guidance=sc.guidance,
+                              guidance_interval=sc.guidance_interval)
     model.train(was_training)
     writer.add_image(tag, make_grid((images + 1) / 2, nrow=cfg.model.num_classes), step)
 
@@ -125,7 +126,8 @@ def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: fl
     model.eval()
     sc = cfg.sample
     metrics = evaluate_model(model, cfg, n=cfg.train.eval_n, device=device, seed=1234,
-                             sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance, eta=sc.eta)
+                             sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance, eta=sc.eta,
+                             guidance_interval=sc.guidance_interval)
     model.train(was_training)
     writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
     writer.add_scalar("eval/fid", metrics["fid"], step)

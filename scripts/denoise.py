@@ -26,17 +26,20 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
     add_common(p)
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     from diffusion101.denoise import generate
-    from diffusion101.denoise import parse_lora_specs
+    from diffusion101.denoise import parse_interval, parse_lora_specs
     from diffusion101.checkpoint import default_checkpoint
     generate(default_checkpoint(a.ckpt), a.out, device, loras=parse_lora_specs(a.lora), merge=a.merge,
              seed=a.seed or 0, digits=a.digits,
              n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
-             guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None)
+             guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None,
+             guidance_interval=parse_interval(a.guidance_interval))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", default=None, help="also write the numbers here")
     add_common(p)
@@ -34,7 +36,8 @@ def main(argv=None):
     from diffusion101 import evaluate
     from diffusion101.checkpoint import atomic_write, default_checkpoint
     from diffusion101.config import UserError
-    from diffusion101.denoise import load_for_sampling, parse_lora_specs, resolve_sampler
+    from diffusion101.denoise import (load_for_sampling, parse_interval, parse_lora_specs,
+                                      resolve_sampler)
     if a.npz:
         metrics = evaluate.evaluate_npz(a.npz)
     else:
@@ -44,9 +47,11 @@ def main(argv=None):
         ckpt = default_checkpoint(a.ckpt)
         model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
                                        False if a.no_ema else None)
-        sampler, steps, guidance, eta = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta)
-        metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sampler, steps,
-                                          guidance, eta, a.batch_size)
+        sc = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta,
+                             parse_interval(a.guidance_interval))
+        metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sc.sampler,
+                                          sc.steps, sc.guidance, sc.eta, a.batch_size,
+                                          sc.guidance_interval)
         metrics["ckpt"], metrics["lora"] = ckpt, a.lora
     print(evaluate.format_report(metrics))
     if a.json:

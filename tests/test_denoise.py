@@ -88,3 +88,47 @@ def test_guidance_needs_a_null_class():
     model, sched = _model()
     with pytest.raises(UserError, match="null class"):
         sample_digits(model, sched, [1], 1, seed=0, device="cpu", guidance=2.0)
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    # A wrapper records the doubled (guided) forwards: with 10 DDIM steps over T = 100 the
+    # timesteps are 99, 88, ..., 0, so t/T in [0.25, 0.65] holds t = 55, 44, 33.
+    model = _guided_model()
+
+    class Count(torch.nn.Module):
+        null_label, cfg = model.null_label, model.cfg
+
+        def __init__(self):
+            super().__init__()
+            self.guided_t = []
+
+        def forward(self, x, t, y):
+            if len(x) == 2 * 3:
+                self.guided_t.append(int(t[0]))
+            return model(x, t, y)
+
+    sched = make_scheduler("ddim", get_preset("tiny").diffusion, steps=10)
+    assert sched.timesteps.tolist() == list(range(99, -1, -11))
+    counter = Count()
+    sample_digits(counter, sched, [1, 2, 3], 1, seed=0, device="cpu", guidance=2.0,
+                  guidance_interval=(0.25, 0.65))
+    assert counter.guided_t == [55, 44, 33]
+
+
+def test_empty_guidance_interval_is_the_conditional_sampler():
+    model = _guided_model()
+    sched = make_scheduler("ddim", get_preset("tiny").diffusion, steps=10)
+    plain, _ = sample_digits(model, sched, [1, 2, 3], 1, seed=0, device="cpu", guidance=1.0)
+    none, _ = sample_digits(model, sched, [1, 2, 3], 1, seed=0, device="cpu", guidance=3.0,
+                            guidance_interval=(1.0, 1.0))  # t/T < 1 for every step
+    full, _ = sample_digits(model, sched, [1, 2, 3], 1, seed=0, device="cpu", guidance=3.0)
+    assert torch.equal(plain, none) and not torch.allclose(plain, full, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", ["0.5", "a,b", "0.7,0.2", "-0.1,0.5", "0,1.5"])
+def test_bad_guidance_interval(bad):
+    from diffusion101.denoise import parse_interval, resolve_sampler
+    cfg = get_preset("cpu")
+    with pytest.raises(UserError):
+        resolve_sampler(cfg, guidance_interval=parse_interval(bad))
+    assert resolve_sampler(cfg, guidance_interval=parse_interval("0.1,0.7")).guidance_interval == (0.1, 0.7)
