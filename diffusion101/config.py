@@ -212,7 +212,8 @@ def _cpu() -> Config:
                           optimizer="adamw", lr_schedule="cosine", warmup_steps=100,
                           p_uncond=0.1, ema_decay=0.995, grad_clip=1.0),
         lora=LoRAConfig(epochs=1, batch_size=128),
-        sample=SampleConfig(sampler="dpm", steps=20, guidance=3.0),
+        # guidance 2: at 1,200 steps (v) 99.55% accuracy with FID 1.83; w = 3 100% but FID 4.27
+        sample=SampleConfig(sampler="dpm", steps=20, guidance=2.0),
     )
 
 
