@@ -42,9 +42,9 @@ def main():
           "s per 1000 images |")
     print("|---|---|---|---|---|---|---|---|")
     for s in steps:
+        name = "ddpm" if s == cfg.diffusion.timesteps and sampler == "ddpm" else sampler
         for w in guidance:
             for lo, hi in intervals:
-                name = "ddpm" if s == cfg.diffusion.timesteps and sampler == "ddpm" else sampler
                 m = evaluate_model(model, cfg, a.n, "cpu", a.seed, name, s, w,
                                    guidance_interval=(lo, hi))
                 print(f"| {name} | {s} | {w:g} | {lo:g}-{hi:g} | {100 * m['accuracy']:.2f}% | "

@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 
 
+# A guidance interval (sample.guidance_interval, in t / timesteps) that holds every step.
+EVERY_STEP = (0.0, 1.0)
+
+
 class UserError(Exception):
     """A problem with what the user asked for: shown as one line, never a traceback."""
 
@@ -78,7 +82,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale w; 1 is plain conditional
     # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
     # interval"); elsewhere the conditional prediction alone, one forward instead of two.
-    guidance_interval: tuple = (0.0, 1.0)
+    guidance_interval: tuple = EVERY_STEP
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .config import EVERY_STEP
 
 
 def guided(model, x, t, labels, guidance: float) -> torch.Tensor:
@@ -22,7 +23,7 @@ def guided(model, x, t, labels, guidance: float) -> torch.Tensor:
 @torch.inference_mode()
 def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: int = 1,
            generator: torch.Generator | None = None, n_frames: int = 0, guidance: float = 1.0,
-           guidance_interval=(0.0, 1.0)):
+           guidance_interval=EVERY_STEP):
     """Generate one image per label: predict, step, repeat. Returns (images, frames).
 
     images: (N, C, S, S) in about [-1, 1]. frames: (N, n_frames, C, S, S), x_t at n_frames
@@ -57,7 +58,7 @@ def sample(model, scheduler, labels: torch.Tensor, img_size: int, in_channels: i
 
 
 def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device,
-                  n_frames: int = 0, guidance: float = 1.0, guidance_interval=(0.0, 1.0)):
+                  n_frames: int = 0, guidance: float = 1.0, guidance_interval=EVERY_STEP):
     """Images for `digits`, repeated n_per_digit times (row k holds repetition k of every digit)."""
     labels = torch.tensor(list(digits) * n_per_digit, dtype=torch.long, device=device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -130,6 +131,12 @@ def parse_interval(text):
     except ValueError:
         raise UserError(f"--guidance-interval '{text}' is not two numbers LO,HI") from None
     return lo, hi
+
+
+def interval_text(interval) -> str:
+    """' in t/T 0.1..0.7' for a limited guidance interval; '' when it holds every step."""
+    lo, hi = interval
+    return "" if (lo, hi) == EVERY_STEP else f" in t/T {lo:g}..{hi:g}"
 
 
 def parse_lora_specs(specs) -> list:
@@ -210,9 +217,8 @@ def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8
     out = Path(out)
     for path in [out] + ([Path(npz)] if npz else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-    interval = "" if sc.guidance_interval == (0.0, 1.0) else f" in t/T {sc.guidance_interval}"
     log(f"sampling {len(digit_list) * n_per_digit} images: {sc.sampler}, {sc.steps} steps, "
-        f"guidance {sc.guidance}{interval}, from {ckpt_path}"
+        f"guidance {sc.guidance}{interval_text(sc.guidance_interval)}, from {ckpt_path}"
         + "".join(f" + {p} x{s:g}" for p, s in loras) + (" (merged)" if loras and merge else "")
         + f" on {device}")
     start = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import DigitClassifier
-from .config import UserError
+from .config import EVERY_STEP, UserError
 
 from .classifier import CLASSIFIER_PATH  # noqa: E402  (re-exported for callers)
 
@@ -141,7 +141,7 @@ def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
 
 def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
                     guidance: float, eta: float = 0.0, batch_size: int = 0,
-                    guidance_interval=(0.0, 1.0)):
+                    guidance_interval=EVERY_STEP):
     """n balanced digits from a model in eval mode, in batches; returns (images, labels, seconds)."""
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
     # (the cpu preset, guided: 100 digits a batch 2.0x faster than 500; docs/BENCHMARKS.md);
@@ -165,7 +165,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: 
 
 def evaluate_model(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
                    guidance: float, eta: float = 0.0, batch_size: int = 0,
-                   guidance_interval=(0.0, 1.0)) -> dict:
+                   guidance_interval=EVERY_STEP) -> dict:
     images, labels, seconds = generate_images(model, cfg, n, device, seed, sampler, steps,
                                               guidance, eta, batch_size, guidance_interval)
     metrics = score(images, labels, device)
@@ -192,10 +192,10 @@ def evaluate_npz(path) -> dict:
 
 
 def format_report(m: dict) -> str:
-    interval = m.get("guidance_interval", [0.0, 1.0])
+    from .denoise import interval_text
     lines = [f"n = {m['n']}" + (f", sampler {m['sampler']}, {m['steps']} steps, guidance "
                                 f"{m['guidance']}" if "sampler" in m else "")
-             + (f" in t/T {interval[0]:g}..{interval[1]:g}" if interval != [0.0, 1.0] else ""),
+             + interval_text(m.get("guidance_interval", EVERY_STEP)),
              f"conditional accuracy: {100 * m['accuracy']:.2f}%",
              "per digit: " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in
                                        sorted(m["per_digit_accuracy"].items())),
