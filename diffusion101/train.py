@@ -246,6 +246,16 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         + (f"; speed options: {', '.join(on)}" if on else ""))
     writer = SummaryWriter(str(logdir)) if main else None
 
+    tick = time.perf_counter()
+
+    def lap() -> None:
+        """Add the time since `tick` to train_seconds: called before every save and evaluation,
+        so a checkpoint written mid-epoch carries its true training time into a resume."""
+        nonlocal train_seconds, tick
+        now = time.perf_counter()
+        train_seconds += now - tick
+        tick = now
+
     def snapshot() -> dict:
         state = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -298,19 +308,20 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                     writer.add_scalar("train/loss", value, step)
                     bar.set_postfix(loss=f"{value:.4f}")
                 if tc.save_every and step % tc.save_every == 0:
+                    lap()
                     ckpt = snapshot()
                     if main:
                         checkpoint.save(ckpt, out)
                 if checkpoint.fault("kill_after_step") == str(step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
                 if main and tc.eval_every_steps and step % tc.eval_every_steps == 0:
-                    train_seconds += time.perf_counter() - tick
+                    lap()
                     log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
-                    tick = time.perf_counter()
+                    tick = time.perf_counter()  # the evaluation is not training time
                 if tc.max_steps and step >= tc.max_steps:
                     break
             bar.close()
-            train_seconds += time.perf_counter() - tick
+            lap()
             if step_in_epoch == len(batches):  # the epoch ran to its end
                 epoch, step_in_epoch = epoch + 1, 0
                 if main:

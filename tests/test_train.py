@@ -49,6 +49,22 @@ def test_train_saves_and_resumes(tmp_path, fake_data):
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (20, 1, 4)
 
 
+def test_mid_epoch_checkpoints_carry_their_training_time(tmp_path, fake_data, monkeypatch):
+    # a job killed after a mid-epoch save resumes from that file: its clock must include the
+    # steps since the epoch began, or every resumed run under-reports its training minutes
+    from diffusion101 import checkpoint
+    saved = []
+    monkeypatch.setattr(checkpoint, "save", lambda state, path: saved.append(dict(state)))
+    cfg = _cfg(12)
+    cfg.train.save_every = 4
+    train(cfg, "tiny", tmp_path / "model.pt", tmp_path / "runs", "cpu", data=fake_data,
+          log=lambda *a: None)
+    steps = [s["step"] for s in saved]
+    seconds = [s["train_seconds"] for s in saved]
+    assert steps[:3] == [4, 8, 12]  # all inside the first 16-step epoch
+    assert 0 < seconds[0] < seconds[1] < seconds[2], seconds
+
+
 def test_resume_other_architecture_refused(tmp_path, fake_data):
     out = tmp_path / "model.pt"
     train(_cfg(2), "tiny", out, tmp_path / "runs", "cpu", data=fake_data, log=lambda *a: None)
