@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
 from diffusion101.dataset import load_mnist
 from diffusion101.diffusion import DDPMScheduler
@@ -52,7 +53,6 @@ def test_train_saves_and_resumes(tmp_path, fake_data):
 def test_mid_epoch_checkpoints_carry_their_training_time(tmp_path, fake_data, monkeypatch):
     # a job killed after a mid-epoch save resumes from that file: its clock must include the
     # steps since the epoch began, or every resumed run under-reports its training minutes
-    from diffusion101 import checkpoint
     saved = []
     monkeypatch.setattr(checkpoint, "save", lambda state, path: saved.append(dict(state)))
     cfg = _cfg(12)
