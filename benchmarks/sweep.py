@@ -42,12 +42,11 @@ def main():
           "s per 1000 images |")
     print("|---|---|---|---|---|---|---|---|")
     for s in steps:
-        name = "ddpm" if s == cfg.diffusion.timesteps and sampler == "ddpm" else sampler
         for w in guidance:
             for lo, hi in intervals:
-                m = evaluate_model(model, cfg, a.n, "cpu", a.seed, name, s, w,
+                m = evaluate_model(model, cfg, a.n, "cpu", a.seed, sampler, s, w,
                                    guidance_interval=(lo, hi))
-                print(f"| {name} | {s} | {w:g} | {lo:g}-{hi:g} | {100 * m['accuracy']:.2f}% | "
+                print(f"| {sampler} | {s} | {w:g} | {lo:g}-{hi:g} | {100 * m['accuracy']:.2f}% | "
                       f"{m['fid']:.3f} | {m['fid_floor_mean']:.3f} ({m['floor_n']}) | "
                       f"{1000 * m['sample_seconds'] / a.n:.1f} |", flush=True)
 
