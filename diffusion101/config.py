@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-3
     loss: str = "l1"  # "l1" (reference) or "mse"
     max_steps: int = 0  # 0: no limit; otherwise stop (and save) after this many optimizer steps
+    max_minutes: float = 0.0  # 0: no limit; otherwise stop (and save) after this much training time
     save_every: int = 0  # 0: save after each epoch only; otherwise also every N steps
     seed: int = 0
     # Past the reference (all off there):
@@ -68,10 +69,13 @@ class TrainConfig:
     eval_every: int = 0  # epochs between quality evaluations logged to TensorBoard (0: off)
     eval_every_steps: int = 0  # the same, in optimizer steps
     eval_n: int = 500  # digits generated for each of those evaluations
+    grid_every: int = 1  # epochs between the TensorBoard grids of digits 0-9 (0: never)
     # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
     precision: str = "auto"  # "fp32", "bf16" (autocast; TF32 matmuls on CUDA too), "auto"
     channels_last: str = "auto"  # "on", "off", "auto"
     compile: str = "auto"  # torch.compile the network: "on", "off", "auto"
+    fused_optimizer: str = "auto"  # one fused kernel for the Adam/AdamW update (CUDA only)
+    data_on_device: str = "auto"  # keep the uint8 training set on the GPU: no copy per batch
 
 
 @dataclass
@@ -173,6 +177,9 @@ def _reference() -> Config:
     # on every device (bf16 is an option: --set train.precision=bf16).
     cfg = Config()
     cfg.train.precision = "fp32"
+    # Its TensorBoard grid samples with the 1000-step DDPM: 1,000 network calls, which on a GPU
+    # cost about what an epoch of training does; every tenth epoch is enough to watch.
+    cfg.train.grid_every = 10
     return cfg
 
 
@@ -258,7 +265,9 @@ def validate(cfg: Config) -> None:
             raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
     for name, value, allowed in (("precision", t.precision, ("auto", "fp32", "bf16")),
                                  ("channels_last", t.channels_last, ("auto", "on", "off")),
-                                 ("compile", t.compile, ("auto", "on", "off"))):
+                                 ("compile", t.compile, ("auto", "on", "off")),
+                                 ("fused_optimizer", t.fused_optimizer, ("auto", "on", "off")),
+                                 ("data_on_device", t.data_on_device, ("auto", "on", "off"))):
         if value not in allowed:
             raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
     if not 0 <= t.p_uncond < 1 or not 0 <= t.ema_decay < 1:
@@ -277,5 +286,7 @@ def validate(cfg: Config) -> None:
     if t.batch_size <= 0 or t.epochs < 0 or t.lr <= 0 or t.max_steps < 0 or t.save_every < 0:
         raise UserError("train.batch_size and train.lr must be positive; epochs, max_steps, "
                         "save_every non-negative")
+    if not (0 <= t.max_minutes < float("inf")) or t.grid_every < 0:
+        raise UserError("train.max_minutes must be a finite number >= 0 and train.grid_every >= 0")
     if cfg.lora.r <= 0 or cfg.lora.batch_size <= 0:
         raise UserError("lora.r and lora.batch_size must be positive")

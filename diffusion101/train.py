@@ -10,11 +10,13 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import checkpoint
 from .config import Config, UserError
@@ -53,7 +55,7 @@ def speed_options(tc, device: torch.device) -> dict:
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
     return {"bf16": bf16, "tf32": cuda and tc.precision != "fp32",
             "channels_last": pick(tc.channels_last), "compile": pick(tc.compile),
-            "fused_optimizer": cuda, "data_on_device": cuda}
+            "fused_optimizer": pick(tc.fused_optimizer), "data_on_device": cuda and pick(tc.data_on_device)}
 
 
 def make_optimizer(params, tc, fused: bool = False):
@@ -138,19 +140,19 @@ def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: fl
 
 
 def distributed_setup(device: torch.device):
-    """(rank, world, device) for this process. A run is distributed when torchrun sets
-    WORLD_SIZE > 1: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    """(rank, world, device, distributed) for this process. A process started by torchrun
+    (which sets RANK) joins a process group, even alone: NCCL on CUDA (one GPU per local
+    rank), gloo on CPU."""
     import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank = int(os.environ["RANK"])
+    if "RANK" not in os.environ:
+        return 0, 1, device, False
+    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return rank, world, device, True
 
 
 def replica_divergence(model) -> float:
@@ -164,24 +166,137 @@ def replica_divergence(model) -> float:
     return float(diff)
 
 
+class NonFiniteLoss(Exception):
+    """The loss came out NaN or inf: the step was not taken."""
+
+
+@dataclass
+class TrainState:
+    """Everything a run changes as it trains. state_dict() is the training part of the
+    checkpoint and load_state_dict() reads it back, so a resumed run continues exactly."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+    generator: torch.Generator  # timesteps, noise and label drop
+    net: nn.Module | None = None  # what the loop calls: model, wrapped in DDP / torch.compile
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    train_seconds: float = 0.0
+    _tick: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.net = self.net or self.model
+
+    def sampling_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model
+
+    def start_clock(self) -> None:
+        self._tick = time.perf_counter()
+
+    def lap(self) -> None:
+        """Add the time since the clock started to train_seconds (before a save or an
+        evaluation, so that a checkpoint carries its true training time into a resume)."""
+        now = time.perf_counter()
+        self.train_seconds += now - self._tick
+        self._tick = now
+
+    def seconds_so_far(self) -> float:
+        return self.train_seconds + time.perf_counter() - self._tick
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_schedule": self.lr_schedule.state_dict(), "epoch": self.epoch,
+                 "step": self.step, "step_in_epoch": self.step_in_epoch,
+                 "train_seconds": self.train_seconds, "rng": rng_state(self.generator)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, ckpt: dict, where: str, restore_rng: bool = True) -> None:
+        checkpoint.load_state(self.model, ckpt["model"], where)
+        if "optimizer" in ckpt:  # a converted legacy file has weights only
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "lr_schedule" in ckpt:
+            self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else self.model.state_dict())
+        self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
+        self.train_seconds = ckpt.get("train_seconds", 0.0)
+        if restore_rng and "rng" in ckpt:
+            set_rng_state(self.generator, ckpt["rng"])
+
+
+def build_state(cfg: Config, device, speed: dict, total_steps: int, rank: int = 0) -> TrainState:
+    """A fresh model, optimizer, schedule, EMA and generator, laid out as `speed` says."""
+    tc = cfg.train
+    memory_format = torch.channels_last if speed["channels_last"] else torch.contiguous_format
+    model = UNet(cfg.model).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model.parameters(), tc, fused=speed["fused_optimizer"])
+    # Offset by rank, so the processes of a distributed run draw different noise.
+    generator = torch.Generator(device="cpu").manual_seed(tc.seed + 1_000_003 * rank)
+    return TrainState(model, optimizer, make_lr_schedule(optimizer, tc, total_steps),
+                      EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None, generator)
+
+
+def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: dict,
+               distributed: bool = False) -> float:
+    """One optimizer step on the batch (x0, y); returns the loss (the mean over processes)."""
+    if speed["channels_last"]:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
+        loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond)
+    if distributed:  # every process sees the same mean loss, so all stop together on NaN
+        import torch.distributed as dist
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        value = mean_loss.item()
+    else:
+        value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+    state.optimizer.step()
+    state.lr_schedule.step()
+    if state.ema is not None:
+        state.ema.update(state.model, state.step)
+    state.step += 1
+    state.step_in_epoch += 1
+    return value
+
+
+def any_process(flag: bool, distributed: bool) -> bool:
+    """True if `flag` holds on any process: a stop decided by one process (its clock) stops all."""
+    if not distributed:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
           data: MNISTData | None = None, log=print) -> dict:
     """Train (or resume) and return the final checkpoint dict."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    rank, world, device = distributed_setup(torch.device(device))
+    rank, world, device, distributed = distributed_setup(torch.device(device))
     main = rank == 0  # only the main process logs, samples and writes checkpoints
     if not main:
         log = lambda *a, **k: None  # noqa: E731
     out = Path(out)
-    ckpt = None
+    loaded = None
     if resume:
-        ckpt = checkpoint.load_model_checkpoint(out)
-        saved = checkpoint.config_of(ckpt)
+        loaded = checkpoint.load_model_checkpoint(out)
+        saved = checkpoint.config_of(loaded)
         if saved.model != cfg.model or saved.diffusion != cfg.diffusion:
             raise UserError(f"{out} holds a model of another architecture or schedule (preset "
-                            f"'{ckpt.get('preset')}'); resume with the same preset and model "
+                            f"'{loaded.get('preset')}'); resume with the same preset and model "
                             f"settings, or write to another --out")
         # The data order, noise and learning rate follow the run's own, whatever the command
         # line says: a resumed run continues the interrupted one exactly.
@@ -208,139 +323,100 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         torch.backends.cudnn.allow_tf32 = True
     if speed["data_on_device"]:  # the whole uint8 set fits on a GPU: no host copies per batch
         data = MNISTData(data.images.to(device), data.labels.to(device))
-    memory_format = torch.channels_last if speed["channels_last"] else torch.contiguous_format
-    model = UNet(cfg.model).to(device, memory_format=memory_format)
     scheduler = make_scheduler("ddpm", cfg.diffusion, device)  # training uses add_noise/target only
-    optimizer = make_optimizer(model.parameters(), tc, fused=speed["fused_optimizer"])
-    lr_schedule = make_lr_schedule(optimizer, tc, total_steps)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    # timesteps, noise and label drop; offset by rank so the processes draw different noise
-    generator = torch.Generator(device="cpu").manual_seed(tc.seed + 1_000_003 * rank)
-    epoch, step, step_in_epoch, train_seconds = 0, 0, 0, 0.0
-    if ckpt is not None:
-        checkpoint.load_state(model, ckpt["model"], str(out))
-        if "optimizer" in ckpt:  # a converted legacy file has weights only
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if "lr_schedule" in ckpt:
-            lr_schedule.load_state_dict(ckpt["lr_schedule"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else model.state_dict())
-        epoch, step, step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
-        train_seconds = ckpt.get("train_seconds", 0.0)
-        if "rng" in ckpt and world == 1:
-            set_rng_state(generator, ckpt["rng"])
-        elif world > 1:  # the checkpoint holds rank 0's stream; give each rank its own anew
-            generator.manual_seed(tc.seed + 1_000_003 * rank + step)
-        log(f"resumed {out} at epoch {epoch}, step {step}")
-    net = model  # what the loop calls; the DDP wrapper when distributed
-    if world > 1:
+    state = build_state(cfg, device, speed, total_steps, rank)
+    if loaded is not None:
+        state.load_state_dict(loaded, str(out), restore_rng=not distributed)
+        if distributed:  # the checkpoint holds rank 0's stream; give each rank its own anew
+            state.generator.manual_seed(tc.seed + 1_000_003 * rank + state.step)
+        log(f"resumed {out} at epoch {state.epoch}, step {state.step}")
+    if distributed:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        state.net = DistributedDataParallel(
+            state.model, device_ids=[device.index] if device.type == "cuda" else None)
     if speed["compile"]:
-        net = torch.compile(net)  # the checkpoint still saves `model`: no _orig_mod. prefixes
+        state.net = torch.compile(state.net)  # checkpoints save `model`: no _orig_mod. prefixes
 
     log(f"config (preset '{preset}'):\n{cfg}")
     on = [name for name, enabled in speed.items() if enabled]
-    log(f"{count_parameters(model):,} trainable parameters; {len(data):,} training images; "
-        f"device {device}" + (f"; {world} processes" if world > 1 else "")
+    log(f"{count_parameters(state.model):,} trainable parameters; {len(data):,} training images; "
+        f"device {device}" + (f"; {world} processes" if distributed else "")
         + (f"; speed options: {', '.join(on)}" if on else ""))
     writer = SummaryWriter(str(logdir)) if main else None
+    last_saved = loaded["step"] if loaded else None
 
-    tick = time.perf_counter()
+    def save() -> dict:
+        nonlocal last_saved
+        state.lap()
+        ckpt = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
+                **state.state_dict()}
+        if main:
+            checkpoint.save(ckpt, out)
+        last_saved = state.step
+        return ckpt
 
-    def lap() -> None:
-        """Add the time since `tick` to train_seconds: called before every save and evaluation,
-        so a checkpoint written mid-epoch carries its true training time into a resume."""
-        nonlocal train_seconds, tick
-        now = time.perf_counter()
-        train_seconds += now - tick
-        tick = now
+    def out_of_steps() -> bool:
+        return bool(tc.max_steps) and state.step >= tc.max_steps
 
-    def snapshot() -> dict:
-        state = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_schedule": lr_schedule.state_dict(), "epoch": epoch, "step": step,
-                 "step_in_epoch": step_in_epoch, "train_seconds": train_seconds,
-                 "rng": rng_state(generator)}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        return state
+    def out_of_time() -> bool:
+        return bool(tc.max_minutes) and any_process(
+            state.seconds_so_far() >= 60 * tc.max_minutes, distributed)
 
-    def sampling_model():
-        return ema.model if ema is not None else model
-
-    state = None
-    model.train()
+    ckpt = None
+    state.model.train()
     try:
-        while epoch < tc.epochs and not (tc.max_steps and step >= tc.max_steps):
-            batches = epoch_batches(len(data), tc.batch_size, tc.seed, epoch, rank, world)
-            bar = tqdm(batches[step_in_epoch:], desc=f"epoch {epoch + 1}/{tc.epochs}",
-                       initial=step_in_epoch, total=len(batches), dynamic_ncols=True,
+        stopped = out_of_steps() or out_of_time()
+        while state.epoch < tc.epochs and not stopped:
+            batches = epoch_batches(len(data), tc.batch_size, tc.seed, state.epoch, rank, world)
+            bar = tqdm(batches[state.step_in_epoch:], desc=f"epoch {state.epoch + 1}/{tc.epochs}",
+                       initial=state.step_in_epoch, total=len(batches), dynamic_ncols=True,
                        disable=not main)
-            tick = time.perf_counter()
+            state.start_clock()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                x0 = x0.contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
-                    loss = diffusion_loss(net, scheduler, x0, y, generator, tc.loss, tc.p_uncond)
-                if world > 1:  # every rank sees the mean loss, so all stop together on NaN
-                    import torch.distributed as dist
-                    mean_loss = loss.detach().clone()
-                    dist.all_reduce(mean_loss)
-                    value = mean_loss.item() / world
-                else:
-                    value = loss.item()
-                if not math.isfinite(value):
-                    raise UserError(f"loss is {value} at step {step + 1} (epoch {epoch + 1}); "
-                                    f"training stopped, {out} keeps the last good checkpoint "
-                                    f"(step {ckpt['step'] if ckpt else 'none saved yet'})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                lr_schedule.step()
-                if ema is not None:
-                    ema.update(model, step)
-                step += 1
-                step_in_epoch += 1
+                try:
+                    value = train_step(state, scheduler, x0, y, tc, speed, distributed)
+                except NonFiniteLoss as e:
+                    raise UserError(
+                        f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                        f"training stopped, {out} keeps the last good checkpoint "
+                        f"(step {last_saved if last_saved is not None else 'none saved yet'})"
+                    ) from None
                 if main:
-                    writer.add_scalar("train/loss", value, step)
+                    writer.add_scalar("train/loss", value, state.step)
                     bar.set_postfix(loss=f"{value:.4f}")
-                if tc.save_every and step % tc.save_every == 0:
-                    lap()
-                    ckpt = snapshot()
-                    if main:
-                        checkpoint.save(ckpt, out)
-                if checkpoint.fault("kill_after_step") == str(step):
+                if tc.save_every and state.step % tc.save_every == 0:
+                    ckpt = save()
+                if checkpoint.fault("kill_after_step") == str(state.step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
-                if main and tc.eval_every_steps and step % tc.eval_every_steps == 0:
-                    lap()
-                    log_quality(writer, sampling_model(), cfg, device, step, train_seconds / 60, log)
-                    tick = time.perf_counter()  # the evaluation is not training time
-                if tc.max_steps and step >= tc.max_steps:
+                if main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+                    state.lap()
+                    log_quality(writer, state.sampling_model(), cfg, device, state.step,
+                                state.train_seconds / 60, log)
+                    state.start_clock()  # the evaluation is not training time
+                stopped = out_of_steps() or out_of_time()
+                if stopped:
                     break
             bar.close()
-            lap()
-            if step_in_epoch == len(batches):  # the epoch ran to its end
-                epoch, step_in_epoch = epoch + 1, 0
-                if main:
-                    log_sample_grid(writer, sampling_model(), cfg, device, tc.seed, "samples", epoch)
-                    if tc.eval_every and epoch % tc.eval_every == 0:
-                        log_quality(writer, sampling_model(), cfg, device, step,
-                                    train_seconds / 60, log)
-            ckpt = snapshot()
-            if main:
-                checkpoint.save(ckpt, out)
-        state = ckpt
-        if world > 1:
-            log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(model):.3g} "
+            state.lap()
+            if state.step_in_epoch == len(batches):  # the epoch ran to its end
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if main and tc.grid_every and state.epoch % tc.grid_every == 0:
+                    log_sample_grid(writer, state.sampling_model(), cfg, device, tc.seed,
+                                    "samples", state.epoch)
+                if main and tc.eval_every and state.epoch % tc.eval_every == 0:
+                    log_quality(writer, state.sampling_model(), cfg, device, state.step,
+                                state.train_seconds / 60, log)
+            ckpt = save()
+        if distributed:
+            log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(state.model):.3g} "
                 f"over {world} processes")
     finally:
         if writer is not None:
             writer.close()
-    if state is None:
-        state = snapshot()
-    log(f"saved {out} (epoch {epoch}, step {step}, {train_seconds / 60:.1f} train minutes); "
-        f"TensorBoard logs in {logdir}")
-    return state
+    if ckpt is None:
+        ckpt = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
+                **state.state_dict()}
+    log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
+        f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
+    return ckpt

@@ -1,0 +1,341 @@
+"""Everything this package needs to show on a GPU, in one call, in stages.
+
+  python benchmarks/gpu_check.py --out gpu_results            # on a CUDA machine, about 8 min
+  python benchmarks/gpu_check.py --out /tmp/dry --dry-run     # every stage on the CPU, ~1 min
+  python benchmarks/gpu_check.py --out gpu_results --stages 3 # rerun one stage
+
+Stages (each a separate process with its own time limit; each writes what it measured into
+--out as soon as it has it, so a stage that fails or runs out of time loses nothing else):
+  1 tests   tests/test_cuda.py: every speed option against fp32, determinism, kill/resume,
+            torchrun with NCCL
+  2 bench   training images/s of `reference` (batch 400) and `cpu`, fp32 eager vs `auto`,
+            FLOP/s against the measured bf16 matmul rate, a kernel profile; the shipped
+            checkpoint's grid with the 1000-step DDPM and with DPM-Solver++ 20
+  3 reference  the `reference` preset as it is, for a fixed training-time budget; its grid
+            (its own 1000-step DDPM) and scripts/evaluate.py on 1,000 digits
+  4 wide    a wider `cpu` recipe for a fixed budget, exported for sampling (scored on a CPU later)
+
+Output (at most 8 files, as the device tool brings back): summary.json (every stage's status,
+seconds and numbers), log.txt (every stage's output), shipped_grids.png, reference_grid.png,
+reference_eval.json, runs_reference/ (its TensorBoard events), wide.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# Seconds per stage on one H200 (the whole script must fit in 8 minutes), and on the CPU for
+# the dry run. Stage 3's and 4's training budgets are inside their limits.
+LIMITS = {"gpu": {1: 100, 2: 140, 3: 260, 4: 130}, "dry": {1: 60, 2: 60, 3: 60, 4: 60}}
+REFERENCE_TRAIN_MINUTES = 2.5
+WIDE_TRAIN_MINUTES = 1.5
+WIDE = ["--preset", "cpu", "--batch-size", "250", "--set", "model.channels=48,96,192",
+        "--set", "diffusion.prediction=eps", "--set", "train.epochs=1000"]
+# 250 divides 60,000: every batch has one shape, so torch.compile compiles once.
+
+
+def log_to(out: Path, text: str) -> None:
+    with open(out / "log.txt", "a") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def run(cmd, out: Path, timeout: float, env_extra=None) -> int:
+    """Run a command, its output appended to log.txt; a command past its time is killed."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    log_to(out, f"$ {' '.join(map(str, cmd))}")
+    with open(out / "log.txt", "a") as f:
+        try:
+            return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"!! killed after {timeout:.0f} s\n")
+            return 124
+
+
+def write_results(out: Path, stage: int, results: dict) -> None:
+    """Merge one stage's numbers into summary.json (rewritten whole, atomically)."""
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.setdefault(f"stage{stage}", {}).update(results)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- stage 1: the CUDA tests ---------------------------------------------------------------
+
+def stage_tests(out: Path, work: Path, dry: bool) -> dict:
+    report = work / "cuda_report.jsonl"
+    report.unlink(missing_ok=True)
+    rc = run([sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
+              "tests/test_cuda.py"], out, timeout=LIMITS["dry" if dry else "gpu"][1] - 5,
+             env_extra={"DIFFUSION101_CUDA_REPORT": str(report)})
+    lines = report.read_text().splitlines() if report.exists() else []
+    return {"pytest_exit_code": rc, "measured": [json.loads(line) for line in lines]}
+
+
+# ---- stage 2: throughput -------------------------------------------------------------------
+
+def matmul_rate(device, dry: bool) -> float:
+    """FLOP/s of a large bf16 matmul on random data (fp32 on a CPU): the ceiling to compare with."""
+    import torch
+    n, dtype = (1024, torch.float32) if dry else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profile_to=None):
+    """Images/s of train.train_step (the loop's own step, loss read back every step) after
+    `warmup` steps (which include torch.compile's compilation); returns (rate, warm-up seconds)."""
+    import torch
+
+    from diffusion101.dataset import MNISTData, epoch_batches
+    from diffusion101.diffusion import make_scheduler
+    from diffusion101.train import build_state, speed_options, train_step
+    tc = cfg.train
+    for name, value in options.items():
+        setattr(tc, name, value)
+    speed = speed_options(tc, device)
+    # As train() does: TF32 matmuls only with the speed options; cuDNN's convolutions use TF32
+    # in both modes (PyTorch's default), so "fp32 eager" is what a plain PyTorch user gets.
+    torch.backends.cuda.matmul.allow_tf32 = speed["tf32"]
+    torch.manual_seed(0)
+    state = build_state(cfg, device, speed, total_steps=warmup + steps)
+    if speed["compile"]:
+        state.net = torch.compile(state.model)
+    if speed["data_on_device"]:
+        data = MNISTData(data.images.to(device), data.labels.to(device))
+    scheduler = make_scheduler("ddpm", cfg.diffusion, device)
+    batches = epoch_batches(len(data), tc.batch_size, 0, 0)
+    start = time.perf_counter()
+    for i in range(warmup):
+        train_step(state, scheduler, *data.batch(batches[i], device), tc, speed)
+    sync(device)
+    warm_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        train_step(state, scheduler, *data.batch(batches[i], device), tc, speed)
+    sync(device)
+    rate = steps * tc.batch_size / (time.perf_counter() - start)
+    if profile_to is not None:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for i in range(5):
+                train_step(state, scheduler, *data.batch(batches[i], device), tc, speed)
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_to(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70))
+    return rate, warm_seconds
+
+
+def stage_bench(out: Path, work: Path, dry: bool) -> dict:
+    import torch
+
+    from bench import flop_per_image
+    from diffusion101.config import get_preset
+    from diffusion101.dataset import load_mnist
+    from diffusion101.unet import UNet
+    device = torch.device("cpu" if dry else "cuda")
+    results = {"device": "CPU (dry run)" if dry else torch.cuda.get_device_name(),
+               "torch": torch.__version__}
+    peak = matmul_rate(device, dry)
+    results["matmul_peak_tflops"] = peak / 1e12
+    write_results(out, 2, results)
+    eager = {"precision": "fp32", "channels_last": "off", "compile": "off",
+             "fused_optimizer": "off", "data_on_device": "off"}
+    auto = {name: "auto" for name in eager}
+    steps, warmup = (3, 1) if dry else (20, 10)
+    wide_cfg = get_preset("cpu")
+    wide_cfg.model.channels, wide_cfg.train.batch_size = (48, 96, 192), 250
+    rows = [("reference", None, 400, eager), ("reference", None, 400, auto),
+            ("cpu", None, 128, eager), ("cpu", None, 128, auto), ("cpu wide", wide_cfg, 250, auto)]
+    if dry:
+        tiny_wide = get_preset("tiny")
+        tiny_wide.model.channels = (16, 32)
+        rows = [("tiny", None, 16, eager), ("tiny", None, 16, auto), ("tiny wide", tiny_wide, 16, auto)]
+    data_by_size = {}
+    for name, cfg, batch, options in rows:
+        cfg = cfg or get_preset(name)
+        cfg.train.batch_size = batch
+        size = cfg.model.img_size
+        if size not in data_by_size:
+            data_by_size[size] = load_mnist(train=True, img_size=size)
+        mode = "fp32 eager" if options is eager else "auto"
+        profile = None
+        if name == ("tiny" if dry else "reference") and options is auto:
+            profile = lambda table: log_to(out, f"profile, {name} {mode}, 5 steps:\n{table}")  # noqa: E731
+        rate, warm = train_rate(cfg, device, dict(options), data_by_size[size], steps, warmup,
+                                profile)
+        flop = 3 * flop_per_image(UNet(cfg.model).to(device), cfg, device)  # fwd + bwd ~ 3 fwd
+        row = {"batch": batch, "images_per_s": rate, "seconds_per_60k_epoch": 60000 / rate,
+               "train_tflops": flop * rate / 1e12, "share_of_matmul_peak": flop * rate / peak,
+               "warmup_seconds": warm, "train_gflop_per_image": flop / 1e9}
+        results[f"train {name}, {mode}"] = row
+        write_results(out, 2, results)
+        log_to(out, f"train {name}, {mode}: {json.dumps(row)}")
+    results.update(shipped_grids(out, device, dry))
+    write_results(out, 2, results)
+    return results
+
+
+def shipped_grids(out: Path, device, dry: bool) -> dict:
+    """The shipped checkpoint's digits 0-9 with the 1000-step DDPM (row 1) and DPM-Solver++ 20
+    (row 2), each timed after a warm-up."""
+    import torch
+
+    from diffusion101.checkpoint import SHIPPED_PATH
+    from diffusion101.denoise import load_for_sampling, sample_digits, save_grid
+    from diffusion101.diffusion import make_scheduler
+    model, cfg = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None)
+    w = cfg.sample.guidance
+    sample_digits(model, make_scheduler("dpm", cfg.diffusion, device, 2), range(10), 1, 0,
+                  device, guidance=w)  # warm-up
+    rows, results = [], {}
+    # (the dry run swaps the DDPM for a 20-step DDIM: 1000 steps take ~40 s on a CPU)
+    for sampler, steps in ((("ddim", 20) if dry else ("ddpm", 1000)), ("dpm", 20)):
+        scheduler = make_scheduler(sampler, cfg.diffusion, device, steps)
+        sync(device)
+        start = time.perf_counter()
+        images, _ = sample_digits(model, scheduler, range(10), 1, 0, device, guidance=w)
+        sync(device)
+        results[f"shipped grid seconds, {sampler} {steps} steps, guidance {w}"] = \
+            time.perf_counter() - start
+        rows.append(images.cpu())
+    save_grid(torch.cat(rows), out / "shipped_grids.png", nrow=10)
+    return results
+
+
+# ---- stage 3: the reference recipe, trained ------------------------------------------------
+
+def stage_reference(out: Path, work: Path, dry: bool) -> dict:
+    ckpt = work / "reference.pt"
+    ckpt.unlink(missing_ok=True)
+    minutes = 0.05 if dry else REFERENCE_TRAIN_MINUTES
+    preset, device, n = ("tiny", "cpu", 20) if dry else ("reference", "cuda", 1000)
+    logdir = out / "runs_reference"
+    shutil.rmtree(logdir, ignore_errors=True)
+    results = {"train_minutes_budget": minutes}
+    results["train_exit_code"] = run(
+        [sys.executable, "scripts/train.py", "--preset", preset, "--device", device,
+         "--out", ckpt, "--logdir", logdir, "--set", f"train.max_minutes={minutes}"], out,
+        timeout=60 * minutes + 90)
+    write_results(out, 3, results)
+    if not ckpt.exists():
+        return results
+    import torch
+    saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+    results.update(steps=saved["step"], epoch=saved["epoch"],
+                   step_in_epoch=saved["step_in_epoch"], train_seconds=saved["train_seconds"])
+    write_results(out, 3, results)
+    grid = work / "reference_grid.png"
+    start = time.perf_counter()
+    results["grid_exit_code"] = run([sys.executable, "scripts/denoise.py", "--ckpt", ckpt,
+                                     "--out", grid, "--device", device, "--seed", "0"], out, 60)
+    results["grid_seconds_with_start"] = time.perf_counter() - start
+    if grid.exists():
+        shutil.copy(grid, out / "reference_grid.png")
+    write_results(out, 3, results)
+    results["evaluate_exit_code"] = run(
+        [sys.executable, "scripts/evaluate.py", "--ckpt", ckpt, "--n", n, "--device", device,
+         "--json", out / "reference_eval.json"], out, 150)
+    return results
+
+
+# ---- stage 4: a wider cpu recipe for the shipped checkpoint --------------------------------
+
+def stage_wide(out: Path, work: Path, dry: bool) -> dict:
+    ckpt = work / "wide.pt"
+    ckpt.unlink(missing_ok=True)
+    minutes = 0.05 if dry else WIDE_TRAIN_MINUTES
+    # The cosine schedule needs its length up front: the steps that stage 2's measured rate
+    # fits in the budget, less 15 s for compiling and the per-epoch grids. Without stage 2's
+    # number the time budget alone stops the run.
+    summary = out / "summary.json"
+    rate = json.loads(summary.read_text()).get("stage2", {}).get(
+        "train cpu wide, auto", {}).get("images_per_s") if summary.exists() else None
+    steps = int((60 * minutes - 15) * rate / 250) if rate else 20000
+    args = ["--preset", "tiny", "--device", "cpu", "--max-steps", "6"] if dry else \
+        WIDE + ["--device", "cuda", "--max-steps", steps]
+    results = {"train_minutes_budget": minutes, "max_steps": steps, "args": list(map(str, args))}
+    results["train_exit_code"] = run(
+        [sys.executable, "scripts/train.py", *args, "--out", ckpt, "--logdir", work / "runs_wide",
+         "--set", f"train.max_minutes={minutes}"], out, timeout=60 * minutes + 60)
+    write_results(out, 4, results)
+    if ckpt.exists():
+        import torch
+        saved = torch.load(ckpt, weights_only=True, map_location="cpu")
+        results.update(steps=saved["step"], train_seconds=saved["train_seconds"])
+        results["export_exit_code"] = run([sys.executable, "scripts/export_checkpoint.py", ckpt,
+                                           out / "wide.pt"], out, 60)
+    return results
+
+
+STAGES = {1: stage_tests, 2: stage_bench, 3: stage_reference, 4: stage_wide}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the results")
+    p.add_argument("--work", default=None, help="folder for large files that do not come back "
+                   "(default: <out>/../gpu_check_work)")
+    p.add_argument("--dry-run", action="store_true", help="every stage on the CPU, tiny preset")
+    p.add_argument("--stages", default="1,2,3,4")
+    p.add_argument("--stage", type=int, default=None, help=argparse.SUPPRESS)  # one stage, inside
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    work = Path(a.work).resolve() if a.work else out.parent / f"{out.name}_work"
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.stage is not None:  # the child process: do one stage, record it
+        write_results(out, a.stage, STAGES[a.stage](out, work, a.dry_run))
+        return 0
+    limits = LIMITS["dry" if a.dry_run else "gpu"]
+    failed = []
+    for stage in (int(s) for s in a.stages.split(",")):
+        start = time.perf_counter()
+        cmd = [sys.executable, __file__, "--stage", stage, "--out", out, "--work", work]
+        rc = run(cmd + (["--dry-run"] if a.dry_run else []), out, timeout=limits[stage])
+        seconds = time.perf_counter() - start
+        write_results(out, stage, {"exit_code": rc, "seconds": seconds})
+        print(f"stage {stage} ({STAGES[stage].__name__}): exit {rc}, {seconds:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(stage)
+    summary = json.loads((out / "summary.json").read_text())
+    for stage, numbers in summary.items():  # the short table: the reply carries the end of stdout
+        short = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in numbers.items()
+                 if k not in ("measured", "args")}
+        print(stage, json.dumps(short))
+    codes = {k: v for stage in summary.values() for k, v in stage.items() if k.endswith("exit_code")}
+    bad = [k for k, v in codes.items() if v != 0]
+    print(f"summary in {out / 'summary.json'}; failed stages: {failed or 'none'}; "
+          f"failed steps: {bad or 'none'}")
+    return 1 if failed or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
