@@ -166,8 +166,24 @@ def replica_divergence(model) -> float:
     return float(diff)
 
 
-class NonFiniteLoss(Exception):
-    """The loss came out NaN or inf: the step was not taken."""
+class LossReading:
+    """One step's loss on its way to the host. On CUDA the copy is queued without waiting, so
+    the loop launches the next step while this one runs; value() waits for this copy alone.
+    (Reading the loss at once would hold the host until the GPU finished each step: on an
+    H200 that left the GPU idle about half of every `reference` step; docs/BENCHMARKS.md.)"""
+
+    def __init__(self, loss: torch.Tensor, step: int, epoch: int):
+        self.step, self.epoch = step, epoch  # the step this loss belongs to (1-based)
+        self._host = loss.detach().to("cpu", non_blocking=True)  # pinned when loss is on CUDA
+        self._copied = None
+        if loss.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def value(self) -> float:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return float(self._host)
 
 
 @dataclass
@@ -241,21 +257,19 @@ def build_state(cfg: Config, device, speed: dict, total_steps: int, rank: int = 
 
 
 def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: dict,
-               distributed: bool = False) -> float:
-    """One optimizer step on the batch (x0, y); returns the loss (the mean over processes)."""
+               distributed: bool = False) -> LossReading:
+    """One optimizer step on the batch (x0, y); returns its loss (the mean over processes), to
+    be read after the next step is queued. The caller checks that it is finite before saving."""
     if speed["channels_last"]:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
         loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond)
+    mean_loss = loss.detach()
     if distributed:  # every process sees the same mean loss, so all stop together on NaN
         import torch.distributed as dist
-        mean_loss = loss.detach().clone()
+        mean_loss = mean_loss.clone()
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
-        value = mean_loss.item()
-    else:
-        value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(value)
+    reading = LossReading(mean_loss, state.step + 1, state.epoch)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
@@ -266,7 +280,7 @@ def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: di
         state.ema.update(state.model, state.step)
     state.step += 1
     state.step_in_epoch += 1
-    return value
+    return reading
 
 
 def any_process(flag: bool, distributed: bool) -> bool:
@@ -362,6 +376,25 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         return bool(tc.max_minutes) and any_process(
             state.seconds_so_far() >= 60 * tc.max_minutes, distributed)
 
+    pending = None  # the last step's loss, read once the next step is queued
+
+    def settle() -> None:
+        """Read the pending loss: log it, or stop the run if it is not finite (before anything
+        is saved, so the file on disk stays the last good checkpoint)."""
+        nonlocal pending
+        if pending is None:
+            return
+        reading, pending = pending, None
+        value = reading.value()
+        if not math.isfinite(value):
+            raise UserError(
+                f"loss is {value} at step {reading.step} (epoch {reading.epoch + 1}); training "
+                f"stopped, {out} keeps the last good checkpoint "
+                f"(step {last_saved if last_saved is not None else 'none saved yet'})")
+        if main:
+            writer.add_scalar("train/loss", value, reading.step)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+
     ckpt = None
     state.model.train()
     try:
@@ -374,22 +407,16 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             state.start_clock()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                try:
-                    value = train_step(state, scheduler, x0, y, tc, speed, distributed)
-                except NonFiniteLoss as e:
-                    raise UserError(
-                        f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                        f"training stopped, {out} keeps the last good checkpoint "
-                        f"(step {last_saved if last_saved is not None else 'none saved yet'})"
-                    ) from None
-                if main:
-                    writer.add_scalar("train/loss", value, state.step)
-                    bar.set_postfix(loss=f"{value:.4f}")
+                reading = train_step(state, scheduler, x0, y, tc, speed, distributed)
+                settle()  # the step before: on CUDA it has finished while this one was queued
+                pending = reading
                 if tc.save_every and state.step % tc.save_every == 0:
+                    settle()
                     ckpt = save()
                 if checkpoint.fault("kill_after_step") == str(state.step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
                 if main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+                    settle()
                     state.lap()
                     log_quality(writer, state.sampling_model(), cfg, device, state.step,
                                 state.train_seconds / 60, log)
@@ -397,6 +424,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                 stopped = out_of_steps() or out_of_time()
                 if stopped:
                     break
+            settle()
             bar.close()
             state.lap()
             if state.step_in_epoch == len(batches):  # the epoch ran to its end
