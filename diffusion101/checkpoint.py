@@ -107,10 +107,14 @@ def load_model_checkpoint(path) -> dict:
 
 
 def config_of(ckpt: dict) -> Config:
+    """The run's config, checked like one from the command line (a file can be hand-edited)."""
+    from .config import validate
     try:
-        return Config.from_dict(ckpt["config"])
-    except (UserError, TypeError, AttributeError) as e:
-        raise UserError(f"checkpoint config cannot be read: {e}") from None
+        cfg = Config.from_dict(ckpt["config"])
+        validate(cfg)
+        return cfg
+    except (UserError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"checkpoint config cannot be used: {e}") from None
 
 
 def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
@@ -164,6 +168,18 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt, cfg
 
 
+# Names the reference code gave to what this package names otherwise (the last part of a key).
+REFERENCE_NAMES = {"half_emb": "freqs"}  # the timestep embedding's frequencies
+
+
+def from_reference_names(state: dict) -> dict:
+    def rename(key: str) -> str:
+        head, _, last = key.rpartition(".")
+        last = REFERENCE_NAMES.get(last, last)
+        return f"{head}.{last}" if head else last
+    return {rename(k): v for k, v in state.items()}
+
+
 def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     """The one place that unpickles arbitrary objects, and only when the user vouches for them."""
     from .config import get_preset
@@ -183,6 +199,7 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise UserError(f"{old} holds a {type(obj).__name__}, not a model or a state dict")
+    state = from_reference_names(state)
     model = UNet(cfg.model)
     load_state(model, state, str(old))
     save({"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),

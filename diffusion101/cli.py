@@ -2,15 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import math
+import os
+import signal
 import sys
+from pathlib import Path
 
 import torch
 
-from .config import Config, UserError, apply_override, get_preset, validate
+from .config import SEED_MAX, Config, UserError, apply_override, get_preset, validate
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that `finally` blocks and the atomic writer
+    remove their temporary files as they do on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def run_cli(main, argv=None) -> int:
     """Run main(argv); a UserError (or a bad flag) becomes one line on stderr and exit code 2."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (a test calling main() from a worker)
+        pass
     try:
         main(argv)
     except UserError as e:
@@ -19,7 +37,109 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; files already saved are intact", file=sys.stderr)
         return 130
+    except Terminated:
+        print("error: terminated; files already saved are intact", file=sys.stderr)
+        return 143
     return 0
+
+
+def check_number(flag: str, value, lo, hi, integer: bool = False):
+    """A command-line number that is no config field: finite and in [lo, hi], or one line.
+    (Written as `lo <= value <= hi`, which NaN fails.) None passes: the default applies."""
+    if value is None:
+        return None
+    if not (lo <= value <= hi) or (integer and value != int(value)):
+        raise UserError(f"{flag} must be {'an integer' if integer else 'a number'} in "
+                        f"[{lo:g}, {hi:g}], not {value}")
+    return value
+
+
+def check_seed(seed):
+    return check_number("--seed", seed, 0, SEED_MAX, integer=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # one file under two names (a link, ../, a hard link)
+    except OSError:  # one of them does not exist yet
+        return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None) -> None:
+    """Refuse, before any work, output paths that cannot be used: a file output that is one of
+    the inputs (under any name), two outputs that are one file, a folder where a file is
+    wanted (or the reverse), a folder that cannot be created or written. Each argument maps a
+    flag to a path (None: not given); `folders` are outputs that are folders."""
+    inputs = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
+    wanted = [(k, Path(v), False) for k, v in outputs.items() if v is not None]
+    wanted += [(k, Path(v), True) for k, v in (folders or {}).items() if v is not None]
+    for i, (flag, path, is_folder) in enumerate(wanted):
+        if is_folder and path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {path} is a file; a folder is wanted there")
+        if not is_folder and path.is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        for in_flag, in_path in inputs.items():
+            if _same_file(path, in_path):
+                raise UserError(f"{flag} {path} is also {in_flag}: writing it would destroy the "
+                                f"input; choose another name")
+        for other_flag, other, _ in wanted[:i]:
+            if _same_file(path, other):
+                raise UserError(f"{flag} and {other_flag} are the same file ({path}); "
+                                f"give them different names")
+        folder = path if is_folder else (path.parent if str(path.parent) else Path("."))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{flag} {path}: a file stands where its folder should be") from None
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path}: folder {folder} is not writable")
+
+
+_LOCKS = []  # open lock files, held until the process exits
+
+
+def lock_output(path, flag: str = "--out") -> None:
+    """Hold an exclusive lock on `path` for the life of this process, so that a second run
+    writing the same file stops at once with one line instead of both saving over each other.
+    The lock is a hidden file beside it; the kernel releases it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"{flag} {path} is being written by another run"
+                            + (f" (pid {holder})" if holder else "")
+                            + "; wait for it or write elsewhere") from None
+        # A finishing run deletes its lock file while holding it: make sure the file locked
+        # is still the one at that path, or start over.
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS.append(fd)
+
+    def release():
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+    atexit.register(release)
 
 
 class Parser(argparse.ArgumentParser):

@@ -19,87 +19,103 @@ class UserError(Exception):
     """A problem with what the user asked for: shown as one line, never a traceback."""
 
 
+# Every field declares what it may hold, once: a range (for numbers, and for each item of a
+# tuple) or a list of choices. validate() is derived from these; a comparison written as
+# `lo <= x <= hi` is False for NaN, so NaN can never pass.
+BIG = 10 ** 9
+SEED_MAX = 2 ** 32 - 1  # numpy's seeds are 32-bit
+
+
+def num(default, lo, hi, *, above_lo: bool = False, below_hi: bool = False):
+    """A number (or a tuple of numbers) in [lo, hi]; above_lo / below_hi make an end open."""
+    return field(default=default, metadata={"range": (lo, hi, above_lo, below_hi)})
+
+
+def choice(default, *allowed):
+    return field(default=default, metadata={"choices": (default,) + allowed})
+
+
 @dataclass
 class ModelConfig:
-    img_size: int = 48
-    in_channels: int = 1
-    channels: tuple = (64, 128, 256, 512, 1024)  # one ConvBlock per level; maxpool between
-    time_emb_dim: int = 256
-    num_classes: int = 10
-    cls_emb_dim: int = 32
-    q_dim: int = 16  # cross-attention query/key size
-    v_dim: int = 16  # cross-attention value size
-    ffn_dim: int = 32  # cross-attention feed-forward hidden size
+    img_size: int = num(48, 4, 1024)
+    in_channels: int = num(1, 1, 1)  # MNIST is grey
+    channels: tuple = num((64, 128, 256, 512, 1024), 1, 8192)  # one ConvBlock per level
+    time_emb_dim: int = num(256, 4, 8192)  # even: half sines, half cosines
+    num_classes: int = num(10, 10, 10000)  # at least the ten digits the data holds
+    cls_emb_dim: int = num(32, 1, 8192)
+    q_dim: int = num(16, 1, 8192)  # cross-attention query/key size
+    v_dim: int = num(16, 1, 8192)  # cross-attention value size
+    ffn_dim: int = num(32, 1, 8192)  # cross-attention feed-forward hidden size
     # Past the reference (all off there):
-    cond_tokens: int = 1  # label tokens per class; 1 makes the softmax constant (one key)
+    cond_tokens: int = num(1, 1, 256)  # label tokens per class; 1 makes the softmax constant
     null_class: bool = False  # a learned "no label" token, for classifier-free guidance
-    norm: str = "batch"  # "batch" (reference) or "group" (no train/eval gap, EMA-friendly)
+    norm: str = choice("batch", "group")  # "group": no train/eval gap, EMA-friendly
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    schedule: str = "linear"  # or "cosine" (Nichol & Dhariwal 2021)
-    prediction: str = "eps"  # what the network predicts: "eps" (reference) or "v"
+    timesteps: int = num(1000, 2, 100_000)
+    beta_start: float = num(1e-4, 0.0, 1.0, above_lo=True, below_hi=True)
+    beta_end: float = num(0.02, 0.0, 1.0, above_lo=True, below_hi=True)
+    schedule: str = choice("linear", "cosine")  # cosine: Nichol & Dhariwal 2021
+    prediction: str = choice("eps", "v")  # what the network predicts
     # "x_t": clamp x_t to [-1, 1] after every reverse step (the reference); "x0": clamp the
     # predicted x_0 instead (the usual practice); "none"
-    clip: str = "x_t"
+    clip: str = choice("x_t", "x0", "none")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 400
-    lr: float = 1e-3
-    loss: str = "l1"  # "l1" (reference) or "mse"
-    max_steps: int = 0  # 0: no limit; otherwise stop (and save) after this many optimizer steps
-    max_minutes: float = 0.0  # 0: no limit; otherwise stop (and save) after this much training time
-    save_every: int = 0  # 0: save after each epoch only; otherwise also every N steps
-    seed: int = 0
+    epochs: int = num(200, 0, BIG)
+    batch_size: int = num(400, 1, 1_000_000)
+    lr: float = num(1e-3, 0.0, 10.0, above_lo=True)
+    loss: str = choice("l1", "mse")
+    max_steps: int = num(0, 0, BIG)  # 0: no limit; else stop (and save) after this many steps
+    max_minutes: float = num(0.0, 0.0, 1e7)  # 0: no limit; else stop (and save) after this long
+    save_every: int = num(0, 0, BIG)  # 0: save after each epoch only; else also every N steps
+    seed: int = num(0, 0, SEED_MAX)
     # Past the reference (all off there):
-    p_uncond: float = 0.0  # probability of replacing the label by the null class (CFG)
-    ema_decay: float = 0.0  # 0: no EMA; else the decay of the weights' moving average
-    lr_schedule: str = "constant"  # or "cosine": linear warmup, then cosine decay to 0
-    warmup_steps: int = 0
-    optimizer: str = "adam"  # "adam" (reference) or "adamw"
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # 0: off; else the max global gradient norm
-    eval_every: int = 0  # epochs between quality evaluations logged to TensorBoard (0: off)
-    eval_every_steps: int = 0  # the same, in optimizer steps
-    eval_n: int = 500  # digits generated for each of those evaluations
-    grid_every: int = 1  # epochs between the TensorBoard grids of digits 0-9 (0: never)
+    p_uncond: float = num(0.0, 0.0, 1.0, below_hi=True)  # label -> null class (CFG)
+    ema_decay: float = num(0.0, 0.0, 1.0, below_hi=True)  # 0: no EMA
+    lr_schedule: str = choice("constant", "cosine")  # cosine: linear warmup, decay to 0
+    warmup_steps: int = num(0, 0, BIG)
+    optimizer: str = choice("adam", "adamw")
+    weight_decay: float = num(0.0, 0.0, 10.0)
+    grad_clip: float = num(0.0, 0.0, 1e9)  # 0: off; else the max global gradient norm
+    eval_every: int = num(0, 0, BIG)  # epochs between quality evaluations in TensorBoard (0: off)
+    eval_every_steps: int = num(0, 0, BIG)  # the same, in optimizer steps
+    eval_n: int = num(500, 10, 1_000_000)  # digits generated for each of those evaluations
+    grid_every: int = num(1, 0, BIG)  # epochs between TensorBoard grids of digits 0-9 (0: never)
     # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
-    precision: str = "auto"  # "fp32", "bf16" (autocast; TF32 matmuls on CUDA too), "auto"
-    channels_last: str = "auto"  # "on", "off", "auto"
-    compile: str = "auto"  # torch.compile the network: "on", "off", "auto"
-    fused_optimizer: str = "auto"  # one fused kernel for the Adam/AdamW update (CUDA only)
-    data_on_device: str = "auto"  # keep the uint8 training set on the GPU: no copy per batch
+    precision: str = choice("auto", "fp32", "bf16")  # bf16: autocast, and TF32 on CUDA
+    channels_last: str = choice("auto", "on", "off")
+    compile: str = choice("auto", "on", "off")  # torch.compile the network
+    fused_optimizer: str = choice("auto", "on", "off")  # one fused kernel for the Adam update
+    data_on_device: str = choice("auto", "on", "off")  # the uint8 set kept on the GPU (CUDA)
 
 
 @dataclass
 class SampleConfig:
     """The sampler a checkpoint uses by default: the best measured for its preset."""
-    sampler: str = "ddpm"  # "ddpm" (reference), "ddim" or "dpm"
-    steps: int = 1000
-    guidance: float = 1.0  # classifier-free guidance scale w; 1 is plain conditional
+    sampler: str = choice("ddpm", "ddim", "dpm")
+    steps: int = num(1000, 1, 100_000)  # at most diffusion.timesteps
+    guidance: float = num(1.0, 0.0, 100.0)  # classifier-free guidance scale w; 1: conditional
     # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
     # interval"); elsewhere the conditional prediction alone, one forward instead of two.
-    guidance_interval: tuple = EVERY_STEP
-    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+    guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0)
+    eta: float = num(0.0, 0.0, 1.0)  # DDIM noise: 0 deterministic, 1 DDPM-like
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 
 
 @dataclass
 class LoRAConfig:
-    r: int = 8
-    alpha: float = 1.0
+    r: int = num(8, 1, 4096)
+    alpha: float = num(1.0, 0.0, 1e6, above_lo=True)
     targets: tuple = ("w_q", "w_k", "w_v")  # Linear names inside the cross-attention modules
-    epochs: int = 1
-    batch_size: int = 400
-    lr: float = 1e-3
-    max_steps: int = 0
+    epochs: int = num(1, 0, BIG)
+    batch_size: int = num(400, 1, 1_000_000)
+    lr: float = num(1e-3, 0.0, 10.0, above_lo=True)
+    max_steps: int = num(0, 0, BIG)
 
 
 @dataclass
@@ -237,56 +253,66 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+def _in_range(value, lo, hi, above_lo, below_hi) -> bool:
+    return (lo < value if above_lo else lo <= value) and (value < hi if below_hi else value <= hi)
+
+
+def _range_text(lo, hi, above_lo, below_hi) -> str:
+    return f"{'(' if above_lo else '['}{lo:g}, {hi:g}{')' if below_hi else ']'}"
+
+
+def _check_field(section: str, f, value) -> None:
+    """One field against its declared type, range or choices."""
+    name = f"{section}.{f.name}"
+    default = f.default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, not {value!r}")
+        return
+    if "choices" in f.metadata:
+        if value not in f.metadata["choices"]:
+            raise UserError(f"{name} must be one of {', '.join(f.metadata['choices'])}, "
+                            f"not {value!r}")
+        return
+    if "range" not in f.metadata:
+        if isinstance(default, tuple) and not (isinstance(value, tuple) and value
+                                               and all(isinstance(v, str) and v for v in value)):
+            raise UserError(f"{name} must be a non-empty list of names, not {value!r}")
+        return
+    lo, hi, above_lo, below_hi = f.metadata["range"]
+    kind = type(default[0]) if isinstance(default, tuple) else type(default)
+    items = value if isinstance(default, tuple) else (value,)
+    if isinstance(default, tuple) and not (isinstance(value, tuple) and value):
+        raise UserError(f"{name} must be a non-empty list of numbers, not {value!r}")
+    for v in items:
+        # ints must be ints (True is not 1); floats may be written as ints
+        ok_type = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
+            (isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok_type or not _in_range(v, lo, hi, above_lo, below_hi):
+            what = "an integer" if kind is int else "a finite number"
+            raise UserError(f"{name} must be {what} in {_range_text(lo, hi, above_lo, below_hi)}"
+                            f"{' (each item)' if isinstance(default, tuple) else ''}, not {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Catch configurations the model cannot be built from, before any work starts."""
-    m = cfg.model
+    """Every field against its declaration, then the rules that tie fields together: before
+    any work starts, and on every config read back from a file."""
+    for section in ("model", "diffusion", "train", "lora", "sample"):
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            _check_field(section, f, getattr(sub, f.name))
+    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
     levels = len(m.channels)
-    if levels < 1 or any(c <= 0 for c in m.channels):
-        raise UserError("model.channels must be a non-empty list of positive ints")
-    if m.img_size <= 0 or m.img_size % (2 ** (levels - 1)):
+    if m.img_size % (2 ** (levels - 1)):
         raise UserError(f"model.img_size={m.img_size} must be divisible by 2**{levels - 1} "
                         f"for {levels} levels")
-    if m.time_emb_dim < 4 or m.time_emb_dim % 2:
-        raise UserError("model.time_emb_dim must be an even number >= 4")
-    d = cfg.diffusion
-    if d.timesteps < 2 or not (0 < d.beta_start < d.beta_end < 1):
-        raise UserError("diffusion needs timesteps >= 2 and 0 < beta_start < beta_end < 1")
-    for name, value, allowed in (("clip", d.clip, ("x_t", "x0", "none")),
-                                 ("schedule", d.schedule, ("linear", "cosine")),
-                                 ("prediction", d.prediction, ("eps", "v"))):
-        if value not in allowed:
-            raise UserError(f"diffusion.{name} must be one of {', '.join(allowed)}, not '{value}'")
-    if m.cond_tokens < 1 or m.norm not in ("batch", "group"):
-        raise UserError("model.cond_tokens must be >= 1 and model.norm 'batch' or 'group'")
-    t = cfg.train
-    for name, value, allowed in (("lr_schedule", t.lr_schedule, ("constant", "cosine")),
-                                 ("optimizer", t.optimizer, ("adam", "adamw"))):
-        if value not in allowed:
-            raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
-    for name, value, allowed in (("precision", t.precision, ("auto", "fp32", "bf16")),
-                                 ("channels_last", t.channels_last, ("auto", "on", "off")),
-                                 ("compile", t.compile, ("auto", "on", "off")),
-                                 ("fused_optimizer", t.fused_optimizer, ("auto", "on", "off")),
-                                 ("data_on_device", t.data_on_device, ("auto", "on", "off"))):
-        if value not in allowed:
-            raise UserError(f"train.{name} must be one of {', '.join(allowed)}, not '{value}'")
-    if not 0 <= t.p_uncond < 1 or not 0 <= t.ema_decay < 1:
-        raise UserError("train.p_uncond and train.ema_decay must be in [0, 1)")
+    if m.time_emb_dim % 2:
+        raise UserError("model.time_emb_dim must be even (half sines, half cosines)")
+    if not d.beta_start < d.beta_end:
+        raise UserError("diffusion.beta_start must be below diffusion.beta_end")
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
-    s = cfg.sample
-    if s.sampler not in ("ddpm", "ddim", "dpm") or not 1 <= s.steps <= d.timesteps:
-        raise UserError(f"sample.sampler must be ddpm, ddim or dpm and sample.steps in "
-                        f"1..{d.timesteps}")
-    gi = s.guidance_interval
-    if len(gi) != 2 or not 0 <= gi[0] <= gi[1] <= 1:
-        raise UserError("sample.guidance_interval must be two fractions lo,hi with 0 <= lo <= hi <= 1")
-    if t.loss not in ("l1", "mse"):
-        raise UserError(f"train.loss must be 'l1' or 'mse', not '{t.loss}'")
-    if t.batch_size <= 0 or t.epochs < 0 or t.lr <= 0 or t.max_steps < 0 or t.save_every < 0:
-        raise UserError("train.batch_size and train.lr must be positive; epochs, max_steps, "
-                        "save_every non-negative")
-    if not (0 <= t.max_minutes < float("inf")) or t.grid_every < 0:
-        raise UserError("train.max_minutes must be a finite number >= 0 and train.grid_every >= 0")
-    if cfg.lora.r <= 0 or cfg.lora.batch_size <= 0:
-        raise UserError("lora.r and lora.batch_size must be positive")
+    if s.steps > d.timesteps:
+        raise UserError(f"sample.steps must be in 1..{d.timesteps} (diffusion.timesteps)")
+    if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
+        raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")

@@ -130,6 +130,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
     """A torchvision ImageFolder whose sub-folders are named 0-9: any image size or mode,
     converted to one channel and resized to img_size, kept as uint8 like MNIST."""
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.v2 import functional as TF
     root = Path(root)
@@ -147,8 +148,9 @@ def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
     for path, idx in folder.samples:
         try:
             img = folder.loader(path).convert("L")
-        except OSError:
-            raise UserError(f"cannot read image {path}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # (PIL refuses images so large that decoding them could exhaust memory)
+            raise UserError(f"cannot read image {path}: {e}") from None
         t = TF.pil_to_tensor(img)  # (1, H, W) uint8
         images.append(TF.resize(t, [img_size, img_size], antialias=True)[0])
         labels.append(int(names[idx]))

@@ -133,6 +133,12 @@ def parse_interval(text):
     return lo, hi
 
 
+def progress_path(out) -> Path:
+    """Where the denoising progression goes: beside the grid, as <name>_progress.png."""
+    out = Path(out)
+    return out.with_name(out.stem + "_progress.png")
+
+
 def interval_text(interval) -> str:
     """' in t/T 0.1..0.7' for a limited guidance interval; '' when it holds every step."""
     lo, hi = interval
@@ -140,17 +146,22 @@ def interval_text(interval) -> str:
 
 
 def parse_lora_specs(specs) -> list:
-    """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]."""
+    """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]. A strength must be a finite
+    number in [-100, 100]; a ':' stays part of the path only when that whole path exists."""
     from .config import UserError
     out = []
     for spec in specs or []:
         path, scale = spec, 1.0
         head, sep, tail = spec.rpartition(":")
-        if sep and head:
+        if sep and head and not Path(spec).exists():
             try:
                 path, scale = head, float(tail)
             except ValueError:
-                path, scale = spec, 1.0  # a ':' that is part of the path
+                raise UserError(f"--lora {spec}: the strength after ':' must be a number, "
+                                f"not '{tail}'") from None
+            if not -100 <= scale <= 100:  # NaN fails this too
+                raise UserError(f"--lora {spec}: the strength must be a finite number in "
+                                f"[-100, 100], not {tail}")
         out.append((path, scale))
     if len(set(p for p, _ in out)) != len(out):
         raise UserError("the same --lora file was given twice")
@@ -186,8 +197,9 @@ def resolve_sampler(cfg, sampler=None, steps=None, guidance=None, eta=None,
     from .config import validate
     sc = cfg.sample
     sampler = sampler or sc.sampler
-    steps = steps or (sc.steps if sampler == sc.sampler else
-                      (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
+    if steps is None:  # (0 is not "the default": validate() refuses it below)
+        steps = (sc.steps if sampler == sc.sampler else
+                 (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
     chosen = dataclasses.replace(
         sc, sampler=sampler, steps=steps, guidance=sc.guidance if guidance is None else guidance,
         eta=sc.eta if eta is None else eta,
@@ -228,7 +240,7 @@ def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8
     save_grid(images, out, nrow=len(digit_list))
     written = [str(out)]
     if frames is not None:
-        progress = out.with_name(out.stem + "_progress.png")
+        progress = progress_path(out)
         save_progression(frames[:len(digit_list)], digit_list, progress)
         written.append(str(progress))
     if npz:

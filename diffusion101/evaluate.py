@@ -175,20 +175,38 @@ def evaluate_model(model, cfg, n: int, device, seed: int, sampler: str, steps: i
     return metrics
 
 
-def evaluate_npz(path) -> dict:
-    """Score samples written by denoise.py --npz: images uint8 (N, H, W), labels int64 (N,)."""
+NPZ_MIN = 10  # FID needs a covariance over the features: ten images at the very least
+
+
+def evaluate_npz(path, num_classes: int = 10) -> dict:
+    """Score samples written by denoise.py --npz: images uint8 (N, H, W), labels integers
+    (N,) in 0..num_classes-1. Anything else is refused with one line."""
+    import zipfile
+
     import numpy as np
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz not found: {p}")
     try:
-        with np.load(p) as d:
-            images, labels = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"]).long()
-    except (KeyError, ValueError, OSError) as e:
-        raise UserError(f"{p} is not a samples file with 'images' and 'labels' ({e})") from None
-    if images.dtype != torch.uint8 or images.dim() != 3 or len(images) != len(labels):
-        raise UserError(f"{p}: images must be uint8 (N, H, W) with one label each")
-    return score(uint8_to_unit(images), labels)
+        with np.load(p, allow_pickle=False) as d:
+            missing = [k for k in ("images", "labels") if k not in d.files]
+            if missing:
+                raise UserError(f"{p} has no '{missing[0]}' array (a samples file holds "
+                                f"'images' and 'labels')")
+            images, labels = d["images"], d["labels"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{p} cannot be read as an npz of samples ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 3 or min(images.shape) == 0:
+        raise UserError(f"{p}: images must be uint8 (N, H, W), not {images.dtype} {images.shape}")
+    if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{p}: labels must be integers (N,) with N = {len(images)}, not "
+                        f"{labels.dtype} {labels.shape}")
+    if len(labels) < NPZ_MIN:
+        raise UserError(f"{p}: {len(labels)} images; scoring needs at least {NPZ_MIN}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{p}: labels must lie in 0..{num_classes - 1}, found "
+                        f"{labels.min()}..{labels.max()}")
+    return score(uint8_to_unit(torch.from_numpy(images)), torch.from_numpy(labels).long())
 
 
 def format_report(m: dict) -> str:

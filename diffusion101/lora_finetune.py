@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import UserError
+from .config import UserError, validate
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import make_scheduler
 from .lora import inject_lora, lora_state_dict
@@ -37,9 +37,9 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
                         ("targets", tuple(targets) if targets else None), ("lr", lr)):
         if value is not None:
             setattr(lc, name, value)
-    if lc.r <= 0 or lc.alpha <= 0 or lc.epochs < 0 or lc.max_steps < 0 or lc.lr <= 0:
-        raise UserError("--r, --alpha and --lr must be positive, --epochs and --max-steps "
-                        "non-negative")
+    validate(cfg)  # the lora section's declared ranges: --r, --alpha, --lr, --epochs, ...
+    if lc.epochs == 0 and lc.max_steps == 0:
+        raise UserError(f"--epochs 0 and no --max-steps: nothing to train; {out} was not written")
     if isinstance(data, str):
         data = load_finetune_data(data, cfg.model.img_size)
     base_fp = checkpoint.base_fingerprint(ckpt)
@@ -92,6 +92,8 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
         bar.close()
         if lc.max_steps and step >= lc.max_steps:
             break
+    if step == 0:
+        raise UserError(f"no training step was taken (empty data?); {out} was not written")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if full:  # a whole model checkpoint, loadable by denoise.py and evaluate.py
         state = {"format": checkpoint.MODEL_FORMAT, "preset": ckpt.get("preset"),

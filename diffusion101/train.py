@@ -166,24 +166,8 @@ def replica_divergence(model) -> float:
     return float(diff)
 
 
-class LossReading:
-    """One step's loss on its way to the host. On CUDA the copy is queued without waiting, so
-    the loop launches the next step while this one runs; value() waits for this copy alone.
-    (Reading the loss at once would hold the host until the GPU finished each step: on an
-    H200 that left the GPU idle about half of every `reference` step; docs/BENCHMARKS.md.)"""
-
-    def __init__(self, loss: torch.Tensor, step: int, epoch: int):
-        self.step, self.epoch = step, epoch  # the step this loss belongs to (1-based)
-        self._host = loss.detach().to("cpu", non_blocking=True)  # pinned when loss is on CUDA
-        self._copied = None
-        if loss.is_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-
-    def value(self) -> float:
-        if self._copied is not None:
-            self._copied.synchronize()
-        return float(self._host)
+class NonFiniteLoss(Exception):
+    """The loss came out NaN or inf; the step was not taken."""
 
 
 @dataclass
@@ -257,19 +241,25 @@ def build_state(cfg: Config, device, speed: dict, total_steps: int, rank: int = 
 
 
 def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: dict,
-               distributed: bool = False) -> LossReading:
-    """One optimizer step on the batch (x0, y); returns its loss (the mean over processes), to
-    be read after the next step is queued. The caller checks that it is finite before saving."""
+               distributed: bool = False) -> float:
+    """One optimizer step on the batch (x0, y); returns the loss (the mean over processes).
+    A loss that is not finite raises NonFiniteLoss before the weights change."""
     if speed["channels_last"]:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
         loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond)
+    # Read at once: the step waits for the GPU here. Reading it one step later, so the host
+    # queues the next step meanwhile, was measured on an H200 and gained nothing: the
+    # `reference` step is bound by the host launching kernels (docs/BENCHMARKS.md).
     mean_loss = loss.detach()
     if distributed:  # every process sees the same mean loss, so all stop together on NaN
         import torch.distributed as dist
         mean_loss = mean_loss.clone()
-        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
-    reading = LossReading(mean_loss, state.step + 1, state.epoch)
+        dist.all_reduce(mean_loss)  # a sum: gloo has no average
+        mean_loss /= dist.get_world_size()
+    value = mean_loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tc.grad_clip > 0:
@@ -280,7 +270,7 @@ def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: di
         state.ema.update(state.model, state.step)
     state.step += 1
     state.step_in_epoch += 1
-    return reading
+    return value
 
 
 def any_process(flag: bool, distributed: bool) -> bool:
@@ -376,29 +366,16 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         return bool(tc.max_minutes) and any_process(
             state.seconds_so_far() >= 60 * tc.max_minutes, distributed)
 
-    pending = None  # the last step's loss, read once the next step is queued
-
-    def settle() -> None:
-        """Read the pending loss: log it, or stop the run if it is not finite (before anything
-        is saved, so the file on disk stays the last good checkpoint)."""
-        nonlocal pending
-        if pending is None:
-            return
-        reading, pending = pending, None
-        value = reading.value()
-        if not math.isfinite(value):
-            raise UserError(
-                f"loss is {value} at step {reading.step} (epoch {reading.epoch + 1}); training "
-                f"stopped, {out} keeps the last good checkpoint "
-                f"(step {last_saved if last_saved is not None else 'none saved yet'})")
-        if main:
-            writer.add_scalar("train/loss", value, reading.step)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-
+    if state.epoch >= tc.epochs or out_of_steps() or out_of_time():
+        # A run that would train nothing writes nothing: an existing file is never replaced
+        # by an untrained model, nor re-saved unchanged.
+        raise UserError(f"nothing to train: the run is at epoch {state.epoch}, step "
+                        f"{state.step} with train.epochs={tc.epochs}, max_steps={tc.max_steps}, "
+                        f"max_minutes={tc.max_minutes:g}; {out} was not written")
     ckpt = None
     state.model.train()
     try:
-        stopped = out_of_steps() or out_of_time()
+        stopped = False
         while state.epoch < tc.epochs and not stopped:
             batches = epoch_batches(len(data), tc.batch_size, tc.seed, state.epoch, rank, world)
             bar = tqdm(batches[state.step_in_epoch:], desc=f"epoch {state.epoch + 1}/{tc.epochs}",
@@ -407,16 +384,24 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             state.start_clock()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                reading = train_step(state, scheduler, x0, y, tc, speed, distributed)
-                settle()  # the step before: on CUDA it has finished while this one was queued
-                pending = reading
+                if checkpoint.fault("nan_at_step") == str(state.step + 1):
+                    x0 = x0 * float("nan")  # a crash test: a batch whose loss is NaN
+                try:
+                    value = train_step(state, scheduler, x0, y, tc, speed, distributed)
+                except NonFiniteLoss as e:
+                    raise UserError(
+                        f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                        f"training stopped, {out} keeps the last good checkpoint "
+                        f"(step {last_saved if last_saved is not None else 'none saved yet'})"
+                    ) from None
+                if main:
+                    writer.add_scalar("train/loss", value, state.step)
+                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if tc.save_every and state.step % tc.save_every == 0:
-                    settle()
                     ckpt = save()
                 if checkpoint.fault("kill_after_step") == str(state.step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
                 if main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
-                    settle()
                     state.lap()
                     log_quality(writer, state.sampling_model(), cfg, device, state.step,
                                 state.train_seconds / 60, log)
@@ -424,7 +409,6 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                 stopped = out_of_steps() or out_of_time()
                 if stopped:
                     break
-            settle()
             bar.close()
             state.lap()
             if state.step_in_epoch == len(batches):  # the epoch ran to its end

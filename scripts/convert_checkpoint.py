@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, run_cli
+from diffusion101.cli import Parser, check_outputs, run_cli
 
 
 def main(argv=None):
@@ -19,6 +19,7 @@ def main(argv=None):
     p.add_argument("--preset", default="reference", help="the architecture the old file holds")
     p.add_argument("--trust", action="store_true", help="required: I trust this file's code")
     a = p.parse_args(argv)
+    check_outputs({"new": a.new}, inputs={"old": a.old})
     from diffusion101.checkpoint import convert_pickled
     convert_pickled(a.old, a.new, a.preset, trusted=a.trust)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, add_common, resolve_device, run_cli
+from diffusion101.cli import (Parser, add_common, check_number, check_outputs, check_seed,
+                             resolve_device, run_cli)
 
 
 def main(argv=None):
@@ -31,11 +32,15 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
     add_common(p)
     a = p.parse_args(argv)
+    check_seed(a.seed)
+    check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
     device = resolve_device(a.device)
-    from diffusion101.denoise import generate
-    from diffusion101.denoise import parse_interval, parse_lora_specs
     from diffusion101.checkpoint import default_checkpoint
-    generate(default_checkpoint(a.ckpt), a.out, device, loras=parse_lora_specs(a.lora), merge=a.merge,
+    from diffusion101.denoise import generate, parse_interval, parse_lora_specs, progress_path
+    ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
+    check_outputs({"--out": a.out, "--out's progress figure": progress_path(a.out), "--npz": a.npz},
+                  inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
+    generate(ckpt, a.out, device, loras=loras, merge=a.merge,
              seed=a.seed or 0, digits=a.digits,
              n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
              guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None,

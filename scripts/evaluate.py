@@ -10,7 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, add_common, resolve_device, run_cli
+from diffusion101.cli import (Parser, add_common, check_number, check_outputs, check_seed,
+                             resolve_device, run_cli)
 
 
 def main(argv=None):
@@ -35,18 +36,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     from diffusion101 import evaluate
     from diffusion101.checkpoint import atomic_write, default_checkpoint
-    from diffusion101.config import UserError
     from diffusion101.denoise import (load_for_sampling, parse_interval, parse_lora_specs,
                                       resolve_sampler)
+    check_seed(a.seed)
+    check_number("--n", a.n, 10, 1_000_000, integer=True)
+    check_number("--batch-size", a.batch_size, 0, 100_000, integer=True)
+    loras = parse_lora_specs(a.lora)
+    ckpt = None if a.npz else default_checkpoint(a.ckpt)
+    check_outputs({"--json": a.json}, inputs={"--ckpt": ckpt, "--npz": a.npz,
+                                              **{f"--lora {p}": p for p, _ in loras}})
     if a.npz:
         metrics = evaluate.evaluate_npz(a.npz)
     else:
-        if a.n < 10 or a.batch_size < 0:
-            raise UserError("--n must be at least 10 and --batch-size not negative")
         device = resolve_device(a.device)
-        ckpt = default_checkpoint(a.ckpt)
-        model, cfg = load_for_sampling(ckpt, device, parse_lora_specs(a.lora),
-                                       False if a.no_ema else None)
+        model, cfg = load_for_sampling(ckpt, device, loras, False if a.no_ema else None)
         sc = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta,
                              parse_interval(a.guidance_interval))
         metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sc.sampler,

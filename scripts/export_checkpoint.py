@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, run_cli
+from diffusion101.cli import Parser, check_outputs, run_cli
 
 
 def main(argv=None):
@@ -17,6 +17,7 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
     a = p.parse_args(argv)
+    check_outputs({"dst": a.dst}, inputs={"src": a.src})
     from diffusion101.checkpoint import export_for_sampling
     export_for_sampling(a.src, a.dst, a.set)
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, add_common, resolve_device, run_cli
+from diffusion101.cli import (Parser, add_common, check_outputs, check_seed, lock_output,
+                             resolve_device, run_cli)
 
 
 def main(argv=None):
@@ -25,7 +26,11 @@ def main(argv=None):
                    help="fine-tune every weight instead (for comparison); --out is then a model")
     add_common(p)
     a = p.parse_args(argv)
+    check_seed(a.seed)
     device = resolve_device(a.device)
+    check_outputs({"--out": a.out}, inputs={"--base": a.base,
+                                            "--data": None if a.data == "mnist" else a.data})
+    lock_output(a.out)
     from diffusion101.lora_finetune import finetune
     targets = [t for t in a.targets.split(",") if t] if a.targets else None
     finetune(a.base, a.out, device, r=a.r, alpha=a.alpha, epochs=a.epochs,

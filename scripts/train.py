@@ -1,10 +1,12 @@
 """Train the class-conditioned DDPM.  python scripts/train.py --preset small --epochs 1"""
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import Parser, add_common, add_config_flags, build_config, resolve_device, run_cli
+from diffusion101.cli import (Parser, add_common, add_config_flags, build_config, check_outputs,
+                             check_seed, lock_output, resolve_device, run_cli)
 
 
 def main(argv=None):
@@ -25,6 +27,7 @@ def main(argv=None):
     add_common(p)
     add_config_flags(p)
     a = p.parse_args(argv)
+    check_seed(a.seed)
     base = preset = None
     if a.resume and a.preset is None:  # continue with the run's own configuration
         from diffusion101 import checkpoint
@@ -36,8 +39,12 @@ def main(argv=None):
         "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
         "train.eval_every": a.eval_every}, base=base)
     device = resolve_device(a.device)
+    logdir = a.logdir or f"runs/{preset}"
+    check_outputs({"--out": a.out}, folders={"--logdir": logdir})
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
+        lock_output(a.out)  # one run per checkpoint file, for the whole run
     from diffusion101.train import train
-    train(cfg, preset, a.out, a.logdir or f"runs/{preset}", device, resume=a.resume)
+    train(cfg, preset, a.out, logdir, device, resume=a.resume)
 
 
 if __name__ == "__main__":

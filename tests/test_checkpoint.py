@@ -136,3 +136,28 @@ def test_default_checkpoint_prefers_the_working_folder(tmp_path, monkeypatch):
     assert "shipped checkpoint" in said[0]
     (tmp_path / "model.pt").write_bytes(b"")
     assert checkpoint.default_checkpoint(None, log=said.append) == "model.pt"
+
+
+def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path):
+    # The reference's files: a bare state dict, or the whole pickled module, with its names
+    # (the same as the package's but for the timestep buffer, `half_emb` there).
+    from diffusion101.denoise import sample_digits
+    from diffusion101.diffusion import make_scheduler
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    model = UNet(cfg.model)
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    embedding = model.time_emb[0]
+    embedding.register_buffer("half_emb", embedding._buffers.pop("freqs"))
+    assert "time_emb.0.half_emb" in model.state_dict() and "time_emb.0.freqs" not in model.state_dict()
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    torch.save(model, tmp_path / "module.pt")
+    for name in ("state", "module"):
+        checkpoint.convert_pickled(tmp_path / f"{name}.pt", tmp_path / f"{name}_new.pt", "tiny",
+                                   trusted=True, log=lambda *a: None)
+        converted, _, ccfg = checkpoint.load_model(tmp_path / f"{name}_new.pt")
+        for k, v in converted.state_dict().items():
+            assert torch.equal(v, ours[k]), (name, k)
+        images, _ = sample_digits(converted.eval(), make_scheduler("ddpm", ccfg.diffusion),
+                                  range(10), 1, 0, "cpu")
+        assert images.shape == (10, 1, 16, 16) and torch.isfinite(images).all()

@@ -41,3 +41,40 @@ def test_validate_rejects_indivisible_size():
     cfg.model.img_size = 15
     with pytest.raises(UserError, match="divisible"):
         validate(cfg)
+
+
+def _numeric_fields():
+    import dataclasses
+    cfg = get_preset("tiny")
+    for section in ("model", "diffusion", "train", "lora", "sample"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            if "range" in f.metadata:
+                yield f"{section}.{f.name}", f.metadata["range"]
+
+
+@pytest.mark.parametrize("key,rng", list(_numeric_fields()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_number_refuses_nan_inf_and_its_out_of_range_neighbours(key, rng):
+    lo, hi, above_lo, below_hi = rng
+    # the value just outside each end (the end itself where that end is open)
+    outside = [lo if above_lo else lo - 1, hi if below_hi else hi * 2 + 1]
+    for text in ["nan", "inf", "-inf"] + [repr(v) for v in outside]:
+        cfg = get_preset("tiny")
+        try:
+            apply_override(cfg, f"{key}={text}")
+        except UserError:
+            continue  # refused while parsing (an int field given 'nan'): fine too
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            validate(cfg)
+
+
+def test_a_hand_edited_config_in_a_file_is_refused_with_the_field_name():
+    from diffusion101.checkpoint import config_of
+    for section, name, value in [("model", "num_classes", 0), ("model", "in_channels", 3),
+                                 ("model", "cls_emb_dim", -1), ("model", "channels", ["a"]),
+                                 ("train", "lr", float("nan")), ("sample", "guidance", "2"),
+                                 ("model", "null_class", "yes")]:
+        d = get_preset("tiny").to_dict()
+        d[section][name] = value
+        with pytest.raises(UserError, match=f"{section}.{name}"):
+            config_of({"config": d})
+    assert config_of({"config": get_preset("tiny").to_dict()}) == get_preset("tiny")

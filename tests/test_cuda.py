@@ -62,7 +62,7 @@ def _losses(options: dict, data: MNISTData, steps: int) -> list:
         data = MNISTData(data.images.to(CUDA), data.labels.to(CUDA))
     scheduler = make_scheduler("ddpm", cfg.diffusion, CUDA)
     x0, y = data.batch(torch.arange(16), CUDA)
-    return [train_step(state, scheduler, x0, y, cfg.train, speed).value() for _ in range(steps)]
+    return [train_step(state, scheduler, x0, y, cfg.train, speed) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("option", [{"precision": "bf16"}, {"channels_last": "on"},

@@ -105,3 +105,31 @@ def test_generation_batch_size_does_not_change_deterministic_samples():
     b, lb, _ = evaluate.generate_images(model, cfg, 30, "cpu", 3, "ddim", 5, 1.0, batch_size=30)
     assert torch.equal(la, lb) and a.shape == (30, 1, 16, 16)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # float32 GEMM blocking differs by batch
+
+
+def test_npz_that_cannot_be_scored_is_refused_with_one_line(tmp_path, test_digits):
+    good_images = test_digits.images[:20].numpy()
+    good_labels = test_digits.labels[:20].numpy()
+    cases = {
+        "empty": (np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), "uint8 \\(N, H, W\\)"),
+        "one image": (good_images[:1], good_labels[:1], "at least 10"),
+        "labels (N, 1)": (good_images, good_labels[:, None], "labels must be integers"),
+        "string labels": (good_images, good_labels.astype(str), "labels must be integers"),
+        "labels past 9": (good_images, good_labels + 5, "0..9"),
+        "negative labels": (good_images, good_labels - 10, "0..9"),
+        "one label short": (good_images, good_labels[:-1], "labels must be integers"),
+    }
+    for name, (images, labels, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, images=images, labels=labels)
+        with pytest.raises(UserError, match=message):
+            evaluate.evaluate_npz(path)
+    np.savez(tmp_path / "ok.npz", images=good_images, labels=good_labels)
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cannot be read"):
+        evaluate.evaluate_npz(tmp_path / "cut.npz")
+    np.savez(tmp_path / "nolabels.npz", images=good_images)
+    with pytest.raises(UserError, match="no 'labels'"):
+        evaluate.evaluate_npz(tmp_path / "nolabels.npz")
+    assert evaluate.evaluate_npz(tmp_path / "ok.npz")["n"] == 20

@@ -152,8 +152,107 @@ def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path)
     _fails("train", "--out", tmp_path / "cut.pt", "--resume", cwd=work,
            match="truncated or corrupt")
     assert not (tmp_path / "x.png").exists()
-    proc = _fails("train", "--preset", "tiny", "--set", "train.lr=1e30", "--save-every", "1",
-                  "--max-steps", "6", "--out", tmp_path / "nan.pt", "--logdir", tmp_path / "r",
-                  cwd=work, match="keeps the last good checkpoint")
+    proc = _fails("train", "--preset", "tiny", "--save-every", "1", "--max-steps", "6",
+                  "--out", tmp_path / "nan.pt", "--logdir", tmp_path / "r", cwd=work,
+                  match="loss is nan at step 4", env_extra={"DIFFUSION101_FAULT": "nan_at_step:4"})
     step = int(proc.stderr.split("(step ")[-1].split(")")[0])
-    assert torch.load(tmp_path / "nan.pt", weights_only=True)["step"] == step
+    assert step == 3 and torch.load(tmp_path / "nan.pt", weights_only=True)["step"] == 3
+
+
+def _refused(capsys, name, *args, match):
+    """In-process (fast) run of scripts/<name>.py: exit 2 and one 'error:' line naming `match`."""
+    import signal
+
+    from conftest import load_script
+    from diffusion101.cli import run_cli
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code = run_cli(load_script(name).main, [str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [ln for ln in err if "it/s" not in ln]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+
+
+def test_outputs_that_would_destroy_inputs_are_refused_before_any_work(work, tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.chdir(work)
+    keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "model.pt", match="also --ckpt")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "./x.png", "--npz", "x.png",
+             match="same file")
+    _refused(capsys, "export_checkpoint", "model.pt", "./model.pt", match="also src")
+    _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "model.pt", match="also --ckpt")
+    _refused(capsys, "lora_finetune", "--base", "model.pt", "--out", "model.pt", match="also --base")
+    (work / "afile").write_text("x")
+    # a bad --logdir is found before the data is loaded or a step is taken
+    _refused(capsys, "train", "--preset", "tiny", "--out", tmp_path / "t.pt", "--logdir", "afile",
+             match="a folder is wanted")
+    assert not (tmp_path / "t.pt").exists()
+    assert all((work / p).read_bytes() == b for p, b in keep.items())
+
+
+def test_runs_that_train_nothing_write_nothing(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
+    _refused(capsys, "train", "--preset", "tiny", "--epochs", "0", "--out", tmp_path / "e.pt",
+             "--logdir", tmp_path / "r", match="nothing to train")
+    assert not (tmp_path / "e.pt").exists()
+    _refused(capsys, "train", "--out", "model.pt", "--resume", "--max-steps", "8",
+             match="nothing to train")  # the work fixture's run already took its 8 steps
+    _refused(capsys, "lora_finetune", "--base", "model.pt", "--out", "lora.pt", "--epochs", "0",
+             match="nothing to train")
+    assert all((work / p).read_bytes() == b for p, b in keep.items())
+
+
+def test_non_finite_and_out_of_range_numbers_are_refused_by_name(work, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.chdir(work)
+    (work / "keep.png").write_bytes(b"precious")
+    for args, match in [
+        (["denoise", "--guidance", "nan"], "sample.guidance"),
+        (["denoise", "--guidance", "inf"], "sample.guidance"),
+        (["denoise", "--steps", "0"], "sample.steps"),
+        (["denoise", "--lora", "lora.pt:nan"], "strength"),
+        (["denoise", "--lora", "lora.pt:notanumber"], "the strength after ':' must be a number"),
+        (["denoise", "--seed", str(2 ** 70)], "--seed"),
+        (["denoise", "--guidance-interval", "0.2,nan"], "sample.guidance_interval"),
+        (["evaluate", "--n", "0"], "--n"),
+    ]:
+        out = ["--out", "keep.png"] if args[0] == "denoise" else ["--json", tmp_path / "e.json"]
+        _refused(capsys, args[0], "--ckpt", "model.pt", *args[1:], *out, match=match)
+    for args, match in [(["--lr", "nan"], "train.lr"), (["--epochs", "-1"], "train.epochs"),
+                        (["--set", "model.num_classes=0"], "model.num_classes"),
+                        (["--set", "model.in_channels=3"], "model.in_channels"),
+                        (["--set", "model.cls_emb_dim=-1"], "model.cls_emb_dim"),
+                        (["--set", "train.max_minutes=inf"], "train.max_minutes")]:
+        _refused(capsys, "train", "--preset", "tiny", *args, "--out", tmp_path / "n.pt", match=match)
+    assert (work / "keep.png").read_bytes() == b"precious"
+    assert not (tmp_path / "n.pt").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    from diffusion101.cli import lock_output
+    lock_output(tmp_path / "busy.pt")  # as a running training would hold it
+    _refused(capsys, "train", "--preset", "tiny", "--max-steps", "2", "--out",
+             tmp_path / "busy.pt", "--logdir", tmp_path / "r", match="being written by another run")
+    assert not (tmp_path / "busy.pt").exists()
+
+
+def test_interrupted_style_data_leaves_no_half_made_folder(tmp_path, monkeypatch):
+    from conftest import load_script
+    from diffusion101 import dataset
+    script = load_script("make_style_data")
+    written = []
+
+    def write_then_interrupt(data, root):
+        (root / "0").mkdir(parents=True)
+        (root / "0" / "00000.png").write_bytes(b"\x89PNG truncated")
+        written.append(root)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dataset, "write_image_folder", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--out", str(tmp_path / "bold"), "--n", "20"])
+    assert written and list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
