@@ -1,7 +1,7 @@
 """Training and sampling throughput for a preset on one device, as one table.
 
 Every row is measured in this run, so the ratios between rows are the comparison:
-  python benchmarks/bench.py --preset reference --device cpu --batch-size 32 --literal
+  python benchmarks/bench.py --preset reference --device cpu --batch-size 32
   python benchmarks/bench.py --preset cpu --device cpu --unoptimised --sample-batches 100,500
 
 Training: images/s of forward + backward + optimizer step in steady state (after warm-up),
@@ -12,13 +12,11 @@ FLOP per image from torch.utils.flop_counter; achieved FLOP/s = FLOP/image x ima
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,86 +26,6 @@ from diffusion101.dataset import load_mnist  # noqa: E402
 from diffusion101.diffusion import make_scheduler  # noqa: E402
 from diffusion101.train import diffusion_loss, make_optimizer  # noqa: E402
 from diffusion101.unet import UNet  # noqa: E402
-
-
-# ---- the literal baseline: SPEC.md written the plain way, as the reference code did ----------
-
-class LiteralCrossAttention(nn.Module):
-    def __init__(self, channel, qsize=16, vsize=16, fsize=32, cls_emb_size=32):
-        super().__init__()
-        self.w_q = nn.Linear(channel, qsize)
-        self.w_k = nn.Linear(cls_emb_size, qsize)
-        self.w_v = nn.Linear(cls_emb_size, vsize)
-        self.softmax = nn.Softmax(dim=-1)
-        self.z_linear = nn.Linear(vsize, channel)
-        self.norm1 = nn.LayerNorm(channel)
-        self.feedforward = nn.Sequential(nn.Linear(channel, fsize), nn.ReLU(), nn.Linear(fsize, channel))
-        self.norm2 = nn.LayerNorm(channel)
-
-    def forward(self, x, cls_emb):
-        x = x.permute(0, 2, 3, 1)
-        q = self.w_q(x).view(x.size(0), x.size(1) * x.size(2), -1)
-        k = self.w_k(cls_emb).view(cls_emb.size(0), 1, -1).transpose(1, 2)
-        attn = self.softmax(torch.matmul(q, k) / math.sqrt(q.size(2)))
-        v = self.w_v(cls_emb).view(cls_emb.size(0), 1, -1)
-        z = torch.matmul(attn, v)
-        z = self.z_linear(z).view(x.size(0), x.size(1), x.size(2), x.size(3))
-        z = self.norm1(z + x)
-        out = self.norm2(self.feedforward(z) + z)
-        return out.permute(0, 3, 1, 2)
-
-
-class LiteralConvBlock(nn.Module):
-    def __init__(self, in_channel, out_channel, time_emb_size=256):
-        super().__init__()
-        self.seq1 = nn.Sequential(nn.Conv2d(in_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.ReLU())
-        self.time_emb_linear = nn.Linear(time_emb_size, out_channel)
-        self.relu = nn.ReLU()
-        self.seq2 = nn.Sequential(nn.Conv2d(out_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.ReLU())
-        self.crossattn = LiteralCrossAttention(out_channel)
-
-    def forward(self, x, t_emb, cls_emb):
-        x = self.seq1(x)
-        t_emb = self.relu(self.time_emb_linear(t_emb)).view(x.size(0), x.size(1), 1, 1)
-        return self.crossattn(self.seq2(x + t_emb), cls_emb)
-
-
-class LiteralTimeEmb(nn.Module):
-    def __init__(self, size=256):
-        super().__init__()
-        half = size // 2
-        self.register_buffer("half_emb", torch.exp(torch.arange(half) * (-1 * math.log(10000) / (half - 1))))
-
-    def forward(self, t):
-        t = t.view(t.size(0), 1) * self.half_emb.unsqueeze(0).expand(t.size(0), -1)
-        return torch.cat((t.sin(), t.cos()), dim=-1)
-
-
-class LiteralUNet(nn.Module):
-    def __init__(self, channels=(1, 64, 128, 256, 512, 1024)):
-        super().__init__()
-        self.enc_convs = nn.ModuleList(LiteralConvBlock(channels[i], channels[i + 1]) for i in range(len(channels) - 1))
-        self.maxpools = nn.ModuleList(nn.MaxPool2d(2, 2, 0) for _ in range(len(channels) - 2))
-        self.deconvs = nn.ModuleList(nn.ConvTranspose2d(channels[-i - 1], channels[-i - 2], 2, 2)
-                                     for i in range(len(channels) - 2))
-        self.dec_convs = nn.ModuleList(LiteralConvBlock(channels[-i - 1], channels[-i - 2])
-                                       for i in range(len(channels) - 2))
-        self.output = nn.Conv2d(channels[1], channels[0], 1, 1, 0)
-        self.time_emb = nn.Sequential(LiteralTimeEmb(256), nn.Linear(256, 256), nn.ReLU())
-        self.cls_emb = nn.Embedding(10, 32)
-
-    def forward(self, x, t, cls):
-        t_emb, cls_emb = self.time_emb(t), self.cls_emb(cls)
-        residual = []
-        for i, conv in enumerate(self.enc_convs):
-            x = conv(x, t_emb, cls_emb)
-            if i != len(self.enc_convs) - 1:
-                residual.append(x)
-                x = self.maxpools[i](x)
-        for i, deconv in enumerate(self.deconvs):
-            x = deconv(x)
-            x = self.dec_convs[i](torch.cat((residual.pop(-1), x), dim=1), t_emb, cls_emb)
-        return self.output(x)
 
 
 def plain_loader(size: int, batch_size: int):
@@ -127,29 +45,6 @@ def sync(device) -> None:
     """Wait for queued GPU work, so a timer reads the work and not just its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def literal_train_rate(batch_size: int, steps: int, warmup: int) -> float:
-    """The reference's loop: per-image PIL transforms through a DataLoader, Adam, L1."""
-    loader = plain_loader(48, batch_size)
-    model = LiteralUNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    betas = torch.linspace(1e-4, 0.02, 1000)
-    alpha_bar = torch.cumprod(1 - betas, dim=-1)
-    model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
-        x, y = next(loader)
-        t = torch.randint(0, 1000, (x.size(0),))
-        noise = torch.randn_like(x)
-        ab = alpha_bar[t].view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x + (1 - ab).sqrt() * noise
-        loss = F.l1_loss(model(x_t, t, y), noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def unoptimised_train_rate(cfg, batch_size: int, steps: int, warmup: int) -> float:
@@ -285,7 +180,6 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="plain,channels_last",
                    help="comma list of plain, channels_last, compile, channels_last+compile")
-    p.add_argument("--literal", action="store_true", help="also time the literal reference baseline")
     p.add_argument("--unoptimised", action="store_true",
                    help="also time the preset's own model on the plain path (CPU)")
     p.add_argument("--layers", action="store_true",
@@ -305,9 +199,6 @@ def main():
     peak = matmul_peak(device)
     print(f"fp32 matmul (2048x2048) on this device: {peak / 1e9:.1f} GFLOP/s")
     rows = []
-    if a.literal:
-        rate = literal_train_rate(bs, a.steps, a.warmup)
-        rows.append(("train", "literal baseline (SPEC.md as written)", rate))
     if a.unoptimised:
         rate = unoptimised_train_rate(cfg, bs, a.steps, a.warmup)
         rows.append(("train", "preset model, unoptimised path", rate))

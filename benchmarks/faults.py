@@ -63,6 +63,22 @@ def main():
         ("unknown config field", "train", ["--preset", "tiny", "--set", "model.depth=3", "--out", "model.pt"], None),
         ("digit outside 0-9", "denoise", ["--ckpt", "model.pt", "--digits", "3,12", "--out", "grid.png"], None),
         ("--device cuda without a GPU", "denoise", ["--ckpt", "model.pt", "--device", "cuda", "--out", "grid.png"], None),
+        ("--out is the checkpoint read", "denoise", ["--ckpt", "model.pt", "--out", "model.pt"], None),
+        ("export onto its own source", "export_checkpoint", ["model.pt", "./model.pt"], None),
+        ("--out and --npz one file", "denoise", ["--ckpt", "model.pt", "--out", "g.png", "--npz", "g.png"], None),
+        ("--logdir is a file", "train", ["--preset", "tiny", "--out", "new.pt", "--logdir", "grid.png"], None),
+        ("--epochs 0 (nothing to train)", "train", ["--preset", "tiny", "--epochs", "0", "--out", "model.pt"], None),
+        ("LoRA --epochs 0 onto an existing lora.pt", "lora_finetune", ["--base", "model.pt", "--out", "lora.pt",
+         "--epochs", "0"], None),
+        ("--guidance nan", "denoise", ["--ckpt", "model.pt", "--guidance", "nan", "--out", "grid.png"], None),
+        ("--lora with strength nan", "denoise", ["--ckpt", "model.pt", "--lora", "lora.pt:nan", "--out", "grid.png"], None),
+        ("--lora with strength notanumber", "denoise", ["--ckpt", "model.pt", "--lora", "lora.pt:notanumber",
+         "--out", "grid.png"], None),
+        ("--steps 0", "denoise", ["--ckpt", "model.pt", "--steps", "0", "--out", "grid.png"], None),
+        ("--seed 2**70", "denoise", ["--ckpt", "model.pt", "--seed", str(2 ** 70), "--out", "grid.png"], None),
+        ("--lr nan", "train", ["--preset", "tiny", "--lr", "nan", "--out", "model.pt"], None),
+        ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
+        ("model.in_channels=3", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
     ]
     print("| fault or bad input | exit code | what it printed (stderr, last line) | traceback | files saved before |")
     print("|---|---|---|---|---|")

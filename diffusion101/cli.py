@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import math
 import os
 import signal
 import sys
@@ -97,7 +96,7 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
             raise UserError(f"{flag} {path}: folder {folder} is not writable")
 
 
-_LOCKS = []  # open lock files, held until the process exits
+_LOCKS = []  # (fd, lock path) held until release_locks(), which runs at exit
 
 
 def lock_output(path, flag: str = "--out") -> None:
@@ -131,15 +130,19 @@ def lock_output(path, flag: str = "--out") -> None:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _LOCKS.append(fd)
+    _LOCKS.append((fd, lock))
 
-    def release():
+
+@atexit.register
+def release_locks() -> None:
+    """Delete each lock file while still holding it, then let it go."""
+    while _LOCKS:
+        fd, lock = _LOCKS.pop()
         try:
             os.unlink(lock)
         except OSError:
             pass
         os.close(fd)
-    atexit.register(release)
 
 
 class Parser(argparse.ArgumentParser):

@@ -189,7 +189,7 @@ def apply_override(cfg: Config, assignment: str) -> None:
 
 
 def _reference() -> Config:
-    # SPEC.md in exact numbers: the dataclass defaults are the reference design, kept in fp32
+    # docs/REFERENCE.md in numbers: the dataclass defaults are the reference design, kept in fp32
     # on every device (bf16 is an option: --set train.precision=bf16).
     cfg = Config()
     cfg.train.precision = "fp32"

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from diffusion101.cli import check_number, check_outputs, check_seed, lock_output
+from diffusion101.cli import check_number, check_outputs, check_seed, lock_output, release_locks
 from diffusion101.config import UserError
 
 
@@ -55,6 +55,8 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
     other = subprocess.run([sys.executable, "-c", code.replace("run.pt", "other.pt")], cwd=ROOT,
                            capture_output=True, text=True)
     assert other.returncode == 0 and not (tmp_path / ".other.pt.lock").exists()  # cleaned up
+    release_locks()
+    assert not (tmp_path / ".run.pt.lock").exists()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 11.0, 2.5])

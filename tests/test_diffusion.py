@@ -126,3 +126,32 @@ def test_unknown_sampler_and_bad_steps():
         make_scheduler("ddpm", DiffusionConfig(), steps=50)
     with pytest.raises(UserError):
         make_scheduler("ddim", DiffusionConfig(), steps=0)
+
+
+def _gaussian_gain_error(name: str, steps: int, s: float = 0.5) -> float:
+    """Data x_0 ~ N(0, s^2) per pixel, with the exact noise prediction for it,
+    E[eps | x_t] = sqrt(1 - ab_t) x_t / (ab_t s^2 + 1 - ab_t). The probability-flow ODE then
+    maps x_T to x_0 = x_T * s / sqrt(ab_T s^2 + 1 - ab_T) exactly, and a deterministic sampler
+    is a solver of that ODE: its relative error in this gain is the solver's own error, step
+    by step (an oracle that knows x_0 would hide every intermediate update)."""
+    sched = make_scheduler(name, DiffusionConfig(clip="none"), steps=steps)
+    ab = sched.alpha_bar.double()
+    x = torch.ones(1, 1, 1, 1)
+    for t in sched.timesteps.tolist():
+        eps = math.sqrt(1 - ab[t]) * x.double() / (ab[t] * s * s + 1 - ab[t])
+        x = sched.step(eps.float(), t, x)
+    t_max = sched.timesteps[0].item()
+    return x.item() / (s / math.sqrt(ab[t_max] * s * s + 1 - ab[t_max])) - 1
+
+
+def test_deterministic_samplers_solve_the_flow_of_gaussian_data():
+    ddim = {n: _gaussian_gain_error("ddim", n) for n in (10, 20, 50, 1000)}
+    dpm = {n: _gaussian_gain_error("dpm", n) for n in (10, 20, 50)}
+    # first order: the error shrinks with the steps, to 0.3% with all 1000 of them
+    assert abs(ddim[10]) > abs(ddim[20]) > abs(ddim[50]) > abs(ddim[1000])
+    assert abs(ddim[1000]) < 5e-3 and abs(ddim[10]) > 0.1
+    # second order: better than DDIM at equal steps, about 1% by 50 steps (measured: -21.5%,
+    # -4.7%, +0.3% at 10, 20, 50 on this grid, which ends at t = 0 with first-order steps)
+    for n in (10, 20, 50):
+        assert abs(dpm[n]) < abs(ddim[n]), (n, dpm[n], ddim[n])
+    assert abs(dpm[50]) < 1e-2 and abs(dpm[20]) < 0.08

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +164,13 @@ def _refused(capsys, name, *args, match):
     import signal
 
     from conftest import load_script
-    from diffusion101.cli import run_cli
+    from diffusion101.cli import release_locks, run_cli
     before = signal.getsignal(signal.SIGTERM)
     try:
         code = run_cli(load_script(name).main, [str(a) for a in args])
     finally:
         signal.signal(signal.SIGTERM, before)
+        release_locks()  # what the script's exit would do
     err = capsys.readouterr().err.strip().splitlines()
     err = [ln for ln in err if "it/s" not in ln]
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and match in err[0], err
@@ -234,10 +235,20 @@ def test_non_finite_and_out_of_range_numbers_are_refused_by_name(work, tmp_path,
 
 def test_a_second_run_on_the_same_out_is_refused(work, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(work)
-    from diffusion101.cli import lock_output
-    lock_output(tmp_path / "busy.pt")  # as a running training would hold it
-    _refused(capsys, "train", "--preset", "tiny", "--max-steps", "2", "--out",
-             tmp_path / "busy.pt", "--logdir", tmp_path / "r", match="being written by another run")
+    # as a running training would hold it (another process: _refused releases this one's)
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from diffusion101.cli "
+                               f"import lock_output; lock_output({str(tmp_path / 'busy.pt')!r}); "
+                               "print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        _refused(capsys, "train", "--preset", "tiny", "--max-steps", "2", "--out",
+                 tmp_path / "busy.pt", "--logdir", tmp_path / "r",
+                 match=f"being written by another run (pid {holder.pid})")
+    finally:
+        holder.kill()
     assert not (tmp_path / "busy.pt").exists()
 
 

@@ -5,7 +5,7 @@ from diffusion101.unet import UNet, count_parameters
 
 
 def spec_parameter_shapes() -> dict:
-    """The reference UNet written out from SPEC.md, layer by layer, independently of unet.py."""
+    """The reference UNet written out from docs/REFERENCE.md, layer by layer, independently of unet.py."""
     shapes = {"time_emb.1.weight": (256, 256), "time_emb.1.bias": (256,), "cls_emb.weight": (10, 32)}
 
     def block(prefix, cin, cout):
