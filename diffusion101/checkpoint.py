@@ -139,9 +139,21 @@ def fingerprint(state_dict: dict) -> str:
 
 
 def load_lora_file(path) -> dict:
+    """An adapter file, its rank and alpha checked against the lora section's declared ranges
+    (a hand-edited file is refused like a bad flag)."""
+    import dataclasses
+
+    from .config import LoRAConfig, check_field
     obj = load(path, "LoRA adapter")
-    if obj.get("format") != LORA_FORMAT or "lora" not in obj or "base_fingerprint" not in obj:
+    if obj.get("format") != LORA_FORMAT or "lora" not in obj or "base_fingerprint" not in obj \
+            or not isinstance(obj.get("lora_config"), dict) or not isinstance(obj["lora"], dict):
         raise UserError(f"{path} is not a Diffusion-101 LoRA adapter")
+    fields = {f.name: f for f in dataclasses.fields(LoRAConfig)}
+    for name in ("r", "alpha"):
+        try:
+            check_field("lora", fields[name], obj["lora_config"].get(name))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     return obj
 
 

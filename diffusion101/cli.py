@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import SEED_MAX, Config, UserError, apply_override, get_preset, validate
+from .config import (SEED_MAX, Config, UserError, apply_override, get_preset, number_text,
+                     validate)
 
 
 class Terminated(BaseException):
@@ -49,7 +50,7 @@ def check_number(flag: str, value, lo, hi, integer: bool = False):
         return None
     if not (lo <= value <= hi) or (integer and value != int(value)):
         raise UserError(f"{flag} must be {'an integer' if integer else 'a number'} in "
-                        f"[{lo:g}, {hi:g}], not {value}")
+                        f"[{number_text(lo)}, {number_text(hi)}], not {value}")
     return value
 
 

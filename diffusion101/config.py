@@ -257,11 +257,16 @@ def _in_range(value, lo, hi, above_lo, below_hi) -> bool:
     return (lo < value if above_lo else lo <= value) and (value < hi if below_hi else value <= hi)
 
 
+def number_text(x) -> str:
+    """An end of a range as people write it: 4294967295, not 4.29497e+09."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _range_text(lo, hi, above_lo, below_hi) -> str:
-    return f"{'(' if above_lo else '['}{lo:g}, {hi:g}{')' if below_hi else ']'}"
+    return f"{'(' if above_lo else '['}{number_text(lo)}, {number_text(hi)}{')' if below_hi else ']'}"
 
 
-def _check_field(section: str, f, value) -> None:
+def check_field(section: str, f, value) -> None:
     """One field against its declared type, range or choices."""
     name = f"{section}.{f.name}"
     default = f.default
@@ -300,7 +305,7 @@ def validate(cfg: Config) -> None:
     for section in ("model", "diffusion", "train", "lora", "sample"):
         sub = getattr(cfg, section)
         for f in dataclasses.fields(sub):
-            _check_field(section, f, getattr(sub, f.name))
+            check_field(section, f, getattr(sub, f.name))
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
     levels = len(m.channels)
     if m.img_size % (2 ** (levels - 1)):

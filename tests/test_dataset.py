@@ -63,3 +63,13 @@ def test_corrupt_file_is_one_clear_error(tmp_path):
         f.write(b"not mnist")
     with pytest.raises(UserError, match="corrupt"):
         dataset.prepare_raw(data, tmp_path / "cache")
+
+
+def test_an_image_too_large_to_decode_safely_is_a_user_error(tmp_path, monkeypatch):
+    # PIL refuses images past its pixel limit (a "decompression bomb"); with the limit lowered,
+    # a small image stands in for a 30000 x 30000 one
+    (tmp_path / "3").mkdir()
+    Image.new("L", (40, 40)).save(tmp_path / "3" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match="cannot read image .*big.png"):
+        dataset.load_image_folder(tmp_path, 16)

@@ -147,3 +147,15 @@ def test_q_and_k_adapters_do_nothing_with_one_token_but_act_with_several():
     multi = get_preset("tiny").model
     multi.cond_tokens = 4
     assert _q_k_adapter_effect(multi) > 1e-3
+
+
+def test_a_hand_edited_adapter_file_is_refused_with_the_field(tmp_path):
+    adapter = {"format": checkpoint.LORA_FORMAT, "lora": {}, "base_fingerprint": "x",
+               "lora_config": {"r": 8, "alpha": float("nan"), "targets": ["w_q"]}}
+    checkpoint.save(adapter, tmp_path / "a.pt")
+    with pytest.raises(UserError, match=r"lora\.alpha must be a finite number"):
+        checkpoint.load_lora_file(tmp_path / "a.pt")
+    adapter["lora_config"].update(alpha=1.0, r=0)
+    checkpoint.save(adapter, tmp_path / "a.pt")
+    with pytest.raises(UserError, match=r"lora\.r must be an integer"):
+        checkpoint.load_lora_file(tmp_path / "a.pt")
