@@ -12,6 +12,7 @@ FLOP per image from torch.utils.flop_counter; achieved FLOP/s = FLOP/image x ima
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -166,8 +167,10 @@ def eval_sample_rate(cfg, device, batch: int, guidance: float, n: int = 400) -> 
     from diffusion101.evaluate import generate_images
     torch.manual_seed(0)
     model = UNet(cfg.model).to(device).eval()
-    generate_images(model, cfg, batch, device, 0, "dpm", 2, guidance, batch_size=batch)  # warm-up
-    _, _, seconds = generate_images(model, cfg, n, device, 0, "dpm", 20, guidance, batch_size=batch)
+    warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2, guidance=guidance)
+    generate_images(model, cfg, batch, device, 0, warm, batch_size=batch)  # warm-up
+    _, _, seconds = generate_images(model, cfg, n, device, 0,
+                                    dataclasses.replace(warm, steps=20), batch_size=batch)
     return n / seconds
 
 

@@ -12,6 +12,7 @@ the bold training data, and how often the evaluation classifier still reads the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def main():
         model, cfg = load_for_sampling(ckpt, "cpu", loras)
         sc = cfg.sample
         w = sc.guidance if a.guidance is None else a.guidance
-        images, labels, _ = generate_images(model, cfg, a.n, "cpu", 0, sc.sampler, sc.steps, w)
+        images, labels, _ = generate_images(model, cfg, a.n, "cpu", 0,
+                                            dataclasses.replace(sc, guidance=w))
         rows.append((name, ink(images), score(images, labels)["accuracy"]))
     target = load_image_folder(a.data, cfg.model.img_size)
     target_ink = float(target.images.float().mean() / 255)

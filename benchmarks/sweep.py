@@ -8,6 +8,7 @@ guidance scales or step counts, each row measured with the evaluation of scripts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def main():
     for s in steps:
         for w in guidance:
             for lo, hi in intervals:
-                m = evaluate_model(model, cfg, a.n, "cpu", a.seed, sampler, s, w,
-                                   guidance_interval=(lo, hi))
+                sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=s, guidance=w,
+                                         guidance_interval=(lo, hi))
+                m = evaluate_model(model, cfg, a.n, "cpu", a.seed, sc)
                 print(f"| {sampler} | {s} | {w:g} | {lo:g}-{hi:g} | {100 * m['accuracy']:.2f}% | "
                       f"{m['fid']:.3f} | {m['fid_floor_mean']:.3f} ({m['floor_n']}) | "
                       f"{1000 * m['sample_seconds'] / a.n:.1f} |", flush=True)

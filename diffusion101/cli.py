@@ -167,6 +167,27 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The sampler options of denoise.py and evaluate.py (config.SampleConfig; each defaults to
+    the checkpoint's own)."""
+    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
+    p.add_argument("--grid", default=None,
+                   help="timesteps of a few-step sampler: uniform, logsnr or trailing")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
+
+
+def sampler_options(a: argparse.Namespace) -> dict:
+    """The flags of add_sampler_flags as options for denoise.resolve_sampler."""
+    from .denoise import parse_interval
+    return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance, "eta": a.eta,
+            "guidance_interval": parse_interval(a.guidance_interval), "grid": a.grid}
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set model.channels=32,64,128 "

@@ -104,6 +104,10 @@ class SampleConfig:
     # interval"); elsewhere the conditional prediction alone, one forward instead of two.
     guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0)
     eta: float = num(0.0, 0.0, 1.0)  # DDIM noise: 0 deterministic, 1 DDPM-like
+    # Which timesteps a few-step sampler visits: "uniform" in t down to t = 0, "logsnr" uniform
+    # in log(alpha/sigma) (many small steps near the data), "trailing" uniform in t ending one
+    # spacing above 0 (diffusers' "trailing"). DDPM visits all of them.
+    grid: str = choice("uniform", "logsnr", "trailing")
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 
 

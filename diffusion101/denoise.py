@@ -188,43 +188,44 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     return model.to(device).eval(), cfg  # eval: BatchNorm uses its running statistics
 
 
-def resolve_sampler(cfg, sampler=None, steps=None, guidance=None, eta=None,
-                    guidance_interval=None):
-    """The sampler options as a SampleConfig: those left None come from the checkpoint's own
-    defaults (cfg.sample); a sampler other than the default gets all its steps (DDPM) or 25."""
+def resolve_sampler(cfg, **options):
+    """The SampleConfig to sample with: the checkpoint's own (cfg.sample), with the options
+    given (sampler=, steps=, guidance=, eta=, guidance_interval=, grid=; None: keep). A sampler
+    other than the default gets all its steps (DDPM) or 25 unless steps are given."""
     import dataclasses
 
     from .config import validate
     sc = cfg.sample
-    sampler = sampler or sc.sampler
-    if steps is None:  # (0 is not "the default": validate() refuses it below)
-        steps = (sc.steps if sampler == sc.sampler else
-                 (cfg.diffusion.timesteps if sampler == "ddpm" else 25))
-    chosen = dataclasses.replace(
-        sc, sampler=sampler, steps=steps, guidance=sc.guidance if guidance is None else guidance,
-        eta=sc.eta if eta is None else eta,
-        guidance_interval=tuple(sc.guidance_interval if guidance_interval is None
-                                else guidance_interval))
-    validate(dataclasses.replace(cfg, sample=chosen))  # one clear line for a bad option
-    return chosen
+    chosen = {k: v for k, v in options.items() if v is not None}
+    sampler = chosen.get("sampler", sc.sampler)
+    if "steps" not in chosen and sampler != sc.sampler:
+        chosen["steps"] = cfg.diffusion.timesteps if sampler == "ddpm" else 25
+    if "guidance_interval" in chosen:
+        chosen["guidance_interval"] = tuple(chosen["guidance_interval"])
+    try:
+        result = dataclasses.replace(sc, **chosen)
+    except TypeError as e:  # an option that is no SampleConfig field: a caller's mistake
+        raise ValueError(str(e)) from None
+    validate(dataclasses.replace(cfg, sample=result))  # one clear line for a bad option
+    return result
 
 
 def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8,9",
-             n_per_digit=1, npz=None, n_frames=20, sampler=None, steps=None, guidance=None,
-             eta=None, use_ema=None, merge=True, guidance_interval=None, log=print):
+             n_per_digit=1, npz=None, n_frames=20, sample_options=None, use_ema=None, merge=True,
+             log=print):
     """Load a checkpoint (and adapter), sample, and write the grid, progression figure and npz.
-    Sampler options left None take the checkpoint's own defaults (its config's `sample`)."""
+    sample_options (a dict for resolve_sampler) change the checkpoint's own sampler defaults."""
     import time
 
     from .config import UserError
-    from .diffusion import make_scheduler
+    from .diffusion import sampler_for
 
     if n_per_digit < 1:
         raise UserError("--n-per-digit must be at least 1")
     model, cfg = load_for_sampling(ckpt_path, "cpu", loras, use_ema, merge, log)
     digit_list = parse_digits(digits, cfg.model.num_classes)
-    sc = resolve_sampler(cfg, sampler, steps, guidance, eta, guidance_interval)
-    scheduler = make_scheduler(sc.sampler, cfg.diffusion, device, sc.steps, sc.eta)
+    sc = resolve_sampler(cfg, **(sample_options or {}))
+    scheduler = sampler_for(sc, cfg.diffusion, device)
     model.to(device)
     out = Path(out)
     for path in [out] + ([Path(npz)] if npz else []):

@@ -35,9 +35,10 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
 class NoiseSchedule:
     """The tables every scheduler shares, and the training-side forward process."""
 
-    def __init__(self, cfg: DiffusionConfig, device="cpu"):
+    def __init__(self, cfg: DiffusionConfig, device="cpu", grid: str = "uniform"):
         self.cfg = cfg
         self.device = device
+        self.grid = grid
         self.num_train_timesteps = cfg.timesteps
         self.prediction = cfg.prediction
         # Computed in float64 (the cumulative product loses digits in float32), stored float32.
@@ -100,9 +101,27 @@ class NoiseSchedule:
         return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
 
     def _spaced(self, n: int) -> torch.Tensor:
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, not {n}")
-        return torch.linspace(self.num_train_timesteps - 1, 0, n, dtype=torch.float64).round().long()
+        """n distinct timesteps from T-1 down, spaced as self.grid says (config.SampleConfig)."""
+        T = self.num_train_timesteps
+        if not 1 <= n <= T:
+            raise ValueError(f"steps must be in 1..{T}, not {n}")
+        if self.grid == "trailing":  # T-1, ..., T/n - 1: the last step jumps to the data
+            return (torch.arange(n, 0, -1, dtype=torch.float64) * T / n).round().long() - 1
+        if self.grid == "logsnr" and n > 1:
+            # equal steps in lambda = log(alpha / sigma), each target rounded to the nearest
+            # timestep; the steps bunch up near t = 0, so two targets can round to one
+            # timestep: then the grid takes the next free one towards the data
+            lam = 0.5 * torch.log(self._alpha_bar64 / (1 - self._alpha_bar64))
+            targets = torch.linspace(float(lam[T - 1]), float(lam[0]), n, dtype=torch.float64)
+            steps, floor = [], T
+            for i, target in enumerate(targets.tolist()):
+                t = int((lam - target).abs().argmin())
+                t = min(t, floor - 1)          # strictly decreasing ...
+                t = max(t, n - 1 - i)          # ... with room left for the steps still to come
+                steps.append(t)
+                floor = t
+            return torch.tensor(steps, dtype=torch.long)
+        return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
 
 
 class DDPMScheduler(NoiseSchedule):
@@ -139,8 +158,8 @@ class DDIMScheduler(NoiseSchedule):
 
     name = "ddim"
 
-    def __init__(self, cfg: DiffusionConfig, device="cpu", eta: float = 0.0):
-        super().__init__(cfg, device)
+    def __init__(self, cfg: DiffusionConfig, device="cpu", eta: float = 0.0, grid: str = "uniform"):
+        super().__init__(cfg, device, grid)
         self.eta = eta
 
     def prev_timestep(self, t: int) -> int:
@@ -205,15 +224,21 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverSchedu
 
 
 def make_scheduler(name: str, cfg: DiffusionConfig, device="cpu", steps: int | None = None,
-                   eta: float = 0.0) -> NoiseSchedule:
+                   eta: float = 0.0, grid: str = "uniform") -> NoiseSchedule:
     """A sampler by name, with its timesteps set (all of them when steps is None)."""
     if name not in SAMPLERS:
         from .config import UserError
         raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
-    sched = SAMPLERS[name](cfg, device, eta=eta) if name == "ddim" else SAMPLERS[name](cfg, device)
+    extra = {"eta": eta} if name == "ddim" else {}
+    sched = SAMPLERS[name](cfg, device, grid=grid, **extra)
     try:
         sched.set_timesteps(steps if steps is not None else cfg.timesteps)
     except ValueError as e:
         from .config import UserError
         raise UserError(str(e)) from None
     return sched
+
+
+def sampler_for(sc, cfg: DiffusionConfig, device="cpu") -> NoiseSchedule:
+    """The scheduler a SampleConfig asks for (sampler, steps, eta, grid)."""
+    return make_scheduler(sc.sampler, cfg, device, sc.steps, sc.eta, sc.grid)

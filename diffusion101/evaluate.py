@@ -139,38 +139,37 @@ def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def generate_images(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
-                    guidance: float, eta: float = 0.0, batch_size: int = 0,
-                    guidance_interval=EVERY_STEP):
-    """n balanced digits from a model in eval mode, in batches; returns (images, labels, seconds)."""
+def generate_images(model, cfg, n: int, device, seed: int, sc=None, batch_size: int = 0):
+    """n balanced digits from a model in eval mode, in batches, with the sampler options `sc`
+    (a config.SampleConfig; default the model's own, cfg.sample); returns (images, labels,
+    seconds)."""
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
-    # (the cpu preset, guided: 100 digits a batch 2.0x faster than 500; docs/BENCHMARKS.md);
-    # a GPU wants big batches.
+    # (docs/BENCHMARKS.md); a GPU wants big batches.
     batch_size = batch_size or (1000 if str(device).startswith("cuda") else 100)
     from .denoise import sample
-    from .diffusion import make_scheduler
+    from .diffusion import sampler_for
+    sc = sc or cfg.sample
     labels = balanced_labels(n, cfg.model.num_classes)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    scheduler = make_scheduler(sampler, cfg.diffusion, device, steps, eta)
+    scheduler = sampler_for(sc, cfg.diffusion, device)
     out = []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
         images, _ = sample(model, scheduler, chunk.to(device), cfg.model.img_size,
-                           cfg.model.in_channels, generator, 0, guidance, guidance_interval)
+                           cfg.model.in_channels, generator, 0, sc.guidance, sc.guidance_interval)
         out.append(images.cpu())
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return torch.cat(out), labels, time.perf_counter() - start
 
 
-def evaluate_model(model, cfg, n: int, device, seed: int, sampler: str, steps: int,
-                   guidance: float, eta: float = 0.0, batch_size: int = 0,
-                   guidance_interval=EVERY_STEP) -> dict:
-    images, labels, seconds = generate_images(model, cfg, n, device, seed, sampler, steps,
-                                              guidance, eta, batch_size, guidance_interval)
+def evaluate_model(model, cfg, n: int, device, seed: int, sc=None, batch_size: int = 0) -> dict:
+    """Generate n digits with the sampler options `sc` (default cfg.sample) and score them."""
+    sc = sc or cfg.sample
+    images, labels, seconds = generate_images(model, cfg, n, device, seed, sc, batch_size)
     metrics = score(images, labels, device)
-    metrics.update(sampler=sampler, steps=steps, guidance=guidance,
-                   guidance_interval=list(guidance_interval), eta=eta,
+    metrics.update(sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance,
+                   guidance_interval=list(sc.guidance_interval), eta=sc.eta, grid=sc.grid,
                    sample_seconds=seconds, images_per_second=n / seconds)
     return metrics
 

@@ -22,7 +22,7 @@ from . import checkpoint
 from .config import Config, UserError
 from .dataset import MNISTData, epoch_batches, load_mnist
 from .denoise import sample_digits
-from .diffusion import NoiseSchedule, make_scheduler
+from .diffusion import NoiseSchedule, make_scheduler, sampler_for
 from .ema import EMA
 from .unet import UNet, count_parameters
 
@@ -112,7 +112,7 @@ def log_sample_grid(writer, model, cfg: Config, device, seed: int, tag: str, ste
     was_training = model.training
     model.eval()  # BatchNorm uses its running statistics, as at sampling time
     sc = cfg.sample
-    scheduler = make_scheduler(sc.sampler, cfg.diffusion, device, sc.steps, sc.eta)
+    scheduler = sampler_for(sc, cfg.diffusion, device)
     images, _ = sample_digits(model, scheduler, list(range(cfg.model.num_classes)), 1,
                               seed=seed, device=device, guidance=sc.guidance,
                               guidance_interval=sc.guidance_interval)
@@ -121,15 +121,12 @@ def log_sample_grid(writer, model, cfg: Config, device, seed: int, tag: str, ste
 
 
 def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: float, log) -> dict:
-    """Conditional accuracy and FID on a small sample, with the preset's sampler (issue: the
-    quality curve of a run). The classifier ships with the package."""
+    """Conditional accuracy and FID on a small sample, with the preset's sampler: the quality
+    curve of a run. The classifier ships with the package."""
     from .evaluate import evaluate_model
     was_training = model.training
     model.eval()
-    sc = cfg.sample
-    metrics = evaluate_model(model, cfg, n=cfg.train.eval_n, device=device, seed=1234,
-                             sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance, eta=sc.eta,
-                             guidance_interval=sc.guidance_interval)
+    metrics = evaluate_model(model, cfg, n=cfg.train.eval_n, device=device, seed=1234)
     model.train(was_training)
     writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
     writer.add_scalar("eval/fid", metrics["fid"], step)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import (Parser, add_common, check_number, check_outputs, check_seed,
-                             resolve_device, run_cli)
+from diffusion101.cli import (Parser, add_common, add_sampler_flags, check_number, check_outputs,
+                             check_seed, resolve_device, run_cli, sampler_options)
 
 
 def main(argv=None):
@@ -23,28 +23,20 @@ def main(argv=None):
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--n-per-digit", type=int, default=1)
     p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
-    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
-                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
-    p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
+    add_sampler_flags(p)
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
     check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
     device = resolve_device(a.device)
     from diffusion101.checkpoint import default_checkpoint
-    from diffusion101.denoise import generate, parse_interval, parse_lora_specs, progress_path
+    from diffusion101.denoise import generate, parse_lora_specs, progress_path
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
     check_outputs({"--out": a.out, "--out's progress figure": progress_path(a.out), "--npz": a.npz},
                   inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
-    generate(ckpt, a.out, device, loras=loras, merge=a.merge,
-             seed=a.seed or 0, digits=a.digits,
-             n_per_digit=a.n_per_digit, npz=a.npz, sampler=a.sampler, steps=a.steps,
-             guidance=a.guidance, eta=a.eta, use_ema=False if a.no_ema else None,
-             guidance_interval=parse_interval(a.guidance_interval))
+    generate(ckpt, a.out, device, loras=loras, merge=a.merge, seed=a.seed or 0, digits=a.digits,
+             n_per_digit=a.n_per_digit, npz=a.npz, sample_options=sampler_options(a),
+             use_ema=False if a.no_ema else None)
 
 
 if __name__ == "__main__":

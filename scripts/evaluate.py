@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-from diffusion101.cli import (Parser, add_common, check_number, check_outputs, check_seed,
-                             resolve_device, run_cli)
+from diffusion101.cli import (Parser, add_common, add_sampler_flags, check_number, check_outputs,
+                             check_seed, resolve_device, run_cli, sampler_options)
 
 
 def main(argv=None):
@@ -24,20 +24,13 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10000, help="digits to generate, balanced over 0-9")
     p.add_argument("--batch-size", type=int, default=0,
                    help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
-                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
-    p.add_argument("--no-ema", action="store_true")
+    add_sampler_flags(p)
     p.add_argument("--json", default=None, help="also write the numbers here")
     add_common(p)
     a = p.parse_args(argv)
     from diffusion101 import evaluate
     from diffusion101.checkpoint import atomic_write, default_checkpoint
-    from diffusion101.denoise import (load_for_sampling, parse_interval, parse_lora_specs,
-                                      resolve_sampler)
+    from diffusion101.denoise import load_for_sampling, parse_lora_specs, resolve_sampler
     check_seed(a.seed)
     check_number("--n", a.n, 10, 1_000_000, integer=True)
     check_number("--batch-size", a.batch_size, 0, 100_000, integer=True)
@@ -50,11 +43,8 @@ def main(argv=None):
     else:
         device = resolve_device(a.device)
         model, cfg = load_for_sampling(ckpt, device, loras, False if a.no_ema else None)
-        sc = resolve_sampler(cfg, a.sampler, a.steps, a.guidance, a.eta,
-                             parse_interval(a.guidance_interval))
-        metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sc.sampler,
-                                          sc.steps, sc.guidance, sc.eta, a.batch_size,
-                                          sc.guidance_interval)
+        sc = resolve_sampler(cfg, **sampler_options(a))
+        metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sc, a.batch_size)
         metrics["ckpt"], metrics["lora"] = ckpt, a.lora
     print(evaluate.format_report(metrics))
     if a.json:

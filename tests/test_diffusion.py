@@ -155,3 +155,30 @@ def test_deterministic_samplers_solve_the_flow_of_gaussian_data():
     for n in (10, 20, 50):
         assert abs(dpm[n]) < abs(ddim[n]), (n, dpm[n], ddim[n])
     assert abs(dpm[50]) < 1e-2 and abs(dpm[20]) < 0.08
+
+
+@pytest.mark.parametrize("grid", ["uniform", "logsnr", "trailing"])
+def test_time_grids_start_at_the_top_fall_strictly_and_end_where_they_say(grid):
+    for n in (1, 2, 5, 15, 20, 30, 50, 200, 1000):
+        steps = make_scheduler("dpm", DiffusionConfig(), steps=n, grid=grid).timesteps.tolist()
+        assert len(steps) == n and steps[0] == 999 and all(a > b for a, b in zip(steps, steps[1:]))
+        if n > 1:
+            # uniform and logsnr visit t = 0; trailing stops one spacing above it
+            assert steps[-1] == (round(1000 / n) - 1 if grid == "trailing" else 0), (n, steps[-3:])
+    if grid == "logsnr":
+        # equal steps in lambda = log(alpha/sigma) before rounding: the early (noisy) steps
+        # are long in t, the late ones short
+        steps = make_scheduler("dpm", DiffusionConfig(), steps=20, grid=grid).timesteps.tolist()
+        assert steps[0] - steps[1] > 40 and steps[-2] - steps[-1] <= 2
+
+
+def test_log_snr_grid_solves_the_gaussian_flow_better_than_uniform_at_few_steps():
+    def error(grid, n):
+        sched = make_scheduler("dpm", DiffusionConfig(clip="none"), steps=n, grid=grid)
+        ab, s, x = sched.alpha_bar.double(), 0.5, torch.ones(1, 1, 1, 1)
+        for t in sched.timesteps.tolist():
+            x = sched.step((math.sqrt(1 - ab[t]) * x.double() / (ab[t] * s * s + 1 - ab[t])).float(), t, x)
+        return abs(x.item() / (s / math.sqrt(ab[999] * s * s + 1 - ab[999])) - 1)
+    # measured: 10 steps 1.4% against 21.5%, 20 steps 1.4% against 4.7%
+    assert error("logsnr", 10) < 0.05 < error("uniform", 10)
+    assert error("logsnr", 20) < 0.5 * error("uniform", 20)

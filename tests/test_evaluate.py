@@ -101,8 +101,10 @@ def test_generation_batch_size_does_not_change_deterministic_samples():
     from diffusion101.unet import UNet
     cfg = get_preset("tiny")
     model = UNet(cfg.model).eval()
-    a, la, _ = evaluate.generate_images(model, cfg, 30, "cpu", 3, "ddim", 5, 1.0, batch_size=7)
-    b, lb, _ = evaluate.generate_images(model, cfg, 30, "cpu", 3, "ddim", 5, 1.0, batch_size=30)
+    import dataclasses
+    sc = dataclasses.replace(cfg.sample, sampler="ddim", steps=5, guidance=1.0)
+    a, la, _ = evaluate.generate_images(model, cfg, 30, "cpu", 3, sc, batch_size=7)
+    b, lb, _ = evaluate.generate_images(model, cfg, 30, "cpu", 3, sc, batch_size=30)
     assert torch.equal(la, lb) and a.shape == (30, 1, 16, 16)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # float32 GEMM blocking differs by batch
 
