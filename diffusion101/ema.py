@@ -2,8 +2,8 @@
 
 shadow <- d * shadow + (1 - d) * weights after every optimizer step, with the warm-up
 d = min(decay, (1 + step) / (10 + step)): early on the weights move fast, and an average over
-a long window would mix in the random initialisation (a run of the `cpu` preset sampled noise
-from its EMA at step 300 without it). Buffers (such as BatchNorm's running statistics) are
+a long window would keep mixing in the random initialisation, so a short run would sample
+from weights that are still mostly noise. Buffers (such as BatchNorm's running statistics) are
 copied, since averaging counters makes no sense.
 """
 from __future__ import annotations

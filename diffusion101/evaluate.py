@@ -210,9 +210,11 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
 
 def format_report(m: dict) -> str:
     from .denoise import interval_text
+    grid = m.get("grid", "uniform")
     lines = [f"n = {m['n']}" + (f", sampler {m['sampler']}, {m['steps']} steps, guidance "
                                 f"{m['guidance']}" if "sampler" in m else "")
-             + interval_text(m.get("guidance_interval", EVERY_STEP)),
+             + interval_text(m.get("guidance_interval", EVERY_STEP))
+             + (f", {grid} time grid" if grid != "uniform" and m.get("sampler") != "ddpm" else ""),
              f"conditional accuracy: {100 * m['accuracy']:.2f}%",
              "per digit: " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in
                                        sorted(m["per_digit_accuracy"].items())),

@@ -2,6 +2,7 @@
 Q/K/V projections), on MNIST or on a folder of the user's own digits."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from .config import UserError, validate
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import make_scheduler
 from .lora import inject_lora, lora_state_dict
-from .train import diffusion_loss
+from .train import NonFiniteLoss, TrainState, make_lr_schedule, speed_options, train_step
 from .unet import count_parameters
 
 
@@ -65,9 +66,15 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
     scheduler = make_scheduler("ddpm", cfg.diffusion, device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lc.lr)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # The training step is train.py's own, with the base's loss and label dropout, and the
+    # reference's plain recipe for the adapters: constant Adam, no clipping, no EMA, fp32.
+    tc = dataclasses.replace(cfg.train, lr=lc.lr, lr_schedule="constant", grad_clip=0.0,
+                             ema_decay=0.0)
+    speed = speed_options(dataclasses.replace(tc, precision="fp32", channels_last="off",
+                                              compile="off", fused_optimizer="off"), device)
+    state = TrainState(model, optimizer, make_lr_schedule(optimizer, tc, 0), None, generator)
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
-    step = 0
     epochs = lc.epochs
     if lc.max_steps:  # a step budget wins over the epoch count, however small the data set
         per_epoch = len(epoch_batches(len(data), lc.batch_size, seed, 0))
@@ -77,21 +84,18 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
         bar = tqdm(batches, desc=f"lora epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
         for idx in bar:
             x0, y = data.batch(idx, device)
-            loss = diffusion_loss(model, scheduler, x0, y, generator, cfg.train.loss,
-                                  cfg.train.p_uncond)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise UserError(f"loss is {value} at LoRA step {step + 1}; stopped, nothing saved")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+            try:
+                value = train_step(state, scheduler, x0, y, tc, speed)
+            except NonFiniteLoss as e:
+                raise UserError(f"loss is {e} at LoRA step {state.step + 1}; stopped, "
+                                f"nothing saved") from None
             bar.set_postfix(loss=f"{value:.4f}")
-            if lc.max_steps and step >= lc.max_steps:
+            if lc.max_steps and state.step >= lc.max_steps:
                 break
         bar.close()
-        if lc.max_steps and step >= lc.max_steps:
+        if lc.max_steps and state.step >= lc.max_steps:
             break
+    step = state.step
     if step == 0:
         raise UserError(f"no training step was taken (empty data?); {out} was not written")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

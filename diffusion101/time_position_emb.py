@@ -17,7 +17,8 @@ class TimePositionEmbedding(nn.Module):
         super().__init__()
         half = dim // 2
         freqs = torch.exp(-torch.arange(half, dtype=torch.float64) * math.log(10000.0) / (half - 1))
-        # A persistent buffer, as in the reference: it is part of the 32,187,235 state-dict numbers.
+        # A persistent buffer, as in the reference (which names it half_emb): it is saved with
+        # the weights, so the state dict matches the reference's layout (docs/REFERENCE.md).
         self.register_buffer("freqs", freqs.float())
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

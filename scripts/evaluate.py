@@ -45,7 +45,7 @@ def main(argv=None):
         model, cfg = load_for_sampling(ckpt, device, loras, False if a.no_ema else None)
         sc = resolve_sampler(cfg, **sampler_options(a))
         metrics = evaluate.evaluate_model(model, cfg, a.n, device, a.seed or 0, sc, a.batch_size)
-        metrics["ckpt"], metrics["lora"] = ckpt, a.lora
+        metrics["ckpt"], metrics["lora"] = str(ckpt), a.lora  # (the shipped one is a Path)
     print(evaluate.format_report(metrics))
     if a.json:
         text = json.dumps(metrics, indent=2).encode()
