@@ -227,7 +227,7 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     under "model", the config and counters; no optimizer, no RNG states. `overrides`
     ('sample.guidance=3', ...) set the sampler defaults the file carries; nothing else may
     change, since the weights were trained for the rest."""
-    from .config import apply_override
+    from .config import apply_override, validate
     ckpt = load_model_checkpoint(src)
     weights = sampling_weights(ckpt)
     cfg = config_of(ckpt)
@@ -235,6 +235,7 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
         if not assignment.startswith("sample."):
             raise UserError(f"export can only change sampler defaults (sample.*), not '{assignment}'")
         apply_override(cfg, assignment)
+    validate(cfg)  # a NaN guidance must not reach the file
     out = {"format": MODEL_FORMAT, "preset": ckpt.get("preset"), "config": cfg.to_dict(),
            "model": weights, "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
            "step_in_epoch": ckpt.get("step_in_epoch", 0),

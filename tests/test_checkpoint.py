@@ -34,9 +34,19 @@ def test_round_trip_under_weights_only(tmp_path):
 
 def test_fingerprint_tracks_weights():
     a, b = _ckpt(0)["model"], _ckpt(1)["model"]
-    assert checkpoint.fingerprint(a) == checkpoint.fingerprint(dict(a))
+    # equal for the same numbers in other tensors and another key order ...
+    copy = {k: a[k].clone() for k in reversed(list(a))}
+    assert checkpoint.fingerprint(a) == checkpoint.fingerprint(copy)
     assert checkpoint.fingerprint(a) != checkpoint.fingerprint(b)
     assert len(checkpoint.fingerprint(a)) == 64
+    # ... and different when one number moves by one float32 step, or a name changes
+    key = next(k for k, v in a.items() if v.is_floating_point())
+    nudged = dict(copy)
+    nudged[key] = copy[key].clone()
+    nudged[key].view(-1)[0] = torch.nextafter(nudged[key].view(-1)[0], torch.tensor(float("inf")))
+    assert checkpoint.fingerprint(nudged) != checkpoint.fingerprint(a)
+    renamed = {("x." + k if k == key else k): v for k, v in copy.items()}
+    assert checkpoint.fingerprint(renamed) != checkpoint.fingerprint(a)
 
 
 class _Payload:
@@ -121,6 +131,9 @@ def test_export_keeps_the_ema_weights_only(tmp_path):
     assert cfg.sample.guidance == 3.0
     with pytest.raises(UserError, match="only change sampler defaults"):
         checkpoint.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["model.norm=group"])
+    with pytest.raises(UserError, match=r"sample\.guidance"):
+        checkpoint.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["sample.guidance=nan"])
+    assert not (tmp_path / "x.pt").exists()
     assert "optimizer" not in slim and "ema" not in slim and slim["exported_from_ema"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in full["ema"].items())
     # an adapter trained on the full checkpoint fits its export: same base fingerprint

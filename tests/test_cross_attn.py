@@ -29,15 +29,37 @@ def test_output_layernormed_over_channels():
     assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
 
 
-def test_multi_token_softmax_is_not_constant_and_queries_matter():
+def test_forward_equals_the_formulas_written_out():
+    # softmax(Q K^T / sqrt(q_dim)) V, Linear back, residual + LayerNorm, FFN, residual + LayerNorm,
+    # computed here in float64 from the module's own weights, with four label tokens
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, 4, 16, 6)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so they are checked too
+        for norm in (attn.norm1, attn.norm2):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x, ctx = torch.randn(2, 8, 5, 5), torch.randn(2, 4, 6)
+    d = {k: v.double() for k, v in attn.state_dict().items()}
+    pix = x.double().permute(0, 2, 3, 1).reshape(2, 25, 8)              # (B, HW, C)
+    q = pix @ d["w_q.weight"].T + d["w_q.bias"]                          # (B, HW, 4)
+    k = ctx.double() @ d["w_k.weight"].T + d["w_k.bias"]                 # (B, 4 tokens, 4)
+    v = ctx.double() @ d["w_v.weight"].T + d["w_v.bias"]
+    weights = torch.softmax(torch.einsum("bpq,btq->bpt", q, k) / 2.0, dim=-1)  # sqrt(4) = 2
+    z = torch.einsum("bpt,btv->bpv", weights, v) @ d["z_linear.weight"].T + d["z_linear.bias"]
+    z = F.layer_norm(z + pix, (8,), d["norm1.weight"], d["norm1.bias"])
+    hidden = torch.relu(z @ d["feedforward.0.weight"].T + d["feedforward.0.bias"])
+    out = F.layer_norm(hidden @ d["feedforward.2.weight"].T + d["feedforward.2.bias"] + z, (8,),
+                       d["norm2.weight"], d["norm2.bias"])
+    expected = out.reshape(2, 5, 5, 8).permute(0, 3, 1, 2)
+    torch.testing.assert_close(attn(x, ctx).double(), expected, rtol=1e-5, atol=1e-5)
+    assert weights.std(dim=1).mean() > 1e-3  # with several tokens the weights vary by pixel
+
+
+def test_with_several_tokens_the_queries_matter():
     torch.manual_seed(0)
     attn = CrossAttention(8, 4, 4, 16, 6)
     x, ctx = torch.randn(2, 8, 5, 5), torch.randn(2, 4, 6)  # four label tokens
-    b, c, h, w = x.shape
-    q = attn.w_q(x.permute(0, 2, 3, 1).reshape(b, h * w, c))
-    weights = torch.softmax(q @ attn.w_k(ctx).transpose(1, 2) / 2.0, dim=-1)  # (B, HW, 4)
-    assert torch.allclose(weights.sum(-1), torch.ones(b, h * w), atol=1e-6)
-    assert weights.std(dim=1).mean() > 1e-3  # the weights vary from pixel to pixel
     before = attn(x, ctx)
     with torch.no_grad():
         attn.w_q.weight.normal_()
