@@ -217,7 +217,8 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     import torch
 
     from diffusion101.checkpoint import SHIPPED_PATH
-    from diffusion101.denoise import load_for_sampling, sample_digits, save_grid
+    from diffusion101.denoise import load_for_sampling, sample_digits
+    from diffusion101.images import save_grid
     from diffusion101.diffusion import make_scheduler
     model, cfg = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None)
     w = cfg.sample.guidance

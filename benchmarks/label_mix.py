@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion101.classifier import FLOOR_SIZES  # noqa: E402
 from diffusion101.dataset import load_mnist  # noqa: E402
-from diffusion101.evaluate import (classify, feature_stats, frechet_distance,  # noqa: E402
-                                   load_classifier, uint8_to_unit)
+from diffusion101.classifier import classify  # noqa: E402
+from diffusion101.evaluate import load_classifier, uint8_to_unit  # noqa: E402
+from diffusion101.fid import feature_stats, frechet_distance  # noqa: E402
 
 
 def main():

@@ -63,7 +63,7 @@ def train_classifier(epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, s
 
     from . import checkpoint
     from .dataset import epoch_batches, load_mnist
-    from .evaluate import classify, feature_stats, frechet_distance
+    from .fid import feature_stats, frechet_distance
 
     torch.manual_seed(seed)
     train, test = load_mnist(True, 28), load_mnist(False, 28)
@@ -109,3 +109,25 @@ def train_classifier(epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, s
     checkpoint.save(blob, out)
     log(f"saved {out}")
     return blob
+
+
+def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
+    """Any (N, 1, S, S) or (N, S, S) images in [-1, 1] -> (N, 1, 28, 28), antialiased resize."""
+    if images.dim() == 3:
+        images = images[:, None]
+    images = images.float()
+    if images.shape[-1] != 28 or images.shape[-2] != 28:
+        images = F.interpolate(images, size=(28, 28), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return images.clamp(-1, 1)
+
+
+@torch.inference_mode()
+def classify(clf: DigitClassifier, images: torch.Tensor, batch_size: int = 1000):
+    """(predicted labels (N,), features (N, 128) float64) for images in [-1, 1]."""
+    preds, feats = [], []
+    for chunk in images.split(batch_size):
+        logits, f = clf(to_classifier_input(chunk), return_features=True)
+        preds.append(logits.argmax(1))
+        feats.append(f.double())
+    return torch.cat(preds), torch.cat(feats)

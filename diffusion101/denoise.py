@@ -1,7 +1,7 @@
-"""The reverse process: start from noise, predict, step, repeat; then save what came out."""
+"""The reverse process: start from noise, predict, step, repeat, with classifier-free guidance;
+and the sampling job that loads a checkpoint and writes what came out (through images.py)."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -67,48 +67,6 @@ def sample_digits(model, scheduler, digits, n_per_digit: int, seed: int, device,
                   guidance, guidance_interval)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255, the same rounding as save_image."""
-    x = ((images[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
-    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
-
-
-def save_grid(images: torch.Tensor, path, nrow: int) -> None:
-    from torchvision.utils import save_image
-    grid_images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
-    checkpoint.atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2,
-                                                       format="png"))
-
-
-def save_progression(frames: torch.Tensor, digits, path) -> None:
-    """Rows: digits; columns: the intermediate x_t, from noise (left) to the result (right)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    rows, cols = frames.shape[0], frames.shape[1]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(((frames[r, c, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(str(digits[r]), rotation=0, labelpad=8)
-    fig.suptitle("denoising progression: noise (left) to digit (right)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same bytes each run
-    plt.close(fig)
-    checkpoint.atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
-def save_npz(images: torch.Tensor, labels, path) -> None:
-    """images: uint8 (N, H, W) 0..255; labels: int64 (N,), for external evaluation."""
-    arrays = {"images": to_uint8(images), "labels": np.asarray(labels, dtype=np.int64)}
-    checkpoint.atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
 def parse_digits(text: str, num_classes: int = 10) -> list:
     from .config import UserError
     try:
@@ -131,12 +89,6 @@ def parse_interval(text):
     except ValueError:
         raise UserError(f"--guidance-interval '{text}' is not two numbers LO,HI") from None
     return lo, hi
-
-
-def progress_path(out) -> Path:
-    """Where the denoising progression goes: beside the grid, as <name>_progress.png."""
-    out = Path(out)
-    return out.with_name(out.stem + "_progress.png")
 
 
 def interval_text(interval) -> str:
@@ -219,6 +171,7 @@ def generate(ckpt_path, out, device, loras=(), seed=0, digits="0,1,2,3,4,5,6,7,8
 
     from .config import UserError
     from .diffusion import sampler_for
+    from .images import progress_path, save_grid, save_npz, save_progression
 
     if n_per_digit < 1:
         raise UserError("--n-per-digit must be at least 1")

@@ -13,64 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .classifier import DigitClassifier
+from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
 from .config import EVERY_STEP, UserError
-
-from .classifier import CLASSIFIER_PATH  # noqa: E402  (re-exported for callers)
-
-
-def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
-    """Any (N, 1, S, S) or (N, S, S) images in [-1, 1] -> (N, 1, 28, 28), antialiased resize."""
-    if images.dim() == 3:
-        images = images[:, None]
-    images = images.float()
-    if images.shape[-1] != 28 or images.shape[-2] != 28:
-        images = F.interpolate(images, size=(28, 28), mode="bilinear", antialias=True,
-                               align_corners=False)
-    return images.clamp(-1, 1)
+from .fid import feature_stats, frechet_distance
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float [-1, 1], as the dataset normalises."""
     return images.float() / 255.0 * 2 - 1
-
-
-@torch.inference_mode()
-def classify(clf: DigitClassifier, images: torch.Tensor, batch_size: int = 1000):
-    """(predicted labels (N,), features (N, 128) float64) for images in [-1, 1]."""
-    preds, feats = [], []
-    for chunk in images.split(batch_size):
-        logits, f = clf(to_classifier_input(chunk), return_features=True)
-        preds.append(logits.argmax(1))
-        feats.append(f.double())
-    return torch.cat(preds), torch.cat(feats)
-
-
-def feature_stats(features: torch.Tensor):
-    """Mean (D,) and covariance (D, D), float64, unbiased as numpy's cov."""
-    f = features.double()
-    mu = f.mean(0)
-    d = f - mu
-    return mu, d.T @ d / (f.shape[0] - 1)
-
-
-def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(a)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64.
-
-    tr((S1 S2)^{1/2}) = tr((S1^{1/2} S2 S1^{1/2})^{1/2}): the inner matrix is symmetric PSD, so
-    an eigendecomposition gives the same value as scipy's sqrtm, without complex round-off."""
-    mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    r1 = _sqrtm_psd(s1)
-    inner = r1 @ s2 @ r1
-    covmean_trace = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * covmean_trace)
 
 
 # ---- the shipped classifier ----------------------------------------------------------------

@@ -30,7 +30,8 @@ def main(argv=None):
     check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
     device = resolve_device(a.device)
     from diffusion101.checkpoint import default_checkpoint
-    from diffusion101.denoise import generate, parse_lora_specs, progress_path
+    from diffusion101.denoise import generate, parse_lora_specs
+    from diffusion101.images import progress_path
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
     check_outputs({"--out": a.out, "--out's progress figure": progress_path(a.out), "--npz": a.npz},
                   inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})

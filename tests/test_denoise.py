@@ -1,9 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
 from diffusion101.config import UserError, get_preset
-from diffusion101.denoise import parse_digits, sample, sample_digits, save_grid, save_npz, to_uint8
+from diffusion101.denoise import parse_digits, sample, sample_digits
 from diffusion101.diffusion import DDPMScheduler, make_scheduler
 from diffusion101.unet import UNet
 
@@ -42,19 +41,6 @@ def test_sampler_loop_is_model_then_scheduler_step():
     x_start = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     out, _ = sample(Zero(), sched, torch.tensor([1, 2]), 4, 1, torch.Generator().manual_seed(0))
     assert torch.allclose(out, (x_start / sched.sqrt_alpha_bar[-1]).clamp(-1, 1))
-
-
-def test_npz_and_grid(tmp_path):
-    images = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
-    save_npz(images, [3, 4], tmp_path / "s.npz")
-    d = np.load(tmp_path / "s.npz")
-    assert d["images"].dtype == np.uint8 and d["images"].shape == (2, 16, 16)
-    assert d["labels"].dtype == np.int64 and d["labels"].tolist() == [3, 4]
-    assert d["images"].min() == 0 and d["images"].max() == 255
-    save_grid(images, tmp_path / "g.png", nrow=2)
-    from PIL import Image
-    assert Image.open(tmp_path / "g.png").size == (2 * 16 + 3 * 2, 16 + 2 * 2)
-    assert to_uint8(images).tolist() == d["images"].tolist()
 
 
 @pytest.mark.parametrize("bad", ["10", "-1", "a,b", "", "1,,x"])
