@@ -216,7 +216,7 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     (row 2), each timed after a warm-up."""
     import torch
 
-    from diffusion101.checkpoint import SHIPPED_PATH
+    from diffusion101.models import SHIPPED_PATH
     from diffusion101.denoise import load_for_sampling, sample_digits
     from diffusion101.images import save_grid
     from diffusion101.diffusion import make_scheduler

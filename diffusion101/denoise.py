@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, models
 from .config import EVERY_STEP
 
 
@@ -125,7 +125,7 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     to), with adapters [(path, strength), ...] added, merged into the weights or applied in
     the forward pass. Returns (model in eval mode, cfg)."""
     from .lora import apply_lora_file, merge_lora
-    model, ckpt, cfg = checkpoint.load_model(ckpt_path, device="cpu")
+    model, ckpt, cfg = models.load_model(ckpt_path, device="cpu")
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     if use_ema and "ema" in ckpt:
         checkpoint.load_state(model, ckpt["ema"], f"{ckpt_path} (EMA weights)")

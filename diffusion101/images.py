@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 
 
 def progress_path(out) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, models
 from .config import UserError, validate
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import make_scheduler
@@ -30,7 +30,7 @@ def finetune(base_path, out, device, r=None, alpha=None, epochs=None, max_steps=
     """Train a LoRA adapter (or, with full=True, every weight, for comparison) on `data`."""
     from tqdm import tqdm
 
-    model, ckpt, cfg = checkpoint.load_model(base_path, device="cpu")
+    model, ckpt, cfg = models.load_model(base_path, device="cpu")
     # adapt the weights that sampling uses (the EMA copy, when the run kept one)
     checkpoint.load_state(model, checkpoint.sampling_weights(ckpt), str(base_path))
     lc = cfg.lora

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
+from .files import fault
 from .config import Config, UserError
 from .dataset import MNISTData, epoch_batches, load_mnist
 from .denoise import sample_digits
@@ -381,7 +382,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
             state.start_clock()
             for idx in bar:
                 x0, y = data.batch(idx, device)
-                if checkpoint.fault("nan_at_step") == str(state.step + 1):
+                if fault("nan_at_step") == str(state.step + 1):
                     x0 = x0 * float("nan")  # a crash test: a batch whose loss is NaN
                 try:
                     value = train_step(state, scheduler, x0, y, tc, speed, distributed)
@@ -396,7 +397,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                     bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if tc.save_every and state.step % tc.save_every == 0:
                     ckpt = save()
-                if checkpoint.fault("kill_after_step") == str(state.step):
+                if fault("kill_after_step") == str(state.step):
                     os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
                 if main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
                     state.lap()

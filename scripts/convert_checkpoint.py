@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--trust", action="store_true", help="required: I trust this file's code")
     a = p.parse_args(argv)
     check_outputs({"new": a.new}, inputs={"old": a.old})
-    from diffusion101.checkpoint import convert_pickled
+    from diffusion101.models import convert_pickled
     convert_pickled(a.old, a.new, a.preset, trusted=a.trust)
 
 

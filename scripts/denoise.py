@@ -29,7 +29,7 @@ def main(argv=None):
     check_seed(a.seed)
     check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
     device = resolve_device(a.device)
-    from diffusion101.checkpoint import default_checkpoint
+    from diffusion101.models import default_checkpoint
     from diffusion101.denoise import generate, parse_lora_specs
     from diffusion101.images import progress_path
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)

@@ -29,7 +29,8 @@ def main(argv=None):
     add_common(p)
     a = p.parse_args(argv)
     from diffusion101 import evaluate
-    from diffusion101.checkpoint import atomic_write, default_checkpoint
+    from diffusion101.files import atomic_write
+    from diffusion101.models import default_checkpoint
     from diffusion101.denoise import load_for_sampling, parse_lora_specs, resolve_sampler
     check_seed(a.seed)
     check_number("--n", a.n, 10, 1_000_000, integer=True)

@@ -18,7 +18,7 @@ def main(argv=None):
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
     a = p.parse_args(argv)
     check_outputs({"dst": a.dst}, inputs={"src": a.src})
-    from diffusion101.checkpoint import export_for_sampling
+    from diffusion101.models import export_for_sampling
     export_for_sampling(a.src, a.dst, a.set)
 
 

@@ -31,6 +31,17 @@ def run_script(name: str, *args, cwd, env_extra=None, check=True):
     return proc
 
 
+def tiny_checkpoint(seed=0) -> dict:
+    """A model.pt's contents for the `tiny` preset with weights drawn from `seed`."""
+    from diffusion101 import checkpoint
+    from diffusion101.config import get_preset
+    from diffusion101.unet import UNet
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny")
+    return {"format": checkpoint.MODEL_FORMAT, "preset": "tiny", "config": cfg.to_dict(),
+            "model": UNet(cfg.model).state_dict(), "epoch": 1, "step": 3, "step_in_epoch": 0}
+
+
 @pytest.fixture
 def fake_data():
     """256 random 16x16 'digits' with labels: enough for a few tiny training steps, no MNIST load."""

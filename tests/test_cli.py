@@ -74,7 +74,7 @@ def test_sigterm_mid_save_removes_the_temporary_file(tmp_path):
     target.write_bytes(b"old")
     code = f"""
 import os, signal, sys
-from diffusion101.checkpoint import atomic_write
+from diffusion101.files import atomic_write
 from diffusion101.cli import run_cli
 def write(f):
     f.write(b"half")

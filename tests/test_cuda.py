@@ -88,7 +88,7 @@ def test_all_speed_options_together_train_like_fp32(fake_data):
 
 
 def test_same_seed_same_digits_on_cuda():
-    from diffusion101.checkpoint import SHIPPED_PATH
+    from diffusion101.models import SHIPPED_PATH
     from diffusion101.denoise import load_for_sampling, sample_digits
     model, cfg = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
     sc = cfg.sample

@@ -1,0 +1,53 @@
+"""Writing files so that a crash never leaves half of one, and the crash tests' fault hooks."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+from .config import UserError
+
+
+def fault(name: str) -> str | None:
+    """Fault injection for the crash tests: DIFFUSION101_FAULT=name[:arg] simulates a fault.
+    Returns the argument ('' if none) when `name` is the fault asked for, else None."""
+    spec = os.environ.get("DIFFUSION101_FAULT", "")
+    key, _, arg = spec.partition(":")
+    return arg if key == name else None
+
+
+def atomic_write(path, write_fn) -> None:
+    """Write through write_fn(file) to a temporary file in the same folder, fsync, then
+    os.replace: a crash at any point leaves either the old file or the new one, never half."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"cannot save {path}: folder {folder} does not exist")
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            if fault("disk_full") is not None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.flush()
+            os.fsync(f.fileno())
+        if fault("kill_before_replace") is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not save {path}: {e.strerror or e}; "
+                        f"the previous file, if any, is untouched") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Persist the rename itself (the folder entry), where the platform allows it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

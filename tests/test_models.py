@@ -1,0 +1,63 @@
+"""Models rebuilt from files: export for sampling, the default checkpoint, the converter."""
+import pytest
+import torch
+
+from diffusion101 import checkpoint, models
+from diffusion101.config import UserError, get_preset
+from diffusion101.unet import UNet
+
+from conftest import tiny_checkpoint
+
+
+def test_export_keeps_the_ema_weights_only(tmp_path):
+    full = tiny_checkpoint(0)
+    full["ema"] = tiny_checkpoint(1)["model"]
+    full["optimizer"] = {"state": {}, "param_groups": []}
+    checkpoint.save(full, tmp_path / "full.pt")
+    models.export_for_sampling(tmp_path / "full.pt", tmp_path / "slim.pt",
+                                   ["sample.guidance=3"], log=lambda *a: None)
+    model, slim, cfg = models.load_model(tmp_path / "slim.pt")
+    assert cfg.sample.guidance == 3.0
+    with pytest.raises(UserError, match="only change sampler defaults"):
+        models.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["model.norm=group"])
+    with pytest.raises(UserError, match=r"sample\.guidance"):
+        models.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["sample.guidance=nan"])
+    assert not (tmp_path / "x.pt").exists()
+    assert "optimizer" not in slim and "ema" not in slim and slim["exported_from_ema"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in full["ema"].items())
+    # an adapter trained on the full checkpoint fits its export: same base fingerprint
+    assert checkpoint.base_fingerprint(full) == checkpoint.base_fingerprint(slim)
+    assert checkpoint.base_fingerprint(full) != checkpoint.fingerprint(full["model"])
+
+def test_default_checkpoint_prefers_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    said = []
+    assert models.default_checkpoint("x.pt", log=said.append) == "x.pt"
+    assert models.default_checkpoint(None, log=said.append) == models.SHIPPED_PATH
+    assert "shipped checkpoint" in said[0]
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert models.default_checkpoint(None, log=said.append) == "model.pt"
+
+def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path):
+    # The reference's files: a bare state dict, or the whole pickled module, with its names
+    # (the same as the package's but for the timestep buffer, `half_emb` there).
+    from diffusion101.denoise import sample_digits
+    from diffusion101.diffusion import make_scheduler
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    model = UNet(cfg.model)
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    embedding = model.time_emb[0]
+    embedding.register_buffer("half_emb", embedding._buffers.pop("freqs"))
+    assert "time_emb.0.half_emb" in model.state_dict() and "time_emb.0.freqs" not in model.state_dict()
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    torch.save(model, tmp_path / "module.pt")
+    for name in ("state", "module"):
+        models.convert_pickled(tmp_path / f"{name}.pt", tmp_path / f"{name}_new.pt", "tiny",
+                                   trusted=True, log=lambda *a: None)
+        converted, _, ccfg = models.load_model(tmp_path / f"{name}_new.pt")
+        for k, v in converted.state_dict().items():
+            assert torch.equal(v, ours[k]), (name, k)
+        images, _ = sample_digits(converted.eval(), make_scheduler("ddpm", ccfg.diffusion),
+                                  range(10), 1, 0, "cpu")
+        assert images.shape == (10, 1, 16, 16) and torch.isfinite(images).all()
