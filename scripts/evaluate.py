@@ -21,7 +21,7 @@ def main(argv=None):
     src.add_argument("--npz", default=None, help="score these samples instead of generating")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA adapter(s) to merge into the model first")
-    p.add_argument("--n", type=int, default=10000, help="digits to generate, balanced over 0-9")
+    p.add_argument("--n", type=int, default=10000, help="digits to generate, in the test set's digit proportions")
     p.add_argument("--batch-size", type=int, default=0,
                    help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
     add_sampler_flags(p)

@@ -123,3 +123,15 @@ def test_evaluate_json_with_the_shipped_checkpoint(tmp_path):
     import json
     m = json.loads((tmp_path / "r.json").read_text())
     assert m["ckpt"].endswith("cpu.pt") and m["n"] == 10 and m["grid"] == "logsnr"
+
+
+def test_generated_labels_follow_the_test_sets_proportions(test_digits):
+    counts = torch.bincount(test_digits.labels, minlength=10).double()
+    for n in (10, 37, 2000, 10000):
+        labels = evaluate.test_set_labels(n)
+        got = torch.bincount(labels, minlength=10).double()
+        assert len(labels) == n and labels.min() >= 0 and labels.max() <= 9
+        assert (got - counts / counts.sum() * n).abs().max() < 1  # largest remainder: within 1
+    assert evaluate.test_set_labels(20)[:10].tolist() == list(range(10))  # interleaved
+    assert torch.equal(torch.bincount(evaluate.test_set_labels(10000), minlength=10),
+                       torch.bincount(test_digits.labels, minlength=10))  # N = 10,000: exactly the test set
