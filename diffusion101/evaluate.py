@@ -107,11 +107,6 @@ def test_set_labels(n: int) -> torch.Tensor:
     return torch.cat(rounds)
 
 
-def balanced_labels(n: int, num_classes: int = 10) -> torch.Tensor:
-    """n labels, as even over 0-9 as n allows (0, 1, ..., 9, 0, 1, ...)."""
-    return torch.arange(n) % num_classes
-
-
 def generate_images(model, cfg, n: int, device, seed: int, sc=None, batch_size: int = 0):
     """n balanced digits from a model in eval mode, in batches, with the sampler options `sc`
     (a config.SampleConfig; default the model's own, cfg.sample); returns (images, labels,

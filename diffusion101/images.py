@@ -26,8 +26,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def save_grid(images: torch.Tensor, path, nrow: int) -> None:
     from torchvision.utils import save_image
     grid_images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
-    atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2,
-                                                       format="png"))
+    atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2, format="png"))
 
 
 def save_progression(frames: torch.Tensor, digits, path) -> None:

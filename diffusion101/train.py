@@ -370,7 +370,6 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
         raise UserError(f"nothing to train: the run is at epoch {state.epoch}, step "
                         f"{state.step} with train.epochs={tc.epochs}, max_steps={tc.max_steps}, "
                         f"max_minutes={tc.max_minutes:g}; {out} was not written")
-    ckpt = None
     state.model.train()
     try:
         stopped = False
@@ -424,9 +423,6 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     finally:
         if writer is not None:
             writer.close()
-    if ckpt is None:
-        ckpt = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
-                **state.state_dict()}
     log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
         f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
     return ckpt
