@@ -1,7 +1,9 @@
 """Checkpoints as dicts of tensors and plain values, written atomically, read with weights_only.
 
-model.pt: {"format", "model", "config", "preset", "optimizer", "epoch", "step", "step_in_epoch",
-           "rng"}. lora.pt: {"format", "lora", "lora_config", "base_fingerprint", "config"}.
+model.pt: {"format", "model", "config", "preset", "epoch", "step", "step_in_epoch", and for a
+run that can resume "optimizer", "lr_schedule", "ema", "rng", "train_seconds"}
+(model_file); lora.pt: {"format", "lora", "lora_config", "base_fingerprint", "config",
+"steps"} (lora_file).
 The architecture is always rebuilt from the file's own "config", never from the caller
 (models.py does that). This module knows the format: what a file holds, and how it is read.
 """
@@ -21,6 +23,23 @@ MODEL_FORMAT = "diffusion101/model/1"
 LORA_FORMAT = "diffusion101/lora/1"
 CONVERT_HINT = ("if you trust the file, convert it once with "
                 "'python scripts/convert_checkpoint.py --trust OLD.pt NEW.pt'")
+
+
+def model_file(cfg: Config, preset, state: dict) -> dict:
+    """A model.pt's contents, built here only. `state` holds "model" (the weights) and what
+    else there is to keep: counters, and for a run that can resume, "optimizer", "lr_schedule",
+    "ema", "rng" (train.TrainState.state_dict())."""
+    counters = {"epoch": 0, "step": 0, "step_in_epoch": 0}
+    return {"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(), **counters, **state}
+
+
+def lora_file(cfg: Config, lora: dict, r: int, alpha: float, targets, base_fp: str,
+              steps: int) -> dict:
+    """A lora.pt's contents, built here only: the adapter tensors, their shape, and the
+    fingerprint of the base weights they were trained on."""
+    return {"format": LORA_FORMAT, "lora": lora,
+            "lora_config": {"r": r, "alpha": alpha, "targets": list(targets)},
+            "base_fingerprint": base_fp, "config": cfg.to_dict(), "steps": steps}
 
 
 def save(obj: dict, path) -> None:

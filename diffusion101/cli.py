@@ -147,6 +147,10 @@ def release_locks() -> None:
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        # No prefixes: '--eval' must not quietly mean '--eval-every-steps'
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # argparse prints usage + message over two lines; keep it to one
         raise UserError(message)
 

@@ -50,6 +50,12 @@ class ModelConfig:
     cond_tokens: int = num(1, 1, 256)  # label tokens per class; 1 makes the softmax constant
     null_class: bool = False  # a learned "no label" token, for classifier-free guidance
     norm: str = choice("batch", "group")  # "group": no train/eval gap, EMA-friendly
+    # "reference": conv-norm-ReLU twice, the time embedding added between; "residual": norm,
+    # SiLU, conv twice around a skip connection, the time embedding as a scale and shift
+    block: str = choice("reference", "residual")
+    # Cross-attention only in the blocks at this level and below it (0: every level, the
+    # reference; 1: none at full resolution, where its per-pixel projections cost the most)
+    attn_from_level: int = num(0, 0, 64)
 
 
 @dataclass
@@ -77,13 +83,15 @@ class TrainConfig:
     # Past the reference (all off there):
     p_uncond: float = num(0.0, 0.0, 1.0, below_hi=True)  # label -> null class (CFG)
     ema_decay: float = num(0.0, 0.0, 1.0, below_hi=True)  # 0: no EMA
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss weighted so that
+    # it counts as min(SNR, gamma) times the error in x_0; 0: unweighted
+    snr_gamma: float = num(0.0, 0.0, 1e6)
     lr_schedule: str = choice("constant", "cosine")  # cosine: linear warmup, decay to 0
     warmup_steps: int = num(0, 0, BIG)
     optimizer: str = choice("adam", "adamw")
     weight_decay: float = num(0.0, 0.0, 10.0)
     grad_clip: float = num(0.0, 0.0, 1e9)  # 0: off; else the max global gradient norm
-    eval_every: int = num(0, 0, BIG)  # epochs between quality evaluations in TensorBoard (0: off)
-    eval_every_steps: int = num(0, 0, BIG)  # the same, in optimizer steps
+    eval_every_steps: int = num(0, 0, BIG)  # steps between quality evaluations in TensorBoard (0: off)
     eval_n: int = num(500, 10, 1_000_000)  # digits generated for each of those evaluations
     grid_every: int = num(1, 0, BIG)  # epochs between TensorBoard grids of digits 0-9 (0: never)
     # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
@@ -137,7 +145,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         cfg = cls()
-        for section, values in d.items():
+        for section, values in upgrade(d).items():
             sub = getattr(cfg, section, None)
             if sub is None or not dataclasses.is_dataclass(sub):
                 raise UserError(f"unknown config section '{section}'")
@@ -147,6 +155,25 @@ class Config:
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+MNIST_TRAIN_IMAGES = 60_000
+
+
+def upgrade(d: dict) -> dict:
+    """A config dict as older versions wrote it, in today's fields. train.eval_every counted
+    epochs beside train.eval_every_steps; the one knob left counts steps (an epoch of one
+    process is ceil(60,000 / batch_size) of them)."""
+    train = d.get("train")
+    if not isinstance(train, dict) or "eval_every" not in train:
+        return d
+    train = dict(train)
+    epochs = train.pop("eval_every")
+    if not train.get("eval_every_steps") and isinstance(epochs, int) and epochs > 0:
+        batch = train.get("batch_size", TrainConfig.batch_size)
+        if isinstance(batch, int) and batch > 0:
+            train["eval_every_steps"] = epochs * -(-MNIST_TRAIN_IMAGES // batch)
+    return {**d, "train": train}
 
 
 def _set_field(sub, section: str, name: str, value):
@@ -314,6 +341,9 @@ def validate(cfg: Config) -> None:
     if m.img_size % (2 ** (levels - 1)):
         raise UserError(f"model.img_size={m.img_size} must be divisible by 2**{levels - 1} "
                         f"for {levels} levels")
+    if m.attn_from_level >= levels:
+        raise UserError(f"model.attn_from_level={m.attn_from_level} leaves no cross-attention: "
+                        f"the model has levels 0..{levels - 1}, and attention carries the label")
     if m.time_emb_dim % 2:
         raise UserError("model.time_emb_dim must be even (half sines, half cosines)")
     if not d.beta_start < d.beta_end:

@@ -73,6 +73,15 @@ class NoiseSchedule:
         return (extract(self.sqrt_alpha_bar, t, x0.shape) * x0
                 + extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * noise)
 
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023), shape (B,): with them
+        the loss on eps or v counts as min(SNR_t, gamma) times the squared error in x_0
+        (an eps error is an x_0 error times sqrt(SNR); a v error, times sqrt(SNR + 1))."""
+        ab = self.alpha_bar[t]
+        snr = ab / (1 - ab)
+        clipped = snr.clamp(max=gamma)
+        return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the network predicts: eps, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
         if self.prediction == "eps":

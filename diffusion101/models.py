@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MODEL_FORMAT, config_of, load_model_checkpoint, load_state, save,
+from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
 from .config import UserError
 
@@ -55,8 +55,7 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     state = from_reference_names(state)
     model = UNet(cfg.model)
     load_state(model, state, str(old))
-    save({"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
-          "model": model.state_dict(), "epoch": 0, "step": 0, "step_in_epoch": 0}, new)
+    save(model_file(cfg, preset, {"model": model.state_dict()}), new)
     log(f"wrote {new}: weights only, loadable with weights_only=True")
 
 
@@ -77,10 +76,9 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
             raise UserError(f"export can only change sampler defaults (sample.*), not '{assignment}'")
         apply_override(cfg, assignment)
     validate(cfg)  # a NaN guidance must not reach the file
-    out = {"format": MODEL_FORMAT, "preset": ckpt.get("preset"), "config": cfg.to_dict(),
-           "model": weights, "epoch": ckpt.get("epoch", 0), "step": ckpt.get("step", 0),
-           "step_in_epoch": ckpt.get("step_in_epoch", 0),
-           "train_seconds": ckpt.get("train_seconds", 0.0), "exported_from_ema": weights is not ckpt["model"]}
+    counters = {k: ckpt[k] for k in ("epoch", "step", "step_in_epoch", "train_seconds") if k in ckpt}
+    out = model_file(cfg, ckpt.get("preset"), {"model": weights, **counters,
+                                               "exported_from_ema": weights is not ckpt["model"]})
     save(out, dst)
     log(f"wrote {dst}: sampling weights only ({Path(dst).stat().st_size / 1e6:.1f} MB)")
     return out

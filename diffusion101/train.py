@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,11 @@ from .unet import UNet, count_parameters
 
 
 def diffusion_loss(model, scheduler: NoiseSchedule, x0, y, generator, loss: str,
-                   p_uncond: float = 0.0) -> torch.Tensor:
+                   p_uncond: float = 0.0, snr_gamma: float = 0.0) -> torch.Tensor:
     """Noise x0 to a random timestep per image and score the model's prediction of the target
     (the noise, or v). With p_uncond > 0 some labels become the null class, so the same network
-    also learns the unconditional model that classifier-free guidance needs."""
+    also learns the unconditional model that classifier-free guidance needs. With snr_gamma > 0
+    each image's loss is weighted by Min-SNR-gamma."""
     b = x0.shape[0]
     t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator,
                       device=generator.device).to(x0.device)
@@ -42,7 +44,11 @@ def diffusion_loss(model, scheduler: NoiseSchedule, x0, y, generator, loss: str,
         y = torch.where(drop, torch.full_like(y, model.null_label), y)
     pred = model(scheduler.add_noise(x0, noise, t), t, y)  # (B, 1, S, S)
     target = scheduler.target(x0, noise, t)
-    return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
+    if snr_gamma <= 0:
+        return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
+    error = (pred - target).abs() if loss == "l1" else (pred - target).square()
+    per_image = error.flatten(1).mean(dim=1)  # (B,)
+    return (scheduler.min_snr_weight(t, snr_gamma) * per_image).mean()
 
 
 def speed_options(tc, device: torch.device) -> dict:
@@ -245,7 +251,8 @@ def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: di
     if speed["channels_last"]:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
-        loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond)
+        loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond,
+                              tc.snr_gamma)
     # Read at once: the step waits for the GPU here. Reading it one step later, so the host
     # queues the next step meanwhile, was measured on an H200 and gained nothing: the
     # `reference` step is bound by the host launching kernels (docs/BENCHMARKS.md).
@@ -281,148 +288,218 @@ def any_process(flag: bool, distributed: bool) -> bool:
     return bool(t.item())
 
 
-def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
-          data: MNISTData | None = None, log=print) -> dict:
-    """Train (or resume) and return the final checkpoint dict."""
-    from torch.utils.tensorboard import SummaryWriter
+def quiet(*args, **kwargs) -> None:
+    """The log of a process other than rank 0: only the main process speaks."""
+
+
+@dataclass
+class Run:
+    """Where a training run writes, and how it is spread over processes."""
+    cfg: Config
+    preset: str
+    out: Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False
+    log: Callable = print
+    writer: object = None  # TensorBoard's SummaryWriter, on the main process only
+    last_saved: int | None = None  # the step of the last checkpoint written
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def loop(state: TrainState, data: MNISTData, scheduler: NoiseSchedule, tc, speed: dict, *,
+         batch_size: int, seed: int, epochs: int, device, rank: int = 0, world: int = 1,
+         distributed: bool = False, desc: str = "epoch", on_step=None, on_epoch_end=None,
+         stop=None) -> None:
+    """The training loop, shared by training and LoRA fine-tuning: epochs of shuffled batches
+    from wherever `state` stands, one train_step each. on_step(loss) runs after every step,
+    on_epoch_end(complete) after every epoch and after a stop (complete: the epoch ran to its
+    end); stop() is asked after every step. NonFiniteLoss propagates."""
     from tqdm import tqdm
+    while state.epoch < epochs:
+        batches = epoch_batches(len(data), batch_size, seed, state.epoch, rank, world)
+        bar = tqdm(batches[state.step_in_epoch:], desc=f"{desc} {state.epoch + 1}/{epochs}",
+                   initial=state.step_in_epoch, total=len(batches), dynamic_ncols=True,
+                   disable=rank != 0)
+        state.start_clock()
+        stopped = False
+        for idx in bar:
+            x0, y = data.batch(idx, device)
+            if fault("nan_at_step") == str(state.step + 1):
+                x0 = x0 * float("nan")  # a crash test: a batch whose loss is NaN
+            value = train_step(state, scheduler, x0, y, tc, speed, distributed)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if on_step is not None:
+                on_step(value)
+            stopped = stop is not None and stop()
+            if stopped:
+                break
+        bar.close()
+        state.lap()
+        complete = state.step_in_epoch == len(batches)
+        if complete:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if on_epoch_end is not None:
+            on_epoch_end(complete)
+        if stopped:
+            return
 
-    rank, world, device, distributed = distributed_setup(torch.device(device))
-    main = rank == 0  # only the main process logs, samples and writes checkpoints
-    if not main:
-        log = lambda *a, **k: None  # noqa: E731
-    out = Path(out)
-    loaded = None
-    if resume:
-        loaded = checkpoint.load_model_checkpoint(out)
-        saved = checkpoint.config_of(loaded)
-        if saved.model != cfg.model or saved.diffusion != cfg.diffusion:
-            raise UserError(f"{out} holds a model of another architecture or schedule (preset "
-                            f"'{loaded.get('preset')}'); resume with the same preset and model "
-                            f"settings, or write to another --out")
-        # The data order, noise and learning rate follow the run's own, whatever the command
-        # line says: a resumed run continues the interrupted one exactly.
-        cfg.train.seed, cfg.train.lr = saved.train.seed, saved.train.lr
-    elif out.exists():
-        log(f"note: {out} exists and will be replaced at the first save (use --resume to continue it)")
-    if main:
-        out.parent.mkdir(parents=True, exist_ok=True)
 
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    random.seed(tc.seed)
+def open_resume(run: Run) -> dict:
+    """The checkpoint to continue, checked against the run's config, which takes the saved
+    run's seed and learning rate: a resumed run continues the interrupted one exactly, whatever
+    the command line says about those."""
+    loaded = checkpoint.load_model_checkpoint(run.out)
+    saved = checkpoint.config_of(loaded)
+    if saved.model != run.cfg.model or saved.diffusion != run.cfg.diffusion:
+        raise UserError(f"{run.out} holds a model of another architecture or schedule (preset "
+                        f"'{loaded.get('preset')}'); resume with the same preset and model "
+                        f"settings, or write to another --out")
+    run.cfg.train.seed, run.cfg.train.lr = saved.train.seed, saved.train.lr
+    return loaded
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def prepare(run: Run, data: MNISTData | None, resume: dict | None, speed: dict) -> tuple:
+    """(state, data) ready for the loop: the data where the speed options want it, the state
+    built (and restored from `resume`), its network wrapped for DDP and torch.compile."""
+    cfg, tc, device = run.cfg, run.cfg.train, run.device
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
-    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0, rank, world))
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-
-    speed = speed_options(tc, device)
     if speed["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if speed["data_on_device"]:  # the whole uint8 set fits on a GPU: no host copies per batch
         data = MNISTData(data.images.to(device), data.labels.to(device))
-    scheduler = make_scheduler("ddpm", cfg.diffusion, device)  # training uses add_noise/target only
-    state = build_state(cfg, device, speed, total_steps, rank)
-    if loaded is not None:
-        state.load_state_dict(loaded, str(out), restore_rng=not distributed)
-        if distributed:  # the checkpoint holds rank 0's stream; give each rank its own anew
-            state.generator.manual_seed(tc.seed + 1_000_003 * rank + state.step)
-        log(f"resumed {out} at epoch {state.epoch}, step {state.step}")
-    if distributed:
+    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0, run.rank, run.world))
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    state = build_state(cfg, device, speed, total_steps, run.rank)
+    if resume is not None:
+        state.load_state_dict(resume, str(run.out), restore_rng=not run.distributed)
+        if run.distributed:  # the checkpoint holds rank 0's stream; give each rank its own anew
+            state.generator.manual_seed(tc.seed + 1_000_003 * run.rank + state.step)
+        run.last_saved = resume["step"]
+        run.log(f"resumed {run.out} at epoch {state.epoch}, step {state.step}")
+    if run.distributed:
         from torch.nn.parallel import DistributedDataParallel
         state.net = DistributedDataParallel(
             state.model, device_ids=[device.index] if device.type == "cuda" else None)
     if speed["compile"]:
         state.net = torch.compile(state.net)  # checkpoints save `model`: no _orig_mod. prefixes
+    return state, data
 
-    log(f"config (preset '{preset}'):\n{cfg}")
+
+def save(run: Run, state: TrainState) -> dict:
+    """Checkpoint the run (rank 0 writes) and return what was saved."""
+    state.lap()
+    ckpt = checkpoint.model_file(run.cfg, run.preset, state.state_dict())
+    if run.main:
+        checkpoint.save(ckpt, run.out)
+    run.last_saved = state.step
+    return ckpt
+
+
+def stop_now(run: Run, state: TrainState) -> bool:
+    """The step or time budget is spent (train.max_steps, train.max_minutes; 0 is none)."""
+    tc = run.cfg.train
+    out_of_steps = bool(tc.max_steps) and state.step >= tc.max_steps
+    return out_of_steps or (bool(tc.max_minutes) and any_process(
+        state.seconds_so_far() >= 60 * tc.max_minutes, run.distributed))
+
+
+def evaluate_now(run: Run, state: TrainState) -> None:
+    """Accuracy and FID into TensorBoard; the time it takes is not training time."""
+    state.lap()
+    log_quality(run.writer, state.sampling_model(), run.cfg, run.device, state.step,
+                state.train_seconds / 60, run.log)
+    state.start_clock()
+
+
+def train_loop(run: Run, state: TrainState, data: MNISTData, speed: dict) -> dict:
+    """Run the loop with saving, TensorBoard, evaluation and the crash-test hooks; return the
+    last checkpoint."""
+    tc = run.cfg.train
+    scheduler = make_scheduler("ddpm", run.cfg.diffusion, run.device)  # add_noise/target only
+    last = {}  # the checkpoint saved last
+
+    def on_step(loss: float) -> None:
+        if run.main:
+            run.writer.add_scalar("train/loss", loss, state.step)
+        if tc.save_every and state.step % tc.save_every == 0:
+            last["ckpt"] = save(run, state)
+        if fault("kill_after_step") == str(state.step):
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
+        if run.main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+            evaluate_now(run, state)
+
+    def on_epoch_end(complete: bool) -> None:
+        if complete and run.main and tc.grid_every and state.epoch % tc.grid_every == 0:
+            log_sample_grid(run.writer, state.sampling_model(), run.cfg, run.device, tc.seed,
+                            "samples", state.epoch)
+        last["ckpt"] = save(run, state)
+
+    try:
+        loop(state, data, scheduler, tc, speed, batch_size=tc.batch_size, seed=tc.seed,
+             epochs=tc.epochs, device=run.device, rank=run.rank, world=run.world,
+             distributed=run.distributed, on_step=on_step, on_epoch_end=on_epoch_end,
+             stop=lambda: stop_now(run, state))
+    except NonFiniteLoss as e:
+        last_good = run.last_saved if run.last_saved is not None else "none saved yet"
+        raise UserError(f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                        f"training stopped, {run.out} keeps the last good checkpoint "
+                        f"(step {last_good})") from None
+    return last["ckpt"]
+
+
+def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
+          data: MNISTData | None = None, log=print) -> dict:
+    """Train (or resume) and return the final checkpoint dict."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    rank, world, device, distributed = distributed_setup(torch.device(device))
+    run = Run(cfg, preset, Path(out), device, rank, world, distributed, log if rank == 0 else quiet)
+    loaded = open_resume(run) if resume else None
+    if loaded is None and run.out.exists():
+        run.log(f"note: {out} exists and will be replaced at the first save (use --resume to "
+                f"continue it)")
+    if run.main:
+        run.out.parent.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    speed = speed_options(cfg.train, device)
+    state, data = prepare(run, data, loaded, speed)
+    run.log(f"config (preset '{preset}'):\n{cfg}")
     on = [name for name, enabled in speed.items() if enabled]
-    log(f"{count_parameters(state.model):,} trainable parameters; {len(data):,} training images; "
-        f"device {device}" + (f"; {world} processes" if distributed else "")
-        + (f"; speed options: {', '.join(on)}" if on else ""))
-    writer = SummaryWriter(str(logdir)) if main else None
-    last_saved = loaded["step"] if loaded else None
-
-    def save() -> dict:
-        nonlocal last_saved
-        state.lap()
-        ckpt = {"format": checkpoint.MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(),
-                **state.state_dict()}
-        if main:
-            checkpoint.save(ckpt, out)
-        last_saved = state.step
-        return ckpt
-
-    def out_of_steps() -> bool:
-        return bool(tc.max_steps) and state.step >= tc.max_steps
-
-    def out_of_time() -> bool:
-        return bool(tc.max_minutes) and any_process(
-            state.seconds_so_far() >= 60 * tc.max_minutes, distributed)
-
-    if state.epoch >= tc.epochs or out_of_steps() or out_of_time():
+    run.log(f"{count_parameters(state.model):,} trainable parameters; {len(data):,} training "
+            f"images; device {device}" + (f"; {world} processes" if distributed else "")
+            + (f"; speed options: {', '.join(on)}" if on else ""))
+    tc = cfg.train
+    if state.epoch >= tc.epochs or stop_now(run, state):
         # A run that would train nothing writes nothing: an existing file is never replaced
         # by an untrained model, nor re-saved unchanged.
         raise UserError(f"nothing to train: the run is at epoch {state.epoch}, step "
                         f"{state.step} with train.epochs={tc.epochs}, max_steps={tc.max_steps}, "
                         f"max_minutes={tc.max_minutes:g}; {out} was not written")
+    run.writer = SummaryWriter(str(logdir)) if run.main else None
     state.model.train()
     try:
-        stopped = False
-        while state.epoch < tc.epochs and not stopped:
-            batches = epoch_batches(len(data), tc.batch_size, tc.seed, state.epoch, rank, world)
-            bar = tqdm(batches[state.step_in_epoch:], desc=f"epoch {state.epoch + 1}/{tc.epochs}",
-                       initial=state.step_in_epoch, total=len(batches), dynamic_ncols=True,
-                       disable=not main)
-            state.start_clock()
-            for idx in bar:
-                x0, y = data.batch(idx, device)
-                if fault("nan_at_step") == str(state.step + 1):
-                    x0 = x0 * float("nan")  # a crash test: a batch whose loss is NaN
-                try:
-                    value = train_step(state, scheduler, x0, y, tc, speed, distributed)
-                except NonFiniteLoss as e:
-                    raise UserError(
-                        f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                        f"training stopped, {out} keeps the last good checkpoint "
-                        f"(step {last_saved if last_saved is not None else 'none saved yet'})"
-                    ) from None
-                if main:
-                    writer.add_scalar("train/loss", value, state.step)
-                    bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                if tc.save_every and state.step % tc.save_every == 0:
-                    ckpt = save()
-                if fault("kill_after_step") == str(state.step):
-                    os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
-                if main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
-                    state.lap()
-                    log_quality(writer, state.sampling_model(), cfg, device, state.step,
-                                state.train_seconds / 60, log)
-                    state.start_clock()  # the evaluation is not training time
-                stopped = out_of_steps() or out_of_time()
-                if stopped:
-                    break
-            bar.close()
-            state.lap()
-            if state.step_in_epoch == len(batches):  # the epoch ran to its end
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                if main and tc.grid_every and state.epoch % tc.grid_every == 0:
-                    log_sample_grid(writer, state.sampling_model(), cfg, device, tc.seed,
-                                    "samples", state.epoch)
-                if main and tc.eval_every and state.epoch % tc.eval_every == 0:
-                    log_quality(writer, state.sampling_model(), cfg, device, state.step,
-                                state.train_seconds / 60, log)
-            ckpt = save()
+        ckpt = train_loop(run, state, data, speed)
         if distributed:
-            log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(state.model):.3g} "
-                f"over {world} processes")
+            run.log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(state.model):.3g} "
+                    f"over {world} processes")
     finally:
-        if writer is not None:
-            writer.close()
-    log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
-        f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
+        if run.writer is not None:
+            run.writer.close()
+    run.log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
+            f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
     return ckpt

@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .conv_block import ConvBlock
+from .conv_block import BLOCKS
 from .time_position_emb import TimePositionEmbedding
 
 
 class UNet(nn.Module):
-    """Encoder: ConvBlock then MaxPool per level; decoder: ConvTranspose, concat skip, ConvBlock.
+    """Encoder: a block then MaxPool per level; decoder: ConvTranspose, concat skip, a block.
 
     With the reference's channels (64..1024) and 48x48 inputs: 48 -> 24 -> 12 -> 6 -> 3.
     """
@@ -26,14 +26,18 @@ class UNet(nn.Module):
         self.null_label = cfg.num_classes if cfg.null_class else None
         self.cls_emb = nn.Embedding(cfg.num_classes + int(cfg.null_class),
                                     cfg.cls_emb_dim * cfg.cond_tokens)
+        Block = BLOCKS[cfg.block]
+
+        def make_block(in_ch, out_ch, level):  # level 0 is full resolution
+            return Block(in_ch, out_ch, attention=level >= cfg.attn_from_level, **block)
         self.enc_convs = nn.ModuleList(
-            ConvBlock(chs[i], chs[i + 1], **block) for i in range(len(chs) - 1))
+            make_block(chs[i], chs[i + 1], level=i) for i in range(len(chs) - 1))
         self.maxpools = nn.ModuleList(nn.MaxPool2d(2) for _ in range(len(chs) - 2))
         self.deconvs = nn.ModuleList(
             nn.ConvTranspose2d(chs[i], chs[i - 1], kernel_size=2, stride=2)
             for i in range(len(chs) - 1, 1, -1))
         self.dec_convs = nn.ModuleList(
-            ConvBlock(2 * chs[i - 1], chs[i - 1], **block) for i in range(len(chs) - 1, 1, -1))
+            make_block(2 * chs[i - 1], chs[i - 1], level=i - 2) for i in range(len(chs) - 1, 1, -1))
         self.output = nn.Conv2d(chs[1], cfg.in_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

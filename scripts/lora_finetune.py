@@ -33,9 +33,9 @@ def main(argv=None):
     lock_output(a.out)
     from diffusion101.lora_finetune import finetune
     targets = [t for t in a.targets.split(",") if t] if a.targets else None
-    finetune(a.base, a.out, device, r=a.r, alpha=a.alpha, epochs=a.epochs,
-             max_steps=a.max_steps, seed=a.seed or 0, data=a.data, targets=targets, lr=a.lr,
-             full=a.full)
+    finetune(a.base, a.out, device, lora={"r": a.r, "alpha": a.alpha, "epochs": a.epochs,
+                                          "max_steps": a.max_steps, "lr": a.lr, "targets": targets},
+             seed=a.seed or 0, data=a.data, full=a.full)
 
 
 if __name__ == "__main__":

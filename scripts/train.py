@@ -22,8 +22,8 @@ def main(argv=None):
     p.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
     p.add_argument("--logdir", default=None, help="TensorBoard folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--eval-every", type=int,
-                   help="log conditional accuracy and FID to TensorBoard every N epochs")
+    p.add_argument("--eval-every-steps", type=int,
+                   help="log conditional accuracy and FID to TensorBoard every N steps")
     add_common(p)
     add_config_flags(p)
     a = p.parse_args(argv)
@@ -37,7 +37,7 @@ def main(argv=None):
     cfg = build_config(preset, a.set, {
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
         "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
-        "train.eval_every": a.eval_every}, base=base)
+        "train.eval_every_steps": a.eval_every_steps}, base=base)
     device = resolve_device(a.device)
     logdir = a.logdir or f"runs/{preset}"
     check_outputs({"--out": a.out}, folders={"--logdir": logdir})

@@ -38,8 +38,8 @@ def tiny_checkpoint(seed=0) -> dict:
     from diffusion101.unet import UNet
     torch.manual_seed(seed)
     cfg = get_preset("tiny")
-    return {"format": checkpoint.MODEL_FORMAT, "preset": "tiny", "config": cfg.to_dict(),
-            "model": UNet(cfg.model).state_dict(), "epoch": 1, "step": 3, "step_in_epoch": 0}
+    return checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict(),
+                                               "epoch": 1, "step": 3})
 
 
 @pytest.fixture

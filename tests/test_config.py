@@ -78,3 +78,23 @@ def test_a_hand_edited_config_in_a_file_is_refused_with_the_field_name():
         with pytest.raises(UserError, match=f"{section}.{name}"):
             config_of({"config": d})
     assert config_of({"config": get_preset("tiny").to_dict()}) == get_preset("tiny")
+
+
+def test_attention_must_remain_somewhere():
+    cfg = get_preset("tiny")  # two levels: 0 and 1
+    cfg.model.attn_from_level = 1
+    validate(cfg)
+    cfg.model.attn_from_level = 2
+    with pytest.raises(UserError, match="attn_from_level=2 leaves no cross-attention"):
+        validate(cfg)
+
+
+def test_older_configs_with_eval_every_in_epochs_are_read_in_steps():
+    old = get_preset("cpu").to_dict()
+    del old["train"]["eval_every_steps"]
+    old["train"]["eval_every"] = 2  # epochs of 469 steps at batch 128
+    assert Config.from_dict(old).train.eval_every_steps == 938
+    old["train"]["eval_every_steps"] = 300  # both set: the step count was the finer knob
+    assert Config.from_dict(old).train.eval_every_steps == 300
+    old["train"].update(eval_every=0, eval_every_steps=0)
+    assert Config.from_dict(old).train.eval_every_steps == 0

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from diffusion101.config import DiffusionConfig
-from diffusion101.diffusion import DDPMScheduler, extract, make_scheduler
+from diffusion101.config import DiffusionConfig, get_preset
+from diffusion101.diffusion import DDPMScheduler, NoiseSchedule, extract, make_scheduler
 
 
 def test_schedule_closed_forms():
@@ -178,3 +178,26 @@ def test_log_snr_grid_solves_the_gaussian_flow_better_than_uniform_at_few_steps(
     # measured: 10 steps 1.4% against 21.5%, 20 steps 1.4% against 4.7%
     assert error("logsnr", 10) < 0.05 < error("uniform", 10)
     assert error("logsnr", 20) < 0.5 * error("uniform", 20)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weight_makes_the_loss_min_snr_times_the_x0_error(prediction):
+    # Hang et al. 2023: the weighted loss on the network's target equals min(SNR_t, gamma)
+    # times the squared error of the x_0 it implies
+    cfg = get_preset("tiny").diffusion
+    cfg.prediction, cfg.clip = prediction, "none"
+    sched = NoiseSchedule(cfg)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 5, 30, 60, 99])
+    x0, noise = torch.randn(5, 1, 4, 4, generator=g), torch.randn(5, 1, 4, 4, generator=g)
+    xt = sched.add_noise(x0, noise, t)
+    target = sched.target(x0, noise, t)
+    pred = target + 0.1 * torch.randn(target.shape, generator=g)
+    x0_hat = torch.stack([sched.split(pred[i:i + 1], int(t[i]), xt[i:i + 1])[0][0] for i in range(5)])
+    ab = sched.alpha_bar[t].double()
+    snr = ab / (1 - ab)
+    gamma = 5.0
+    assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clip are checked
+    weighted = sched.min_snr_weight(t, gamma).double() * (pred - target).double().square().flatten(1).mean(1)
+    expected = snr.clamp(max=gamma) * (x0_hat - x0).double().square().flatten(1).mean(1)
+    assert torch.allclose(weighted, expected, rtol=1e-3)

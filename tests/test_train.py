@@ -30,6 +30,29 @@ def test_tiny_overfits_one_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.parametrize("overrides", [
+    ["model.block=residual", "model.norm=group"], ["model.attn_from_level=1"],
+    ["train.snr_gamma=5", "train.loss=mse"], ["train.snr_gamma=5", "diffusion.prediction=v"],
+], ids=lambda o: ",".join(o))
+def test_options_learn_one_fixed_batch_through_train_step(overrides):
+    from diffusion101.config import apply_override
+    from diffusion101.diffusion import make_scheduler
+    from diffusion101.train import build_state, speed_options, train_step
+    cfg = get_preset("tiny")
+    for o in overrides:
+        apply_override(cfg, o)
+    torch.manual_seed(0)
+    speed = speed_options(cfg.train, torch.device("cpu"))
+    state = build_state(cfg, "cpu", speed, total_steps=100)
+    sched = make_scheduler("ddpm", cfg.diffusion)
+    x0, y = load_mnist(train=False, img_size=16).batch(torch.arange(16))
+    losses = []
+    for _ in range(100):
+        state.generator.manual_seed(0)  # the same timesteps and noise every step: a fixed batch
+        losses.append(train_step(state, sched, x0, y, cfg.train, speed))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
 def _cfg(max_steps):
     cfg = get_preset("tiny")
     cfg.train.max_steps = max_steps

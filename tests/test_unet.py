@@ -50,11 +50,17 @@ def test_reference_matches_spec_layer_by_layer():
     assert len(bns) == 18
 
 
-def test_reference_forward_shape_48():
+def test_reference_at_48_px_maps_each_image_on_its_own():
+    # In eval mode (BatchNorm's running statistics) an image's output depends on its own
+    # input, timestep and label only, not on what else is in the batch
+    torch.manual_seed(0)
     model = UNet(get_preset("reference").model).eval()
+    x = torch.randn(3, 1, 48, 48)
     with torch.no_grad():
-        out = model(torch.randn(2, 1, 48, 48), torch.tensor([0, 999]), torch.tensor([3, 7]))
+        out = model(x[:2], torch.tensor([0, 999]), torch.tensor([3, 7]))
+        other = model(torch.stack([x[0], x[2]]), torch.tensor([0, 500]), torch.tensor([3, 1]))
     assert out.shape == (2, 1, 48, 48)
+    assert torch.allclose(out[0], other[0], atol=1e-5) and not torch.allclose(out[1], other[1])
 
 
 def test_tiny_forward_and_label_dependence():
@@ -73,5 +79,41 @@ def test_options_past_the_reference():
     model = UNet(cfg)
     assert model.cls_emb.weight.shape == (11, 4 * cfg.cls_emb_dim) and model.null_label == 10
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    out = model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([10, 3]))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    out = model(x, t, torch.tensor([10, 3]))
     assert out.shape == (2, 1, 16, 16)
+    assert not torch.allclose(out[0], model(x, t, torch.tensor([4, 3]))[0])  # the null label is its own
+
+
+def _attention_levels(model):
+    """The levels (0: full resolution) whose encoder and decoder blocks have cross-attention."""
+    levels = len(model.enc_convs)
+    enc = {i for i, b in enumerate(model.enc_convs) if b.crossattn is not None}
+    dec = {levels - 2 - j for j, b in enumerate(model.dec_convs) if b.crossattn is not None}
+    return enc, dec
+
+
+def test_attention_only_from_the_level_asked_for():
+    cfg = get_preset("tiny").model
+    cfg.channels = (8, 16, 32)
+    for start, enc, dec in [(0, {0, 1, 2}, {0, 1}), (1, {1, 2}, {1}), (2, {2}, set())]:
+        cfg.attn_from_level = start
+        torch.manual_seed(0)
+        model = UNet(cfg).eval()
+        assert _attention_levels(model) == (enc, dec)
+        x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+        # the label still reaches the output through the levels that keep attention
+        assert not torch.allclose(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))
+
+
+def test_residual_blocks_throughout_and_the_label_reaches_the_output():
+    from diffusion101.conv_block import ResBlock
+    cfg = get_preset("tiny").model
+    cfg.block, cfg.norm = "residual", "group"
+    torch.manual_seed(0)
+    model = UNet(cfg).eval()
+    blocks = list(model.enc_convs) + list(model.dec_convs)
+    assert all(isinstance(b, ResBlock) for b in blocks)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 60])
+    a = model(x, t, torch.tensor([1, 2]))
+    assert a.shape == (2, 1, 16, 16) and not torch.allclose(a, model(x, t, torch.tensor([3, 4])))
