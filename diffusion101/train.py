@@ -1,4 +1,7 @@
-"""Training: one flat loop (noise, predict, loss, step), checkpoints and TensorBoard.
+"""Training, to be read top to bottom: diffusion_loss (noise, predict, score), TrainState
+(everything a run changes), train_step (one optimizer step), loop (epochs of batches, shared
+with LoRA fine-tuning), then train(): set up, run the loop with saving, TensorBoard and
+evaluation.
 
 A run is fully described by its config; the checkpoint stores that config, the optimizer,
 the counters and every RNG state, so --resume continues exactly where the run stopped.
