@@ -128,18 +128,22 @@ def test_unknown_sampler_and_bad_steps():
         make_scheduler("ddim", DiffusionConfig(), steps=0)
 
 
-def _gaussian_gain_error(name: str, steps: int, grid: str = "uniform", s: float = 0.5) -> float:
+def _gaussian_gain_error(name: str, steps: int, grid: str = "uniform", s: float = 0.5,
+                         prediction: str = "eps", schedule: str = "linear") -> float:
     """Data x_0 ~ N(0, s^2) per pixel, with the exact noise prediction for it,
     E[eps | x_t] = sqrt(1 - ab_t) x_t / (ab_t s^2 + 1 - ab_t). The probability-flow ODE then
     maps x_T to x_0 = x_T * s / sqrt(ab_T s^2 + 1 - ab_T) exactly, and a deterministic sampler
     is a solver of that ODE: its relative error in this gain is the solver's own error, step
     by step (an oracle that knows x_0 would hide every intermediate update)."""
-    sched = make_scheduler(name, DiffusionConfig(clip="none"), steps=steps, grid=grid)
+    cfg = DiffusionConfig(clip="none", prediction=prediction, schedule=schedule)
+    sched = make_scheduler(name, cfg, steps=steps, grid=grid)
     ab = sched.alpha_bar.double()
     x = torch.ones(1, 1, 1, 1)
     for t in sched.timesteps.tolist():
         eps = math.sqrt(1 - ab[t]) * x.double() / (ab[t] * s * s + 1 - ab[t])
-        x = sched.step(eps.float(), t, x)
+        # v = sqrt(ab) eps - sqrt(1 - ab) x0, with x0 the one that x_t and eps imply
+        out = eps if prediction == "eps" else (eps - math.sqrt(1 - ab[t]) * x.double()) / math.sqrt(ab[t])
+        x = sched.step(out.float(), t, x)
     t_max = sched.timesteps[0].item()
     return x.item() / (s / math.sqrt(ab[t_max] * s * s + 1 - ab[t_max])) - 1
 
@@ -155,6 +159,24 @@ def test_deterministic_samplers_solve_the_flow_of_gaussian_data():
     for n in (10, 20, 50):
         assert abs(dpm[n]) < abs(ddim[n]), (n, dpm[n], ddim[n])
     assert abs(dpm[50]) < 1e-2 and abs(dpm[20]) < 0.08
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_solver_error_falls_with_its_order_as_steps_double(prediction, schedule):
+    # Doubling the steps halves a first-order solver's error (DDIM) and quarters a second-order
+    # one's (DPM-Solver++(2M)); on the log-SNR grid, where the step sizes are even in the
+    # variable the solver integrates in. Measured: DDIM 1.93-2.03 per doubling, DPM-Solver++
+    # 3.3-5.4 from 20 steps on.
+    steps = (20, 40, 80)
+    ddim = [_gaussian_gain_error("ddim", n, "logsnr", prediction=prediction, schedule=schedule)
+            for n in steps]
+    dpm = [_gaussian_gain_error("dpm", n, "logsnr", prediction=prediction, schedule=schedule)
+           for n in steps]
+    for i in range(2):
+        assert 1.8 < ddim[i] / ddim[i + 1] < 2.2, ddim
+        assert dpm[i] / dpm[i + 1] > 3.0, dpm
+    assert all(abs(b) < abs(a) for a, b in zip(ddim, dpm)), (ddim, dpm)
 
 
 @pytest.mark.parametrize("grid", ["uniform", "logsnr", "trailing"])
