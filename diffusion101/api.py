@@ -18,6 +18,7 @@ from torch import nn
 from .config import SEED_MAX, Config, UserError
 from .denoise import load_for_sampling, resolve_sampler, sample_digits
 from .diffusion import sampler_for
+from .images import to_unit
 from .models import default_checkpoint
 
 
@@ -62,4 +63,4 @@ def sample(model: Model, digits=range(10), n: int = 1, seed: int = 0, sampler: s
     scheduler = sampler_for(sc, model.config.diffusion, model.device)
     images, _ = sample_digits(model.unet, scheduler, digits, n, seed, model.device,
                               guidance=sc.guidance, guidance_interval=sc.guidance_interval)
-    return ((images[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+    return to_unit(images)[:, 0]

@@ -17,15 +17,20 @@ def progress_path(out) -> Path:
     return out.with_name(out.stem + "_progress.png")
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Samples in about [-1, 1] -> floats in [0, 1] on the CPU, as images are shown and saved."""
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255, the same rounding as save_image."""
-    x = ((images[:, 0].float().cpu() + 1) / 2).clamp(0, 1)
+    x = to_unit(images[:, 0])
     return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
 
 
 def save_grid(images: torch.Tensor, path, nrow: int) -> None:
     from torchvision.utils import save_image
-    grid_images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
+    grid_images = to_unit(images)
     atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2, format="png"))
 
 
@@ -40,7 +45,7 @@ def save_progression(frames: torch.Tensor, digits, path) -> None:
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
-            ax.imshow(((frames[r, c, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(to_unit(frames[r, c, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
