@@ -259,18 +259,20 @@ def _cpu() -> Config:
     # 28 px (no resize), three levels, BatchNorm (GroupNorm normalises each image on its own and
     # so erases the brightness level that this skip-less block needs), four label tokens so
     # that the attention's softmax varies, a null class for guidance, MSE on v (it learned far
-    # faster than eps at equal steps), AdamW with warmup and cosine decay, EMA, and a few-step
-    # DPM-Solver++ sampler with guidance (w = 2 balanced accuracy against FID best).
+    # faster than eps at equal steps), the cosine noise schedule (at equal steps it lifted
+    # accuracy at every guidance scale and lowered FID), AdamW with warmup and cosine decay,
+    # EMA, and a few-step DPM-Solver++ sampler with guidance (w = 1.75 is the lowest measured
+    # scale that passes 99.5% accuracy).
     return Config(
         model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128, cls_emb_dim=32,
                           q_dim=16, v_dim=16, ffn_dim=64, cond_tokens=4, null_class=True,
                           norm="batch"),
-        diffusion=DiffusionConfig(clip="x0", prediction="v"),
+        diffusion=DiffusionConfig(clip="x0", prediction="v", schedule="cosine"),
         train=TrainConfig(epochs=3, max_steps=1200, batch_size=128, lr=2e-3, loss="mse",
                           optimizer="adamw", lr_schedule="cosine", warmup_steps=100,
                           p_uncond=0.1, ema_decay=0.995, grad_clip=1.0),
         lora=LoRAConfig(epochs=1, batch_size=128),
-        sample=SampleConfig(sampler="dpm", steps=20, guidance=2.0),
+        sample=SampleConfig(sampler="dpm", steps=20, guidance=1.75),
     )
 
 

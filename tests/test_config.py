@@ -92,7 +92,7 @@ def test_attention_must_remain_somewhere():
 def test_older_configs_with_eval_every_in_epochs_are_read_in_steps():
     old = get_preset("cpu").to_dict()
     del old["train"]["eval_every_steps"]
-    old["train"]["eval_every"] = 2  # epochs of 469 steps at batch 128
+    old["train"].update(batch_size=128, eval_every=2)  # 2 epochs of 469 steps at batch 128
     assert Config.from_dict(old).train.eval_every_steps == 938
     old["train"]["eval_every_steps"] = 300  # both set: the step count was the finer knob
     assert Config.from_dict(old).train.eval_every_steps == 300
