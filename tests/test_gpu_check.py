@@ -28,7 +28,7 @@ def test_gpu_check_dry_run_fills_every_stage(tmp_path):
     assert evaluation["n"] == 20 and 0 <= evaluation["accuracy"] <= 1
     # two rows of ten digits (DDPM/DDIM and DPM-Solver++), 28 px each with 2 px padding
     assert Image.open(out / "shipped_grids.png").size == (10 * 30 + 2, 2 * 30 + 2)
-    assert Image.open(out / "reference_grid.png").size == (10 * 18 + 2, 18 + 2)
+    assert Image.open(out / "reference_grid.png").size == (10 * 30 + 2, 30 + 2)  # tiny at 28 px
     assert len(list((out / "runs_reference").glob("events.out.tfevents.*"))) == 1
     assert (out / "wide.pt").stat().st_size < 16 * 2 ** 20  # what the device tool brings back
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8

@@ -51,30 +51,34 @@ def _fails(name, *args, cwd, match, env_extra=None):
     return proc
 
 
-def test_bad_inputs_one_line_and_nothing_overwritten(work, tmp_path):
+def test_bad_inputs_one_line_and_nothing_overwritten(work, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(work)
     keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
     (work / "keep.png").write_bytes(b"precious")
+    # one in a fresh interpreter, as a user runs it; the rest in this one (same code path, and
+    # no torch import per case)
     _fails("train", "--preset", "nope", cwd=work, match="unknown preset")
-    _fails("train", "--preset", "tiny", "--set", "model.depth=3", cwd=work, match="unknown config field")
-    _fails("train", "--preset", "tiny", "--lr", "fast", cwd=work, match="invalid float")
-    _fails("train", "--preset", "tiny", "--set", "train.loss=l7", cwd=work, match="train.loss")
-    _fails("denoise", "--ckpt", "model.pt", "--digits", "3,11", "--out", "keep.png", cwd=work,
-           match="0-9")
-    _fails("denoise", "--ckpt", "absent.pt", "--out", "keep.png", cwd=work, match="not found")
+    _refused(capsys, "train", "--preset", "tiny", "--set", "model.depth=3",
+             match="unknown config field")
+    _refused(capsys, "train", "--preset", "tiny", "--lr", "fast", match="invalid float")
+    _refused(capsys, "train", "--preset", "tiny", "--set", "train.loss=l7", match="train.loss")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--digits", "3,11", "--out", "keep.png",
+             match="0-9")
+    _refused(capsys, "denoise", "--ckpt", "absent.pt", "--out", "keep.png", match="not found")
     (work / "junk.pt").write_bytes(b"PK\x03\x04 definitely not a checkpoint")
-    _fails("denoise", "--ckpt", "junk.pt", "--out", "keep.png", cwd=work, match="corrupt")
-    _fails("denoise", "--ckpt", "lora.pt", "--out", "keep.png", cwd=work, match="LoRA adapter")
+    _refused(capsys, "denoise", "--ckpt", "junk.pt", "--out", "keep.png", match="corrupt")
+    _refused(capsys, "denoise", "--ckpt", "lora.pt", "--out", "keep.png", match="LoRA adapter")
     # a checkpoint of another architecture: resuming it under other model settings
-    _fails("train", "--preset", "tiny", "--set", "model.channels=8,32", "--out", "model.pt",
-           "--resume", "--max-steps", "9", cwd=work, match="another architecture")
+    _refused(capsys, "train", "--preset", "tiny", "--set", "model.channels=8,32", "--out",
+             "model.pt", "--resume", "--max-steps", "9", match="another architecture")
     # a lora.pt trained on another base
     run_script("train", "--preset", "tiny", "--max-steps", "2", "--seed", "5", "--out", "other.pt",
                "--logdir", "runs2", cwd=work)
-    _fails("denoise", "--ckpt", "other.pt", "--lora", "lora.pt", "--out", "keep.png", cwd=work,
-           match="another base")
-    _fails("lora_finetune", "--base", "absent.pt", "--out", "lora.pt", cwd=work, match="not found")
-    _fails("denoise", "--ckpt", "model.pt", "--device", "tpu", "--out", "keep.png", cwd=work,
-           match="unknown device")
+    _refused(capsys, "denoise", "--ckpt", "other.pt", "--lora", "lora.pt", "--out", "keep.png",
+             match="another base")
+    _refused(capsys, "lora_finetune", "--base", "absent.pt", "--out", "lora.pt", match="not found")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--device", "tpu", "--out", "keep.png",
+             match="unknown device")
     assert (work / "keep.png").read_bytes() == b"precious"
     assert all((work / p).read_bytes() == b for p, b in keep.items())
 
@@ -119,7 +123,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
 
 
-def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path):
+def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path, capsys, monkeypatch):
     from diffusion101.dataset import MNISTData, write_image_folder
     # a tiny ImageFolder of 40 RGB 20x20 'digits', to check the conversion to 1 channel, 16 px
     g = torch.Generator().manual_seed(0)
@@ -140,17 +144,20 @@ def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cat").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "bad" / "cat" / "x.png")
-    _fails("lora_finetune", "--base", "model.pt", "--data", tmp_path / "bad", "--out", "x.pt",
-           cwd=work, match="sub-folders must be named 0-9")
+    monkeypatch.chdir(work)
+    _refused(capsys, "lora_finetune", "--base", "model.pt", "--data", tmp_path / "bad", "--out",
+             "x.pt", match="sub-folders must be named 0-9")
 
 
-def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path):
+def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.chdir(work)
     data = (work / "model.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
-    _fails("denoise", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "x.png", cwd=work,
-           match="truncated or corrupt")
-    _fails("train", "--out", tmp_path / "cut.pt", "--resume", cwd=work,
-           match="truncated or corrupt")
+    _refused(capsys, "denoise", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "x.png",
+             match="truncated or corrupt")
+    _refused(capsys, "train", "--out", tmp_path / "cut.pt", "--resume",
+             match="truncated or corrupt")
     assert not (tmp_path / "x.png").exists()
     proc = _fails("train", "--preset", "tiny", "--save-every", "1", "--max-steps", "6",
                   "--out", tmp_path / "nan.pt", "--logdir", tmp_path / "r", cwd=work,
