@@ -9,6 +9,7 @@ The architecture is always rebuilt from the file's own "config", never from the 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import zipfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, UserError
+from .config import Config, LoRAConfig, UserError, check_field, validate
 from .files import atomic_write
 
 MODEL_FORMAT = "diffusion101/model/1"
@@ -82,7 +83,6 @@ def load_model_checkpoint(path) -> dict:
 
 def config_of(ckpt: dict) -> Config:
     """The run's config, checked like one from the command line (a file can be hand-edited)."""
-    from .config import validate
     try:
         cfg = Config.from_dict(ckpt["config"])
         validate(cfg)
@@ -115,9 +115,6 @@ def fingerprint(state_dict: dict) -> str:
 def load_lora_file(path) -> dict:
     """An adapter file, its rank and alpha checked against the lora section's declared ranges
     (a hand-edited file is refused like a bad flag)."""
-    import dataclasses
-
-    from .config import LoRAConfig, check_field
     obj = load(path, "LoRA adapter")
     if obj.get("format") != LORA_FORMAT or "lora" not in obj or "base_fingerprint" not in obj \
             or not isinstance(obj.get("lora_config"), dict) or not isinstance(obj["lora"], dict):

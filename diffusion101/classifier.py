@@ -14,6 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint
+from .dataset import epoch_batches, load_mnist
+from .fid import feature_stats, frechet_distance
 
 CLASSIFIER_PATH = Path(__file__).parent / "weights" / "classifier.pt"
 FLOOR_SIZES = (500, 2000, 10000)
@@ -59,12 +64,6 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 
 def train_classifier(epochs: int = 4, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                      out=CLASSIFIER_PATH, log=print) -> dict:
-    from tqdm import tqdm
-
-    from . import checkpoint
-    from .dataset import epoch_batches, load_mnist
-    from .fid import feature_stats, frechet_distance
-
     torch.manual_seed(seed)
     train, test = load_mnist(True, 28), load_mnist(False, 28)
     model = DigitClassifier()

@@ -1,4 +1,6 @@
-"""What the scripts share: config flags, device choice, and one-line errors instead of tracebacks."""
+"""What the commands share: their flags and how they are read (config overrides, sampler
+options, digits, adapters), output-path checks, the one-writer lock, the device, and one-line
+errors instead of tracebacks. The commands themselves are in commands.py."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import (SEED_MAX, Config, UserError, apply_override, get_preset, number_text,
-                     validate)
+from .config import (SEED_MAX, Config, UserError, apply_override, check_range, check_strength,
+                     get_preset, validate)
 
 
 class Terminated(BaseException):
@@ -44,14 +46,9 @@ def run_cli(main, argv=None) -> int:
 
 
 def check_number(flag: str, value, lo, hi, integer: bool = False):
-    """A command-line number that is no config field: finite and in [lo, hi], or one line.
-    (Written as `lo <= value <= hi`, which NaN fails.) None passes: the default applies."""
-    if value is None:
-        return None
-    if not (lo <= value <= hi) or (integer and value != int(value)):
-        raise UserError(f"{flag} must be {'an integer' if integer else 'a number'} in "
-                        f"[{number_text(lo)}, {number_text(hi)}], not {value}")
-    return value
+    """A command-line number that is no config field, through config.check_range; None (the
+    flag not given) passes, and the default applies."""
+    return value if value is None else check_range(flag, value, lo, hi, integer=integer)
 
 
 def check_seed(seed):
@@ -176,20 +173,66 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     the checkpoint's own)."""
     p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance w")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale w")
+    p.add_argument("--guidance-rule", default=None,
+                   help="how guidance combines the two predictions: cfg (guidance.RULES)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
-    p.add_argument("--grid", default=None,
-                   help="timesteps of a few-step sampler: uniform, logsnr or trailing")
+    p.add_argument("--timestep-spacing", "--grid", dest="timestep_spacing", default=None,
+                   help="timesteps of a few-step sampler: uniform, logsnr or trailing "
+                        "(--grid: its old name)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
 
 
 def sampler_options(a: argparse.Namespace) -> dict:
-    """The flags of add_sampler_flags as options for denoise.resolve_sampler."""
-    from .denoise import parse_interval
-    return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance, "eta": a.eta,
-            "guidance_interval": parse_interval(a.guidance_interval), "grid": a.grid}
+    """The flags of add_sampler_flags as options for generate.resolve_sampler."""
+    return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
+            "guidance_rule": a.guidance_rule, "eta": a.eta,
+            "guidance_interval": parse_interval(a.guidance_interval),
+            "timestep_spacing": a.timestep_spacing}
+
+
+def parse_interval(text):
+    """'0.1,0.7' -> (0.1, 0.7); None stays None (the checkpoint's default)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(s) for s in text.split(","))
+    except ValueError:
+        raise UserError(f"--guidance-interval '{text}' is not two numbers LO,HI") from None
+    return lo, hi
+
+
+def parse_digits(text: str, num_classes: int = 10) -> list:
+    """'0,3,7' -> [0, 3, 7], each a label of the model."""
+    try:
+        digits = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--digits '{text}' is not a comma-separated list of digits") from None
+    if not digits or not all(0 <= d < num_classes for d in digits):
+        raise UserError(f"--digits must list labels in 0-{num_classes - 1}, got '{text}'")
+    return digits
+
+
+def parse_lora_specs(specs) -> list:
+    """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]. A ':' stays part of the path
+    only when that whole path exists; the strength is checked by config.check_strength."""
+    out = []
+    for spec in specs or []:
+        path, scale = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not Path(spec).exists():
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise UserError(f"--lora {spec}: the strength after ':' must be a number, "
+                                f"not '{tail}'") from None
+            check_strength(f"--lora {spec}", scale)
+        out.append((path, scale))
+    if len(set(p for p, _ in out)) != len(out):
+        raise UserError("the same --lora file was given twice")
+    return out
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 EVERY_STEP = (0.0, 1.0)
 
 
+def interval_text(interval) -> str:
+    """' in t/T 0.1..0.7' for a limited guidance interval; '' when it holds every step."""
+    lo, hi = interval
+    return "" if (lo, hi) == EVERY_STEP else f" in t/T {lo:g}..{hi:g}"
+
+
 class UserError(Exception):
     """A problem with what the user asked for: shown as one line, never a traceback."""
 
@@ -111,11 +117,15 @@ class SampleConfig:
     # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
     # interval"); elsewhere the conditional prediction alone, one forward instead of two.
     guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0)
+    # How the conditional and unconditional predictions combine (guidance.RULES): "cfg" is
+    # classifier-free guidance
+    guidance_rule: str = choice("cfg")
     eta: float = num(0.0, 0.0, 1.0)  # DDIM noise: 0 deterministic, 1 DDPM-like
     # Which timesteps a few-step sampler visits: "uniform" in t down to t = 0, "logsnr" uniform
     # in log(alpha/sigma) (many small steps near the data), "trailing" uniform in t ending one
-    # spacing above 0 (diffusers' "trailing"). DDPM visits all of them.
-    grid: str = choice("uniform", "logsnr", "trailing")
+    # spacing above 0 (diffusers' "trailing"). DDPM visits all of them. (Called sample.grid
+    # before; files that say so are read.)
+    timestep_spacing: str = choice("uniform", "logsnr", "trailing")
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
 
 
@@ -161,9 +171,15 @@ MNIST_TRAIN_IMAGES = 60_000
 
 
 def upgrade(d: dict) -> dict:
-    """A config dict as older versions wrote it, in today's fields. train.eval_every counted
-    epochs beside train.eval_every_steps; the one knob left counts steps (an epoch of one
-    process is ceil(60,000 / batch_size) of them)."""
+    """A config dict as older versions wrote it, in today's fields: sample.grid is now
+    sample.timestep_spacing; train.eval_every counted epochs beside train.eval_every_steps, and
+    the one knob left counts steps (an epoch of one process is ceil(60,000 / batch_size) of
+    them)."""
+    sample = d.get("sample")
+    if isinstance(sample, dict) and "grid" in sample:
+        sample = dict(sample)
+        spacing = sample.pop("grid")
+        d = {**d, "sample": {"timestep_spacing": spacing, **sample}}
     train = d.get("train")
     if not isinstance(train, dict) or "eval_every" not in train:
         return d
@@ -258,12 +274,11 @@ def _cpu() -> Config:
     # Quality per CPU-minute; docs/EXPERIMENTS.md has the measurement behind each choice:
     # 28 px (no resize), three levels, BatchNorm (GroupNorm normalises each image on its own and
     # so erases the brightness level that this skip-less block needs), four label tokens so
-    # that the attention's softmax varies, a null class for guidance, MSE on v (it learned far
-    # faster than eps at equal steps), the cosine noise schedule (at equal steps and w = 1.5:
-    # 98.70-99.00% at FID 1.05, where the linear one read 97.60% at 1.34), AdamW with warmup
-    # and cosine decay, EMA, and a few-step DPM-Solver++ sampler with guidance (w = 1.75:
-    # 99.35% and 99.70% in two runs of this recipe, about the 99.5% bar, at FID near 1.5;
-    # w = 2 costs 0.7-0.8 more FID).
+    # that the attention's softmax varies, a null class for guidance, MSE on v (it learns
+    # faster than eps at equal steps), the cosine noise schedule (better class accuracy at equal
+    # FID than the linear one), AdamW with warmup and cosine decay, EMA, and a few-step
+    # DPM-Solver++ sampler with guidance 1.75 (about where accuracy reaches the project's bar;
+    # more guidance costs FID).
     return Config(
         model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128, cls_emb_dim=32,
                           q_dim=16, v_dim=16, ffn_dim=64, cond_tokens=4, null_class=True,
@@ -286,50 +301,64 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]()
 
 
-def _in_range(value, lo, hi, above_lo, below_hi) -> bool:
-    return (lo < value if above_lo else lo <= value) and (value < hi if below_hi else value <= hi)
-
-
-def number_text(x) -> str:
-    """An end of a range as people write it: 4294967295, not 4.29497e+09."""
-    return str(x) if isinstance(x, int) else f"{x:g}"
-
-
 def _range_text(lo, hi, above_lo, below_hi) -> str:
-    return f"{'(' if above_lo else '['}{number_text(lo)}, {number_text(hi)}{')' if below_hi else ']'}"
+    def text(x):  # 4294967295, not 4.29497e+09
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    return f"{'(' if above_lo else '['}{text(lo)}, {text(hi)}{')' if below_hi else ']'}"
+
+
+def check_range(name: str, value, lo, hi, *, integer: bool = False, above_lo: bool = False,
+                below_hi: bool = False):
+    """The one range check, for config fields, command-line flags and API arguments alike: a
+    number (an integer when asked; True is not 1) in [lo, hi], an end open when asked, or one
+    UserError that names `name`. The comparisons are False for NaN, so NaN never passes.
+    Returns the value."""
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # a float field may be written as an int
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (lo < value if above_lo else lo <= value) and (value < hi if below_hi else value <= hi)
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        raise UserError(f"{name} must be {what} in {_range_text(lo, hi, above_lo, below_hi)}, "
+                        f"not {value!r}")
+    return value
 
 
 def check_field(section: str, f, value) -> None:
-    """One field against its declared type, range or choices."""
+    """One field against what it declares: true/false, one of its choices, a list of names,
+    or numbers in its range (each item of a tuple)."""
     name = f"{section}.{f.name}"
     default = f.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"{name} must be true or false, not {value!r}")
-        return
-    if "choices" in f.metadata:
+    elif "choices" in f.metadata:
         if value not in f.metadata["choices"]:
             raise UserError(f"{name} must be one of {', '.join(f.metadata['choices'])}, "
                             f"not {value!r}")
-        return
-    if "range" not in f.metadata:
-        if isinstance(default, tuple) and not (isinstance(value, tuple) and value
-                                               and all(isinstance(v, str) and v for v in value)):
+    elif "range" not in f.metadata:  # a tuple of names (lora.targets)
+        if not (isinstance(value, tuple) and value and all(isinstance(v, str) and v for v in value)):
             raise UserError(f"{name} must be a non-empty list of names, not {value!r}")
-        return
-    lo, hi, above_lo, below_hi = f.metadata["range"]
-    kind = type(default[0]) if isinstance(default, tuple) else type(default)
-    items = value if isinstance(default, tuple) else (value,)
-    if isinstance(default, tuple) and not (isinstance(value, tuple) and value):
-        raise UserError(f"{name} must be a non-empty list of numbers, not {value!r}")
-    for v in items:
-        # ints must be ints (True is not 1); floats may be written as ints
-        ok_type = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
-            (isinstance(v, (int, float)) and not isinstance(v, bool))
-        if not ok_type or not _in_range(v, lo, hi, above_lo, below_hi):
-            what = "an integer" if kind is int else "a finite number"
-            raise UserError(f"{name} must be {what} in {_range_text(lo, hi, above_lo, below_hi)}"
-                            f"{' (each item)' if isinstance(default, tuple) else ''}, not {value!r}")
+    elif isinstance(default, tuple):
+        if not (isinstance(value, tuple) and value):
+            raise UserError(f"{name} must be a non-empty list of numbers, not {value!r}")
+        lo, hi, above_lo, below_hi = f.metadata["range"]
+        for v in value:
+            check_range(f"{name} (each item)", v, lo, hi, integer=isinstance(default[0], int),
+                        above_lo=above_lo, below_hi=below_hi)
+    else:
+        lo, hi, above_lo, below_hi = f.metadata["range"]
+        check_range(name, value, lo, hi, integer=isinstance(default, int),
+                    above_lo=above_lo, below_hi=below_hi)
+
+
+# A LoRA adapter's strength, wherever it is given (--lora FILE:S, d.load(loras=...)).
+STRENGTH_RANGE = (-100, 100)
+
+
+def check_strength(where: str, value) -> float:
+    return check_range(f"{where}: the LoRA strength", value, *STRENGTH_RANGE)
 
 
 def validate(cfg: Config) -> None:

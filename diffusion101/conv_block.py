@@ -5,7 +5,14 @@ import math
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelConfig
 from .cross_attn import CrossAttention
+
+
+def make_attention(channels: int, cfg: ModelConfig, attention: bool):
+    """The block's cross-attention on the label tokens, or None where the level has none."""
+    return CrossAttention(channels, cfg.q_dim, cfg.v_dim, cfg.ffn_dim, cfg.cls_emb_dim) \
+        if attention else None
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -17,18 +24,18 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Module):
-    """The reference block: conv-norm-ReLU, + ReLU(Linear(t_emb)) per channel, conv-norm-ReLU."""
+    """The reference block: conv-norm-ReLU, + ReLU(Linear(t_emb)) per channel, conv-norm-ReLU.
+    cfg gives the sizes of the timestep embedding and the attention, and the norm."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_emb_dim: int, q_dim: int, v_dim: int,
-                 ffn_dim: int, cls_dim: int, norm: str = "batch", attention: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, cfg: ModelConfig, attention: bool = True):
         super().__init__()
         self.seq1 = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1), make_norm(norm, out_ch), nn.ReLU())
-        self.time_emb_linear = nn.Linear(time_emb_dim, out_ch)
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), make_norm(cfg.norm, out_ch), nn.ReLU())
+        self.time_emb_linear = nn.Linear(cfg.time_emb_dim, out_ch)
         self.relu = nn.ReLU()
         self.seq2 = nn.Sequential(
-            nn.Conv2d(out_ch, out_ch, 3, padding=1), make_norm(norm, out_ch), nn.ReLU())
-        self.crossattn = CrossAttention(out_ch, q_dim, v_dim, ffn_dim, cls_dim) if attention else None
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), make_norm(cfg.norm, out_ch), nn.ReLU())
+        self.crossattn = make_attention(out_ch, cfg, attention)
 
     def forward(self, x, t_emb, context):
         # x: (B, in, H, W); t_emb: (B, time_emb_dim); context: (B, L, cls_dim)
@@ -44,17 +51,16 @@ class ResBlock(nn.Module):
     between the convs. The skip lets the input through unchanged, so an image's brightness
     survives the per-image statistics of GroupNorm."""
 
-    def __init__(self, in_ch: int, out_ch: int, time_emb_dim: int, q_dim: int, v_dim: int,
-                 ffn_dim: int, cls_dim: int, norm: str = "group", attention: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, cfg: ModelConfig, attention: bool = True):
         super().__init__()
-        self.norm1 = make_norm(norm, in_ch)
+        self.norm1 = make_norm(cfg.norm, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_linear = nn.Linear(time_emb_dim, 2 * out_ch)  # scale and shift
-        self.norm2 = make_norm(norm, out_ch)
+        self.time_emb_linear = nn.Linear(cfg.time_emb_dim, 2 * out_ch)  # scale and shift
+        self.norm2 = make_norm(cfg.norm, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         # A 1x1 conv where the channel count changes, else the identity
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.crossattn = CrossAttention(out_ch, q_dim, v_dim, ffn_dim, cls_dim) if attention else None
+        self.crossattn = make_attention(out_ch, cfg, attention)
 
     def forward(self, x, t_emb, context):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)

@@ -11,12 +11,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from .config import UserError
+
+# torchvision takes about 1.5 s to import, so its datasets and transforms are imported where
+# they are used.
 
 DATA_DIR = Path(__file__).parent / "data" / "mnist"
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -130,7 +136,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
     """A torchvision ImageFolder whose sub-folders are named 0-9: any image size or mode,
     converted to one channel and resized to img_size, kept as uint8 like MNIST."""
-    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.v2 import functional as TF
     root = Path(root)
@@ -161,14 +166,30 @@ def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
 
 def bold(images: torch.Tensor) -> torch.Tensor:
     """The built-in style target: strokes thickened by a 3x3 grey dilation (max filter)."""
-    import torch.nn.functional as F
     x = images[:, None].float()
     return F.max_pool2d(x, 3, stride=1, padding=1)[:, 0].to(torch.uint8)
 
 
+def write_style_data(out, n: int, seed: int = 0) -> None:
+    """n random training digits made bold (bold()), written as an ImageFolder at `out` (a new
+    folder in an existing one). The folder is written under a temporary name and renamed when complete, so
+    an interrupted run leaves no half-made folder that a rerun would refuse and a fine-tune
+    would trip on."""
+    out = Path(out)
+    train = load_mnist(train=True, img_size=28)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
+    try:
+        write_image_folder(MNISTData(bold(train.images[idx]), train.labels[idx]), tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {n} bold digits to {out}/0..9")
+
+
 def write_image_folder(data: MNISTData, root) -> None:
     """Write digits as PNGs in the ImageFolder layout root/<label>/<index>.png."""
-    from PIL import Image
     root = Path(root)
     for d in range(10):
         (root / str(d)).mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,31 @@
 """Noise schedules and samplers, as objects apart from the network (the diffusers pattern).
 
-A scheduler knows the betas and nothing about the UNet:
-- ``add_noise(x0, noise, t)`` and ``target(x0, noise, t)``: the closed-form forward process
-  q(x_t | x_0) and what the network learns to predict (eps or v), for training;
-- ``set_timesteps(n)``, ``timesteps``, ``step(model_out, t, x_t, generator)``: the reverse
-  process. DDPM, DDIM and DPM-Solver++(2M) share that interface, so the sampling loop in
-  denoise.py swaps samplers by taking another object.
+NoiseSchedule knows the betas and nothing about the UNet; training uses it alone:
+- ``add_noise(x0, noise, t)``: the closed-form forward process q(x_t | x_0);
+- ``target(x0, noise, t)``: what the network learns to predict (eps or v);
+- ``predict_x0_eps(model_out, t, x_t)``: the (x0_hat, eps_hat) that a network output implies.
+
+A sampler is a NoiseSchedule with a reverse step, and every sampler keeps one contract:
+``set_timesteps(n)`` chooses the n timesteps of the walk (``timesteps``, from T-1 down) and
+forgets what a multistep solver remembers, so the owner of a sampling loop calls it once before
+the loop; then, for each t, ``step(model_out, t, x_t, generator)`` returns a StepOutput holding
+the next sample and the x_0 the network predicted. DDPM, DDIM and DPM-Solver++(2M) share it, so
+the sampling loop in denoise.py swaps samplers by taking another object.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from .config import DiffusionConfig
+from .config import DiffusionConfig, UserError
+
+
+class StepOutput(NamedTuple):
+    """What one reverse step gives back (diffusers' prev_sample and pred_original_sample)."""
+    prev_sample: torch.Tensor  # x at the walk's next timestep (the final image after the last)
+    pred_original_sample: torch.Tensor  # x0_hat: the clean image the network sees in x_t
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
@@ -33,12 +45,11 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """The tables every scheduler shares, and the training-side forward process."""
+    """The tables every sampler shares, and the forward process that training uses."""
 
-    def __init__(self, cfg: DiffusionConfig, device="cpu", grid: str = "uniform"):
+    def __init__(self, cfg: DiffusionConfig, device="cpu"):
         self.cfg = cfg
         self.device = device
-        self.grid = grid
         self.num_train_timesteps = cfg.timesteps
         self.prediction = cfg.prediction
         # Computed in float64 (the cumulative product loses digits in float32), stored float32.
@@ -62,12 +73,7 @@ class NoiseSchedule:
         for name, value in tables.items():
             setattr(self, name, value.to(dtype=torch.float32, device=device))
         self._alpha_bar64 = alpha_bar  # float64 copy for the samplers' coefficients
-        self.set_timesteps(cfg.timesteps)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        self.timesteps = self._spaced(num_inference_steps)
-
-    # --- training ---
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, with t of shape (B,)."""
         return (extract(self.sqrt_alpha_bar, t, x0.shape) * x0
@@ -89,9 +95,14 @@ class NoiseSchedule:
         return (extract(self.sqrt_alpha_bar, t, x0.shape) * noise
                 - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
 
-    # --- sampling helpers ---
-    def split(self, model_out: torch.Tensor, t: int, x_t: torch.Tensor):
-        """(x0_hat, eps_hat) from the network's output at timestep t, with x0 clipped if asked."""
+    def predict_x0_eps(self, model_out: torch.Tensor, t: int, x_t: torch.Tensor):
+        """(x0_hat, eps_hat): the clean image and the noise that the network's output at
+        timestep t implies, with x0_hat clipped to [-1, 1] when diffusion.clip is "x0".
+
+        :param model_out: the network's prediction (eps or v, as diffusion.prediction says).
+        :param t: one timestep for the whole batch.
+        :param x_t: the batch the network saw.
+        """
         a, s = self.sqrt_alpha_bar[t], self.sqrt_one_minus_alpha_bar[t]
         if self.prediction == "eps":
             eps = model_out
@@ -104,19 +115,43 @@ class NoiseSchedule:
             eps = (x_t - a * x0) / s  # keep the pair consistent with x_t
         return x0, eps
 
-    def noise_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        # Drawn on the generator's device (CPU by default) so a seed gives the same images anywhere.
-        gen_device = generator.device if generator is not None else x.device
-        return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn on the generator's device (the CPU by default)
+    and moved to x's, so that a seed gives the same images on any device."""
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+
+
+class Sampler(NoiseSchedule):
+    """A noise schedule that walks back from noise: the contract of the module docstring."""
+
+    name = ""
+
+    def __init__(self, cfg: DiffusionConfig, device="cpu", timestep_spacing: str = "uniform"):
+        super().__init__(cfg, device)
+        self.timestep_spacing = timestep_spacing
+        self.set_timesteps(cfg.timesteps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Walk n timesteps from T-1 down, spaced as self.timestep_spacing says; forget any
+        history of an earlier walk. ValueError for an n the sampler cannot take."""
+        self.timesteps = self._spaced(num_inference_steps)
+
+    def step(self, model_out: torch.Tensor, t: int, x_t: torch.Tensor,
+             generator: torch.Generator | None = None) -> StepOutput:
+        """One reverse step for a whole batch at the same timestep t."""
+        raise NotImplementedError
 
     def _spaced(self, n: int) -> torch.Tensor:
-        """n distinct timesteps from T-1 down, spaced as self.grid says (config.SampleConfig)."""
+        """n distinct timesteps from T-1 down, spaced as self.timestep_spacing says."""
         T = self.num_train_timesteps
         if not 1 <= n <= T:
             raise ValueError(f"steps must be in 1..{T}, not {n}")
-        if self.grid == "trailing":  # T-1, ..., T/n - 1: the last step jumps to the data
+        if self.timestep_spacing == "trailing":  # T-1, ..., T/n - 1: the last step jumps to the data
             return (torch.arange(n, 0, -1, dtype=torch.float64) * T / n).round().long() - 1
-        if self.grid == "logsnr" and n > 1:
+        if self.timestep_spacing == "logsnr" and n > 1:
             # equal steps in lambda = log(alpha / sigma), each target rounded to the nearest
             # timestep; the steps bunch up near t = 0, so two targets can round to one
             # timestep: then the grid takes the next free one towards the data
@@ -133,7 +168,7 @@ class NoiseSchedule:
         return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
 
 
-class DDPMScheduler(NoiseSchedule):
+class DDPMScheduler(Sampler):
     """Ancestral sampling (Ho et al. 2020): every training step, posterior variance beta-tilde."""
 
     name = "ddpm"
@@ -144,57 +179,64 @@ class DDPMScheduler(NoiseSchedule):
                              f"not {num_inference_steps}; use ddim or dpm for fewer")
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1)
 
-    def step(self, model_out: torch.Tensor, t: int, x_t: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """One reverse step x_t -> x_{t-1} for a whole batch at the same timestep t."""
+    def step(self, model_out, t, x_t, generator=None) -> StepOutput:
+        """x_t -> x_{t-1}: the posterior mean (Ho et al. eq. 7), plus sigma_t z for t > 0."""
         t = int(t)
+        x0, _ = self.predict_x0_eps(model_out, t, x_t)
         if self.prediction == "eps" and self.cfg.clip != "x0":
-            # The reference's formula: (x_t - (1 - a_t)/sqrt(1 - ab_t) eps) / sqrt(a_t)
+            # 1. the mean through eps (eq. 11), as the reference writes it:
+            #    (x_t - (1 - a_t) / sqrt(1 - ab_t) eps) / sqrt(a_t)
             mean = self.inv_sqrt_alpha[t] * (x_t - self.eps_coef[t] * model_out)
         else:
-            x0, _ = self.split(model_out, t, x_t)
+            # 1. the same mean through x0_hat (eq. 7): c0 x0_hat + ct x_t
             mean = self.posterior_c0[t] * x0 + self.posterior_ct[t] * x_t
-        if t > 0:  # no noise on the last step: x_0 is the mean
-            mean = mean + self.posterior_std[t] * self.noise_like(x_t, generator)
+        if t > 0:  # 2. no noise on the last step: x_0 is the mean
+            mean = mean + self.posterior_std[t] * noise_like(x_t, generator)
         if self.cfg.clip == "x_t":
-            mean = mean.clamp(-1.0, 1.0)  # the reference clamps x_t at every step
-        return mean
+            mean = mean.clamp(-1.0, 1.0)  # 3. the reference clamps x_t at every step
+        return StepOutput(mean, x0)
 
 
-class DDIMScheduler(NoiseSchedule):
+class DDIMScheduler(Sampler):
     """Song et al. (2021): any subsequence of timesteps; eta = 0 deterministic, eta = 1 is DDPM's
     posterior on that subsequence."""
 
     name = "ddim"
 
-    def __init__(self, cfg: DiffusionConfig, device="cpu", eta: float = 0.0, grid: str = "uniform"):
-        super().__init__(cfg, device, grid)
+    def __init__(self, cfg: DiffusionConfig, device="cpu", timestep_spacing: str = "uniform",
+                 eta: float = 0.0):
+        super().__init__(cfg, device, timestep_spacing)
         self.eta = eta
 
     def prev_timestep(self, t: int) -> int:
         later = (self.timesteps < t).nonzero()
         return int(self.timesteps[later[0, 0]]) if len(later) else -1
 
-    def step(self, model_out, t, x_t, generator=None):
+    def step(self, model_out, t, x_t, generator=None) -> StepOutput:
+        """x_t -> x_{t_prev} on the walk's subsequence (Song et al. eq. 12)."""
         t = int(t)
         t_prev = self.prev_timestep(t)
         ab = self._alpha_bar64[t].item()
         ab_prev = self._alpha_bar64[t_prev].item() if t_prev >= 0 else 1.0
-        x0, eps = self.split(model_out, t, x_t)
+        # 1. the predicted x_0 and the noise it leaves in x_t
+        x0, eps = self.predict_x0_eps(model_out, t, x_t)
+        # 2. sigma_t (eq. 16), eta times the DDPM posterior's standard deviation
         sigma = self.eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+        # 3. x0_hat at the noise level of t_prev, plus "the direction pointing to x_t"
         x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
         if sigma > 0:
-            x_prev = x_prev + sigma * self.noise_like(x_t, generator)
+            x_prev = x_prev + sigma * noise_like(x_t, generator)
         if self.cfg.clip == "x_t":
             x_prev = x_prev.clamp(-1.0, 1.0)
-        return x_prev
+        return StepOutput(x_prev, x0)
 
 
-class DPMSolverScheduler(NoiseSchedule):
+class DPMSolverScheduler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep, first order on the first
     and last steps. With lambda = log(alpha / sigma) and h = lambda_t - lambda_s:
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, where D is x0_hat (first order) or
-    (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h (second order)."""
+    (1 + 1/(2r)) x0_s - 1/(2r) x0_prev, r = h_prev / h (second order). It remembers the last
+    step's x0_hat and h, which set_timesteps forgets."""
 
     name = "dpm"
 
@@ -202,52 +244,55 @@ class DPMSolverScheduler(NoiseSchedule):
         self.timesteps = self._spaced(num_inference_steps)
         self._prev_x0 = None
         self._prev_h = None
-        self._i = 0
+        self._i = 0  # how many steps of this walk were taken
 
     def _alpha_sigma_lambda(self, t: int):
         ab = self._alpha_bar64[t].item()
         alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
         return alpha, sigma, math.log(alpha / sigma)
 
-    def step(self, model_out, t, x_t, generator=None):
+    def step(self, model_out, t, x_t, generator=None) -> StepOutput:
+        """x_s -> x_t, the walk's next timestep (Lu et al. 2022, algorithm 2)."""
         t = int(t)
-        x0, _ = self.split(model_out, t, x_t)
+        x0, _ = self.predict_x0_eps(model_out, t, x_t)
         last = self._i == len(self.timesteps) - 1
         self._i += 1
         if last:  # to t = -1 (sigma = 0): the solution is the data prediction itself
-            return x0
+            return StepOutput(x0, x0)
         t_next = int(self.timesteps[self._i])
         a_s, s_s, lam_s = self._alpha_sigma_lambda(t)
         a_t, s_t, lam_t = self._alpha_sigma_lambda(t_next)
         h = lam_t - lam_s
+        # 1. D: first order on the first and last steps, else the two-point extrapolation
         if self._prev_x0 is None or self._i == len(self.timesteps) - 1:
             d = x0
         else:
             r = self._prev_h / h
             d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * self._prev_x0
         self._prev_x0, self._prev_h = x0, h
-        return (s_t / s_s) * x_t - a_t * math.expm1(-h) * d
+        # 2. the exponential-integrator update
+        return StepOutput((s_t / s_s) * x_t - a_t * math.expm1(-h) * d, x0)
 
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverScheduler}
 
 
 def make_scheduler(name: str, cfg: DiffusionConfig, device="cpu", steps: int | None = None,
-                   eta: float = 0.0, grid: str = "uniform") -> NoiseSchedule:
-    """A sampler by name, with its timesteps set (all of them when steps is None)."""
+                   eta: float = 0.0, timestep_spacing: str = "uniform") -> Sampler:
+    """A sampler by name, with its timesteps set (all of them when steps is None): a bad name
+    or step count is a UserError."""
     if name not in SAMPLERS:
-        from .config import UserError
         raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
     extra = {"eta": eta} if name == "ddim" else {}
-    sched = SAMPLERS[name](cfg, device, grid=grid, **extra)
+    sampler = SAMPLERS[name](cfg, device, timestep_spacing, **extra)
     try:
-        sched.set_timesteps(steps if steps is not None else cfg.timesteps)
+        sampler.set_timesteps(steps if steps is not None else cfg.timesteps)
     except ValueError as e:
-        from .config import UserError
         raise UserError(str(e)) from None
-    return sched
+    return sampler
 
 
-def sampler_for(sc, cfg: DiffusionConfig, device="cpu") -> NoiseSchedule:
-    """The scheduler a SampleConfig asks for (sampler, steps, eta, grid)."""
-    return make_scheduler(sc.sampler, cfg, device, sc.steps, sc.eta, sc.grid)
+def sampler_for(sample_cfg, cfg: DiffusionConfig, device="cpu") -> Sampler:
+    """The sampler a config.SampleConfig asks for (sampler, steps, eta, timestep_spacing)."""
+    return make_scheduler(sample_cfg.sampler, cfg, device, sample_cfg.steps, sample_cfg.eta,
+                          sample_cfg.timestep_spacing)

@@ -10,12 +10,18 @@ the real-data floors ship in ``diffusion101/weights/classifier.pt``.
 from __future__ import annotations
 
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
-from .config import EVERY_STEP, UserError
+from .config import EVERY_STEP, UserError, interval_text
+from .dataset import load_mnist, resize_uint8
+from .denoise import sample
+from .diffusion import sampler_for
 from .fid import feature_stats, frechet_distance
 
 
@@ -31,7 +37,6 @@ _CACHE: dict = {}
 
 def load_classifier(path=CLASSIFIER_PATH, device="cpu"):
     """(classifier in eval mode, its file: test-set feature stats and the real-data floors)."""
-    from . import checkpoint
     key = (str(path), str(device))
     if key not in _CACHE:
         blob = checkpoint.load(path, "classifier")
@@ -52,8 +57,8 @@ def reference_stats(img_size: int, device="cpu"):
     """Feature statistics of the 10,000 test digits as a model of this resolution sees them.
 
     A 48 px model learns digits upsampled from 28 px; scoring resizes its output back to 28.
-    The round trip blurs, and this feature space notices (28 -> 48 -> 28 moves real test
-    digits from FID 0.23 to 1.73 against the plain test set), so at other resolutions the
+    The round trip blurs, and this feature space notices (docs/EVALUATION.md measures by how
+    much, on real test digits), so at other resolutions the
     reference is the test set through the same round trip, and the best a model can do is
     the same real-data floor as at 28 px."""
     clf, blob = load_classifier(device=device)
@@ -61,7 +66,6 @@ def reference_stats(img_size: int, device="cpu"):
         return blob["test_mu"], blob["test_sigma"]
     key = ("test_stats", img_size)
     if key not in _CACHE:
-        from .dataset import load_mnist, resize_uint8
         test = load_mnist(train=False, img_size=28)
         _, feats = classify(clf, uint8_to_unit(resize_uint8(test.images, img_size)).to(device))
         _CACHE[key] = feature_stats(feats.cpu())
@@ -90,12 +94,11 @@ def score(images: torch.Tensor, labels: torch.Tensor, device="cpu") -> dict:
 def test_set_labels(n: int) -> torch.Tensor:
     """n labels in the test set's digit proportions (largest remainder), interleaved 0-9.
 
-    FID compares against the test set's features, and the real-data floor draws training digits
-    in MNIST's own proportions (1 is 11.35% of the test set, 5 is 8.92%); asking for the ten
-    digits equally often would add a mismatch that is the label mix's, not the model's
-    (docs/EVALUATION.md)."""
+    FID compares against the test set's features, and the real-data floor draws training
+    digits in MNIST's own proportions (1 is the most frequent digit of the test set, 5 the
+    rarest); asking for the ten digits equally often would add a mismatch that is the label
+    mix's, not the model's (docs/EVALUATION.md)."""
     if "test_label_counts" not in _CACHE:
-        from .dataset import load_mnist
         _CACHE["test_label_counts"] = torch.bincount(load_mnist(train=False, img_size=28).labels)
     counts = _CACHE["test_label_counts"].double()
     share = counts / counts.sum() * n
@@ -114,17 +117,14 @@ def generate_images(model, cfg, n: int, device, seed: int, sc=None, batch_size: 
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
     # (docs/BENCHMARKS.md); a GPU wants big batches.
     batch_size = batch_size or (1000 if str(device).startswith("cuda") else 100)
-    from .denoise import sample
-    from .diffusion import sampler_for
     sc = sc or cfg.sample
     labels = test_set_labels(n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    scheduler = sampler_for(sc, cfg.diffusion, device)
+    sampler = sampler_for(sc, cfg.diffusion, device)
     out = []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
-        images, _ = sample(model, scheduler, chunk.to(device), cfg.model.img_size,
-                           cfg.model.in_channels, generator, 0, sc.guidance, sc.guidance_interval)
+        images, _ = sample(model, sampler, chunk.to(device), sc, generator)
         out.append(images.cpu())
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,7 +137,8 @@ def evaluate_model(model, cfg, n: int, device, seed: int, sc=None, batch_size: i
     images, labels, seconds = generate_images(model, cfg, n, device, seed, sc, batch_size)
     metrics = score(images, labels, device)
     metrics.update(sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance,
-                   guidance_interval=list(sc.guidance_interval), eta=sc.eta, grid=sc.grid,
+                   guidance_rule=sc.guidance_rule, guidance_interval=list(sc.guidance_interval),
+                   eta=sc.eta, timestep_spacing=sc.timestep_spacing,
                    sample_seconds=seconds, images_per_second=n / seconds)
     return metrics
 
@@ -148,9 +149,6 @@ NPZ_MIN = 10  # FID needs a covariance over the features: ten images at the very
 def evaluate_npz(path, num_classes: int = 10) -> dict:
     """Score samples written by denoise.py --npz: images uint8 (N, H, W), labels integers
     (N,) in 0..num_classes-1. Anything else is refused with one line."""
-    import zipfile
-
-    import numpy as np
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz not found: {p}")
@@ -177,12 +175,11 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
 
 
 def format_report(m: dict) -> str:
-    from .denoise import interval_text
-    grid = m.get("grid", "uniform")
+    spacing = m.get("timestep_spacing", "uniform")
     lines = [f"n = {m['n']}" + (f", sampler {m['sampler']}, {m['steps']} steps, guidance "
                                 f"{m['guidance']}" if "sampler" in m else "")
              + interval_text(m.get("guidance_interval", EVERY_STEP))
-             + (f", {grid} time grid" if grid != "uniform" and m.get("sampler") != "ddpm" else ""),
+             + (f", {spacing} timestep spacing" if spacing != "uniform" and m.get("sampler") != "ddpm" else ""),
              f"conditional accuracy: {100 * m['accuracy']:.2f}%"
              + (f" (mean over digits {100 * m['mean_digit_accuracy']:.2f}%)"
                 if "mean_digit_accuracy" in m else ""),

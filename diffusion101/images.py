@@ -29,14 +29,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(images: torch.Tensor, path, nrow: int) -> None:
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # torchvision is slow to import: on first use
     grid_images = to_unit(images)
     atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2, format="png"))
 
 
 def save_progression(frames: torch.Tensor, digits, path) -> None:
     """Rows: digits; columns: the intermediate x_t, from noise (left) to the result (right)."""
-    import matplotlib
+    import matplotlib  # slow to import, and only this figure needs it
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 

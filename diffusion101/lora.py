@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .config import UserError
+
 DEFAULT = "default"
 
 
@@ -132,7 +134,6 @@ def apply_lora_file(model: nn.Module, adapter: dict, base_fingerprint: str, wher
                     name: str = DEFAULT, strength: float = 1.0) -> None:
     """Add a saved adapter to `model` under `name`, after checking that it was trained on this
     very base (same fingerprint) and that this model has every layer it adapts."""
-    from .config import UserError
     if adapter["base_fingerprint"] != base_fingerprint:
         raise UserError(f"{where} was trained on another base model (fingerprint "
                         f"{adapter['base_fingerprint'][:12]}..., this base is "

@@ -1,6 +1,6 @@
 """LoRA fine-tuning: freeze the base, train only the adapters (by default on the cross-attention
-Q/K/V projections), on MNIST or on a folder of the user's own digits. The step and the loop
-are training's own (train.train_step, train.loop)."""
+Q/K/V projections), on MNIST or on a folder of the user's own digits. The loop is training's
+own (train.Trainer), run with a recipe made from the lora section."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, models
+from . import checkpoint
 from .config import UserError, validate
 from .dataset import epoch_batches, load_image_folder, load_mnist
-from .diffusion import make_scheduler
+from .diffusion import NoiseSchedule
 from .lora import inject_lora, lora_state_dict
-from .train import NonFiniteLoss, TrainState, loop, make_lr_schedule, speed_options
+from .model_files import load_model
+from .train import NonFiniteLoss, Run, Trainer, TrainState, make_lr_schedule
 from .unet import count_parameters
 
 
@@ -30,7 +31,7 @@ def load_base(base_path, lora: dict) -> tuple:
     """(model, ckpt, cfg): the base with the weights that sampling uses (the EMA copy when the
     run kept one), and its config with the lora section's fields in `lora` changed and checked
     against their declared ranges."""
-    model, ckpt, cfg = models.load_model(base_path, device="cpu")
+    model, ckpt, cfg = load_model(base_path, device="cpu")
     checkpoint.load_state(model, checkpoint.sampling_weights(ckpt), str(base_path))
     changes = {k: v for k, v in lora.items() if v is not None}
     if "targets" in changes:
@@ -40,13 +41,13 @@ def load_base(base_path, lora: dict) -> tuple:
     return model, ckpt, cfg
 
 
-def add_adapters(model: nn.Module, lc, log) -> None:
+def add_adapters(model: nn.Module, lora_cfg, log) -> None:
     total = sum(p.numel() for p in model.parameters())
-    wrapped = inject_lora(model, lc.r, lc.alpha, lc.targets)
+    wrapped = inject_lora(model, lora_cfg.r, lora_cfg.alpha, lora_cfg.targets)
     if wrapped == 0:
-        raise UserError(f"no Linear layer named {list(lc.targets)} in this model")
+        raise UserError(f"no Linear layer named {list(lora_cfg.targets)} in this model")
     trainable = count_parameters(model)
-    log(f"LoRA r={lc.r} alpha={lc.alpha} on {wrapped} layers {list(lc.targets)}: "
+    log(f"LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} on {wrapped} layers {list(lora_cfg.targets)}: "
         f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of the base's "
         f"{total:,})")
 
@@ -61,38 +62,43 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
+def finetune_recipe(cfg, seed: int, steps_per_epoch: int):
+    """The training recipe of a fine-tune: the base's loss and label dropout, and the
+    reference's plain recipe for the adapters (constant Adam, no clipping, no EMA, fp32),
+    with the lora section's batch size, learning rate and budget; no checkpoints, evaluations
+    or grids on the way. A step budget wins over the epoch count, however small the data."""
+    lora_cfg = cfg.lora
+    epochs = lora_cfg.epochs
+    if lora_cfg.max_steps:
+        epochs = math.ceil(lora_cfg.max_steps / steps_per_epoch)
+    return dataclasses.replace(
+        cfg.train, lr=lora_cfg.lr, lr_schedule="constant", grad_clip=0.0, ema_decay=0.0,
+        batch_size=lora_cfg.batch_size, epochs=epochs, max_steps=lora_cfg.max_steps,
+        max_minutes=0.0, seed=seed, save_every=0, eval_every_steps=0, grid_every=0)
+
+
 def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, data="mnist",
              full: bool = False, log=print) -> dict:
     """Train a LoRA adapter (or, with full=True, every weight, for comparison) on `data` and
     save it to `out`. lora: fields of the lora section to change ({"r": 4, "max_steps": 100})."""
     model, ckpt, cfg = load_base(base_path, lora or {})
-    lc = cfg.lora
-    if lc.epochs == 0 and lc.max_steps == 0:
+    if cfg.lora.epochs == 0 and cfg.lora.max_steps == 0:
         raise UserError(f"--epochs 0 and no --max-steps: nothing to train; {out} was not written")
     if isinstance(data, str):
         data = load_finetune_data(data, cfg.model.img_size)
     if full:
         log(f"full fine-tune: all {sum(p.numel() for p in model.parameters()):,} parameters train")
     else:
-        add_adapters(model, lc, log)
+        add_adapters(model, cfg.lora, log)
     model.to(device)
     freeze_norm_statistics(model)
-    # The base's loss and label dropout, and the reference's plain recipe for the adapters:
-    # constant Adam, no clipping, no EMA, fp32.
-    tc = dataclasses.replace(cfg.train, lr=lc.lr, lr_schedule="constant", grad_clip=0.0,
-                             ema_decay=0.0)
-    speed = speed_options(dataclasses.replace(tc, precision="fp32", channels_last="off",
-                                              compile="off", fused_optimizer="off"), device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lc.lr)
-    state = TrainState(model, optimizer, make_lr_schedule(optimizer, tc, 0), None,
+    recipe = finetune_recipe(cfg, seed, len(epoch_batches(len(data), cfg.lora.batch_size, seed, 0)))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+    state = TrainState(model, optimizer, make_lr_schedule(optimizer, recipe, 0), None,
                        torch.Generator(device="cpu").manual_seed(seed))
-    epochs = lc.epochs
-    if lc.max_steps:  # a step budget wins over the epoch count, however small the data set
-        epochs = math.ceil(lc.max_steps / len(epoch_batches(len(data), lc.batch_size, seed, 0)))
+    run = Run(dataclasses.replace(cfg, train=recipe), None, None, torch.device(device))
     try:
-        loop(state, data, make_scheduler("ddpm", cfg.diffusion, device), tc, speed,
-             batch_size=lc.batch_size, seed=seed, epochs=epochs, device=device,
-             desc="lora epoch", stop=lambda: bool(lc.max_steps) and state.step >= lc.max_steps)
+        Trainer(run, state, data, NoiseSchedule(cfg.diffusion, device), desc="lora epoch").fit()
     except NonFiniteLoss as e:
         raise UserError(f"loss is {e} at LoRA step {state.step + 1}; stopped, nothing saved") from None
     if state.step == 0:
@@ -110,9 +116,9 @@ def save_result(model, base_ckpt: dict, cfg, out, steps: int, full: bool, log) -
         checkpoint.save(saved, out)
         log(f"saved {out} (full fine-tune, {steps} steps)")
         return saved
-    lc = cfg.lora
-    saved = checkpoint.lora_file(cfg, lora_state_dict(model), lc.r, lc.alpha, lc.targets,
-                                 checkpoint.base_fingerprint(base_ckpt), steps)
+    lora_cfg = cfg.lora
+    saved = checkpoint.lora_file(cfg, lora_state_dict(model), lora_cfg.r, lora_cfg.alpha,
+                                 lora_cfg.targets, checkpoint.base_fingerprint(base_ckpt), steps)
     checkpoint.save(saved, out)
     log(f"saved {out} ({len(saved['lora'])} tensors, {steps} steps)")
     return saved

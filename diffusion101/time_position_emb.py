@@ -9,8 +9,9 @@ class TimePositionEmbedding(nn.Module):
     """Integer timesteps (B,) -> (B, dim): a block of sines then a block of cosines.
 
     freq_i = exp(-i ln(10000) / (half - 1)), i = 0..half-1, so the first frequency is 1 and
-    the last 1/10000. The README calls the layout "interleaved"; the reference concatenates,
-    and the two differ by a fixed permutation that the next Linear absorbs.
+    the last 1/10000. The two blocks are concatenated, as the reference does; the interleaved
+    layout of the Transformer paper (sin, cos, sin, cos, ...) differs by a fixed permutation,
+    which the next Linear absorbs.
     """
 
     def __init__(self, dim: int):

@@ -1,7 +1,6 @@
-"""Training, to be read top to bottom: diffusion_loss (noise, predict, score), TrainState
-(everything a run changes), train_step (one optimizer step), loop (epochs of batches, shared
-with LoRA fine-tuning), then train(): set up, run the loop with saving, TensorBoard and
-evaluation.
+"""Training, to be read top to bottom: diffusion_loss (noise, predict, score), train_step (one
+optimizer step), TrainState (everything a run changes), then Trainer.fit(), the loop that
+training and LoRA fine-tuning share, and train(), which sets a run up and calls it.
 
 A run is fully described by its config; the checkpoint stores that config, the optimizer,
 the counters and every RNG state, so --resume continues exactly where the run stopped.
@@ -9,172 +8,96 @@ the counters and every RNG state, so --resume continues exactly where the run st
 from __future__ import annotations
 
 import math
-import os
-import random
-import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from . import checkpoint
-from .files import fault
-from .config import Config, UserError
+from . import checkpoint, distributed
+from .config import Config, TrainConfig, UserError
 from .dataset import MNISTData, epoch_batches, load_mnist
 from .denoise import sample_digits
-from .diffusion import NoiseSchedule, make_scheduler, sampler_for
+from .diffusion import NoiseSchedule, sampler_for
 from .ema import EMA
+from .evaluate import evaluate_model
+from .rng import rng_state, seed_everything, set_rng_state
 from .unet import UNet, count_parameters
 
 
-def diffusion_loss(model, scheduler: NoiseSchedule, x0, y, generator, loss: str,
+def diffusion_loss(model, schedule: NoiseSchedule, x0, y, generator, loss: str,
                    p_uncond: float = 0.0, snr_gamma: float = 0.0) -> torch.Tensor:
     """Noise x0 to a random timestep per image and score the model's prediction of the target
     (the noise, or v). With p_uncond > 0 some labels become the null class, so the same network
     also learns the unconditional model that classifier-free guidance needs. With snr_gamma > 0
     each image's loss is weighted by Min-SNR-gamma."""
     b = x0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator,
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator,
                       device=generator.device).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
     if p_uncond > 0:
         drop = (torch.rand(b, generator=generator, device=generator.device) < p_uncond).to(y.device)
         y = torch.where(drop, torch.full_like(y, model.null_label), y)
-    pred = model(scheduler.add_noise(x0, noise, t), t, y)  # (B, 1, S, S)
-    target = scheduler.target(x0, noise, t)
+    pred = model(schedule.add_noise(x0, noise, t), t, y)  # (B, C, S, S)
+    target = schedule.target(x0, noise, t)
     if snr_gamma <= 0:
         return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
     error = (pred - target).abs() if loss == "l1" else (pred - target).square()
     per_image = error.flatten(1).mean(dim=1)  # (B,)
-    return (scheduler.min_snr_weight(t, snr_gamma) * per_image).mean()
+    return (schedule.min_snr_weight(t, snr_gamma) * per_image).mean()
 
 
-def speed_options(tc, device: torch.device) -> dict:
-    """Resolve the speed settings for this device: 'auto' means on for CUDA, off for CPU
-    (on a CPU, bf16 matmuls are hundreds of times slower than fp32 here)."""
-    cuda = device.type == "cuda"
+@dataclass
+class Speed:
+    """The speed settings of train.* resolved for one device (docs/BENCHMARKS.md). All off is
+    plain fp32 eager PyTorch, the reference's way."""
+    bf16: bool = False  # autocast the forward pass to bfloat16
+    tf32: bool = False  # TF32 matmuls and convolutions (CUDA)
+    channels_last: bool = False  # NHWC memory layout
+    compile: bool = False  # torch.compile the network
+    fused_optimizer: bool = False  # one kernel for the whole Adam update (CUDA)
+    data_on_device: bool = False  # the uint8 training set kept on the GPU
 
-    def pick(value: str) -> bool:
-        return cuda if value == "auto" else value == "on"
+    @classmethod
+    def for_device(cls, recipe: TrainConfig, device: torch.device) -> "Speed":
+        """'auto' means on for CUDA and off for a CPU, where bf16 matmuls are far slower than
+        fp32."""
+        cuda = device.type == "cuda"
 
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
-    return {"bf16": bf16, "tf32": cuda and tc.precision != "fp32",
-            "channels_last": pick(tc.channels_last), "compile": pick(tc.compile),
-            "fused_optimizer": pick(tc.fused_optimizer), "data_on_device": cuda and pick(tc.data_on_device)}
+        def pick(value: str) -> bool:
+            return cuda if value == "auto" else value == "on"
+
+        return cls(bf16=recipe.precision == "bf16" or (recipe.precision == "auto" and cuda),
+                   tf32=cuda and recipe.precision != "fp32",
+                   channels_last=pick(recipe.channels_last), compile=pick(recipe.compile),
+                   fused_optimizer=pick(recipe.fused_optimizer),
+                   data_on_device=cuda and pick(recipe.data_on_device))
+
+    def enabled(self) -> list:
+        return [name for name, on in vars(self).items() if on]
 
 
-def make_optimizer(params, tc, fused: bool = False):
-    # fused: one kernel for the whole update on CUDA instead of one per tensor
+def make_optimizer(params, recipe: TrainConfig, fused: bool = False):
     extra = {"fused": True} if fused else {}
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, **extra)
-    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, **extra)
+    kind = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
 
 
-def make_lr_schedule(optimizer, tc, total_steps: int):
+def make_lr_schedule(optimizer, recipe: TrainConfig, total_steps: int):
     """Constant (the reference), or linear warmup then cosine decay to zero at total_steps."""
     def factor(step: int) -> float:
-        if tc.lr_schedule == "constant":
+        if recipe.lr_schedule == "constant":
             return 1.0
-        if step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        progress = (step - tc.warmup_steps) / max(1, total_steps - tc.warmup_steps)
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    """Every RNG the run touches, as tensors and plain values (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state = {
-        "generator": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(generator: torch.Generator, state: dict) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def log_sample_grid(writer, model, cfg: Config, device, seed: int, tag: str, step: int):
-    """Generate digits 0-9 with the preset's sampler and put the grid in TensorBoard."""
-    from torchvision.utils import make_grid
-    was_training = model.training
-    model.eval()  # BatchNorm uses its running statistics, as at sampling time
-    sc = cfg.sample
-    scheduler = sampler_for(sc, cfg.diffusion, device)
-    images, _ = sample_digits(model, scheduler, list(range(cfg.model.num_classes)), 1,
-                              seed=seed, device=device, guidance=sc.guidance,
-                              guidance_interval=sc.guidance_interval)
-    model.train(was_training)
-    writer.add_image(tag, make_grid((images + 1) / 2, nrow=cfg.model.num_classes), step)
-
-
-def log_quality(writer, model, cfg: Config, device, step: int, train_minutes: float, log) -> dict:
-    """Conditional accuracy and FID on a small sample, with the preset's sampler: the quality
-    curve of a run. The classifier ships with the package."""
-    from .evaluate import evaluate_model
-    was_training = model.training
-    model.eval()
-    metrics = evaluate_model(model, cfg, n=cfg.train.eval_n, device=device, seed=1234)
-    model.train(was_training)
-    writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
-    writer.add_scalar("eval/fid", metrics["fid"], step)
-    writer.add_scalar("eval/train_minutes", train_minutes, step)
-    log(f"eval at step {step} ({train_minutes:.1f} train min): accuracy "
-        f"{100 * metrics['accuracy']:.2f}%, FID {metrics['fid']:.2f} (n={cfg.train.eval_n})")
-    return metrics
-
-
-def distributed_setup(device: torch.device):
-    """(rank, world, device, distributed) for this process. A process started by torchrun
-    (which sets RANK) joins a process group, even alone: NCCL on CUDA (one GPU per local
-    rank), gloo on CPU."""
-    import torch.distributed as dist
-    if "RANK" not in os.environ:
-        return 0, 1, device, False
-    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device, True
-
-
-def replica_divergence(model) -> float:
-    """Largest |w_rank - w_rank0| over all weights and ranks: 0.0 when DDP kept them in step."""
-    import torch.distributed as dist
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    diff = (flat - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
-class NonFiniteLoss(Exception):
-    """The loss came out NaN or inf; the step was not taken."""
 
 
 @dataclass
@@ -235,43 +158,43 @@ class TrainState:
             set_rng_state(self.generator, ckpt["rng"])
 
 
-def build_state(cfg: Config, device, speed: dict, total_steps: int, rank: int = 0) -> TrainState:
+def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int = 0) -> TrainState:
     """A fresh model, optimizer, schedule, EMA and generator, laid out as `speed` says."""
-    tc = cfg.train
-    memory_format = torch.channels_last if speed["channels_last"] else torch.contiguous_format
+    recipe = cfg.train
+    memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
     model = UNet(cfg.model).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(model.parameters(), tc, fused=speed["fused_optimizer"])
+    optimizer = make_optimizer(model.parameters(), recipe, fused=speed.fused_optimizer)
     # Offset by rank, so the processes of a distributed run draw different noise.
-    generator = torch.Generator(device="cpu").manual_seed(tc.seed + 1_000_003 * rank)
-    return TrainState(model, optimizer, make_lr_schedule(optimizer, tc, total_steps),
-                      EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None, generator)
+    generator = torch.Generator(device="cpu").manual_seed(recipe.seed + 1_000_003 * rank)
+    return TrainState(model, optimizer, make_lr_schedule(optimizer, recipe, total_steps),
+                      EMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None, generator)
 
 
-def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: dict,
-               distributed: bool = False) -> float:
+class NonFiniteLoss(Exception):
+    """The loss came out NaN or inf; the step was not taken."""
+
+
+def train_step(state: TrainState, schedule: NoiseSchedule, x0, y, recipe: TrainConfig,
+               speed: Speed, is_distributed: bool = False) -> float:
     """One optimizer step on the batch (x0, y); returns the loss (the mean over processes).
     A loss that is not finite raises NonFiniteLoss before the weights change."""
-    if speed["channels_last"]:
+    if speed.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed["bf16"]):
-        loss = diffusion_loss(state.net, scheduler, x0, y, state.generator, tc.loss, tc.p_uncond,
-                              tc.snr_gamma)
-    # Read at once: the step waits for the GPU here. Reading it one step later, so the host
-    # queues the next step meanwhile, was measured on an H200 and gained nothing: the
-    # `reference` step is bound by the host launching kernels (docs/BENCHMARKS.md).
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=speed.bf16):
+        loss = diffusion_loss(state.net, schedule, x0, y, state.generator, recipe.loss,
+                              recipe.p_uncond, recipe.snr_gamma)
+    # Read at once, so that every process sees the same value and all stop together on NaN
+    # (docs/BENCHMARKS.md: what this wait costs on a GPU).
     mean_loss = loss.detach()
-    if distributed:  # every process sees the same mean loss, so all stop together on NaN
-        import torch.distributed as dist
-        mean_loss = mean_loss.clone()
-        dist.all_reduce(mean_loss)  # a sum: gloo has no average
-        mean_loss /= dist.get_world_size()
+    if is_distributed:
+        mean_loss = distributed.mean_over_processes(mean_loss)
     value = mean_loss.item()
     if not math.isfinite(value):
         raise NonFiniteLoss(value)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if tc.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+    if recipe.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), recipe.grad_clip)
     state.optimizer.step()
     state.lr_schedule.step()
     if state.ema is not None:
@@ -281,27 +204,19 @@ def train_step(state: TrainState, scheduler: NoiseSchedule, x0, y, tc, speed: di
     return value
 
 
-def any_process(flag: bool, distributed: bool) -> bool:
-    """True if `flag` holds on any process: a stop decided by one process (its clock) stops all."""
-    if not distributed:
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def quiet(*args, **kwargs) -> None:
     """The log of a process other than rank 0: only the main process speaks."""
 
 
 @dataclass
 class Run:
-    """Where a training run writes, and how it is spread over processes."""
+    """The fixed facts of one run: its config (cfg.train is the recipe the loop follows), where
+    it writes, the device and speed settings, and how it is spread over processes."""
     cfg: Config
-    preset: str
-    out: Path
+    preset: str | None
+    out: Path | None  # the checkpoint; None: the loop writes none (LoRA saves its adapter)
     device: torch.device
+    speed: Speed = field(default_factory=Speed)
     rank: int = 0
     world: int = 1
     distributed: bool = False
@@ -314,42 +229,124 @@ class Run:
         return self.rank == 0
 
 
-def loop(state: TrainState, data: MNISTData, scheduler: NoiseSchedule, tc, speed: dict, *,
-         batch_size: int, seed: int, epochs: int, device, rank: int = 0, world: int = 1,
-         distributed: bool = False, desc: str = "epoch", on_step=None, on_epoch_end=None,
-         stop=None) -> None:
-    """The training loop, shared by training and LoRA fine-tuning: epochs of shuffled batches
-    from wherever `state` stands, one train_step each. on_step(loss) runs after every step,
-    on_epoch_end(complete) after every epoch and after a stop (complete: the epoch ran to its
-    end); stop() is asked after every step. NonFiniteLoss propagates."""
-    from tqdm import tqdm
-    while state.epoch < epochs:
-        batches = epoch_batches(len(data), batch_size, seed, state.epoch, rank, world)
-        bar = tqdm(batches[state.step_in_epoch:], desc=f"{desc} {state.epoch + 1}/{epochs}",
-                   initial=state.step_in_epoch, total=len(batches), dynamic_ncols=True,
-                   disable=rank != 0)
-        state.start_clock()
-        stopped = False
-        for idx in bar:
-            x0, y = data.batch(idx, device)
-            if fault("nan_at_step") == str(state.step + 1):
-                x0 = x0 * float("nan")  # a crash test: a batch whose loss is NaN
-            value = train_step(state, scheduler, x0, y, tc, speed, distributed)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            if on_step is not None:
-                on_step(value)
-            stopped = stop is not None and stop()
-            if stopped:
-                break
-        bar.close()
+def every(n: int, count: int) -> bool:
+    """Whether a task that runs every n steps (or epochs) is due at `count`; 0 is never."""
+    return n > 0 and count % n == 0
+
+
+class Trainer:
+    """The training loop, shared by training and LoRA fine-tuning. fit() is the loop; the
+    methods after it are its steps. The recipe is run.cfg.train: batch size, seed, epochs, the
+    step and time budgets, and how often to save, evaluate and draw a grid."""
+
+    def __init__(self, run: Run, state: TrainState, data: MNISTData, schedule: NoiseSchedule,
+                 desc: str = "epoch"):
+        self.run, self.state, self.data, self.schedule, self.desc = run, state, data, schedule, desc
+        self.recipe = run.cfg.train
+        self.batches = None  # the index batches of the epoch under way; None between epochs
+        self.bar = None
+        self.saved = None  # the checkpoint written last
+
+    def fit(self) -> None:
+        """Train from wherever the state stands until the epochs or a budget run out. A loss
+        that is not finite raises NonFiniteLoss, the weights still those of the step before."""
+        recipe, state, run = self.recipe, self.state, self.run
+        stop = False
+        while state.epoch < recipe.epochs and not stop:
+            x0, y = self.next_batch()
+            loss = train_step(state, self.schedule, x0, y, recipe, run.speed, run.distributed)
+            self.log_loss(loss)
+            if every(recipe.save_every, state.step):
+                self.save()
+            if every(recipe.eval_every_steps, state.step):
+                self.evaluate()
+            stop = self.out_of_budget()
+            if stop or state.step_in_epoch == len(self.batches):
+                self.end_epoch()
+
+    def next_batch(self):
+        """The next (x0, y) of the epoch; between epochs, shuffle the next one (a function of
+        the seed and the epoch alone, so a resumed run sees the same batches) and start its
+        progress bar and its clock."""
+        state, run = self.state, self.run
+        if self.batches is None:
+            self.batches = epoch_batches(len(self.data), self.recipe.batch_size, self.recipe.seed,
+                                         state.epoch, run.rank, run.world)
+            self.bar = tqdm(total=len(self.batches), initial=state.step_in_epoch,
+                            desc=f"{self.desc} {state.epoch + 1}/{self.recipe.epochs}",
+                            dynamic_ncols=True, disable=not run.main)
+            state.start_clock()
+        return self.data.batch(self.batches[state.step_in_epoch], run.device)
+
+    def log_loss(self, loss: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.update(1)
+        if self.run.writer is not None:
+            self.run.writer.add_scalar("train/loss", loss, self.state.step)
+
+    def out_of_budget(self) -> bool:
+        """The step or time budget is spent (train.max_steps, train.max_minutes; 0 is none)."""
+        recipe, state = self.recipe, self.state
+        out_of_steps = bool(recipe.max_steps) and state.step >= recipe.max_steps
+        return out_of_steps or (bool(recipe.max_minutes) and distributed.any_process(
+            state.seconds_so_far() >= 60 * recipe.max_minutes, self.run.distributed))
+
+    def end_epoch(self) -> None:
+        """Close the epoch's bar and clock; after a whole epoch, count it and draw the grid;
+        save either way (a stop inside an epoch saves where it stopped)."""
+        state = self.state
+        self.bar.close()
         state.lap()
-        complete = state.step_in_epoch == len(batches)
-        if complete:
+        if state.step_in_epoch == len(self.batches):
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        if on_epoch_end is not None:
-            on_epoch_end(complete)
-        if stopped:
+            if self.run.writer is not None and every(self.recipe.grid_every, state.epoch):
+                self.log_grid()
+        self.batches = None
+        self.save()
+
+    def save(self) -> None:
+        """Checkpoint the run (rank 0 writes); with no run.out, nothing is written."""
+        run, state = self.run, self.state
+        if run.out is None:
             return
+        state.lap()
+        self.saved = checkpoint.model_file(run.cfg, run.preset, state.state_dict())
+        if run.main:
+            checkpoint.save(self.saved, run.out)
+        run.last_saved = state.step
+
+    def evaluate(self) -> None:
+        """Accuracy and FID of a small sample into TensorBoard (the main process only), with
+        the preset's sampler; the time it takes is not training time."""
+        run, state = self.run, self.state
+        if run.writer is None:
+            return
+        state.lap()
+        model = state.sampling_model()
+        was_training = model.training
+        model.eval()  # BatchNorm uses its running statistics, as at sampling time
+        metrics = evaluate_model(model, run.cfg, n=self.recipe.eval_n, device=run.device, seed=1234)
+        model.train(was_training)
+        minutes = state.train_seconds / 60
+        for name, value in (("accuracy", metrics["accuracy"]), ("fid", metrics["fid"]),
+                            ("train_minutes", minutes)):
+            run.writer.add_scalar(f"eval/{name}", value, state.step)
+        run.log(f"eval at step {state.step} ({minutes:.1f} train min): accuracy "
+                f"{100 * metrics['accuracy']:.2f}%, FID {metrics['fid']:.2f} (n={self.recipe.eval_n})")
+        state.start_clock()
+
+    def log_grid(self) -> None:
+        """Digits 0-9 from the preset's sampler, as an image grid in TensorBoard."""
+        from torchvision.utils import make_grid  # torchvision is slow to import: on first use
+        run, model = self.run, self.state.sampling_model()
+        was_training = model.training
+        model.eval()
+        sample_cfg = run.cfg.sample
+        classes = run.cfg.model.num_classes
+        images, _ = sample_digits(model, sampler_for(sample_cfg, run.cfg.diffusion, run.device),
+                                  sample_cfg, range(classes), 1, self.recipe.seed, run.device)
+        model.train(was_training)
+        run.writer.add_image("samples", make_grid((images + 1) / 2, nrow=classes), self.state.epoch)
 
 
 def open_resume(run: Run) -> dict:
@@ -366,112 +363,51 @@ def open_resume(run: Run) -> dict:
     return loaded
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def saved_run_config(out) -> tuple:
+    """(config, preset) of the run saved in `out`: what --resume continues by default."""
+    saved = checkpoint.load_model_checkpoint(out)
+    return checkpoint.config_of(saved), saved.get("preset", "reference")
 
 
-def prepare(run: Run, data: MNISTData | None, resume: dict | None, speed: dict) -> tuple:
-    """(state, data) ready for the loop: the data where the speed options want it, the state
-    built (and restored from `resume`), its network wrapped for DDP and torch.compile."""
-    cfg, tc, device = run.cfg, run.cfg.train, run.device
+def prepare(run: Run, data: MNISTData | None, resume: dict | None) -> Trainer:
+    """The trainer of this run: the data where the speed settings want it, the state built
+    (and restored from `resume`), its network wrapped for DDP and torch.compile."""
+    cfg, recipe, device, speed = run.cfg, run.cfg.train, run.device, run.speed
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
-    if speed["tf32"]:
+    if speed.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if speed["data_on_device"]:  # the whole uint8 set fits on a GPU: no host copies per batch
+    if speed.data_on_device:  # the whole uint8 set fits on a GPU: no host copies per batch
         data = MNISTData(data.images.to(device), data.labels.to(device))
-    steps_per_epoch = len(epoch_batches(len(data), tc.batch_size, tc.seed, 0, run.rank, run.world))
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
+    steps_per_epoch = len(epoch_batches(len(data), recipe.batch_size, recipe.seed, 0, run.rank,
+                                        run.world))
+    total_steps = recipe.epochs * steps_per_epoch
+    if recipe.max_steps:
+        total_steps = min(total_steps, recipe.max_steps)
     state = build_state(cfg, device, speed, total_steps, run.rank)
     if resume is not None:
         state.load_state_dict(resume, str(run.out), restore_rng=not run.distributed)
         if run.distributed:  # the checkpoint holds rank 0's stream; give each rank its own anew
-            state.generator.manual_seed(tc.seed + 1_000_003 * run.rank + state.step)
+            state.generator.manual_seed(recipe.seed + 1_000_003 * run.rank + state.step)
         run.last_saved = resume["step"]
         run.log(f"resumed {run.out} at epoch {state.epoch}, step {state.step}")
     if run.distributed:
-        from torch.nn.parallel import DistributedDataParallel
         state.net = DistributedDataParallel(
             state.model, device_ids=[device.index] if device.type == "cuda" else None)
-    if speed["compile"]:
+    if speed.compile:
         state.net = torch.compile(state.net)  # checkpoints save `model`: no _orig_mod. prefixes
-    return state, data
-
-
-def save(run: Run, state: TrainState) -> dict:
-    """Checkpoint the run (rank 0 writes) and return what was saved."""
-    state.lap()
-    ckpt = checkpoint.model_file(run.cfg, run.preset, state.state_dict())
-    if run.main:
-        checkpoint.save(ckpt, run.out)
-    run.last_saved = state.step
-    return ckpt
-
-
-def stop_now(run: Run, state: TrainState) -> bool:
-    """The step or time budget is spent (train.max_steps, train.max_minutes; 0 is none)."""
-    tc = run.cfg.train
-    out_of_steps = bool(tc.max_steps) and state.step >= tc.max_steps
-    return out_of_steps or (bool(tc.max_minutes) and any_process(
-        state.seconds_so_far() >= 60 * tc.max_minutes, run.distributed))
-
-
-def evaluate_now(run: Run, state: TrainState) -> None:
-    """Accuracy and FID into TensorBoard; the time it takes is not training time."""
-    state.lap()
-    log_quality(run.writer, state.sampling_model(), run.cfg, run.device, state.step,
-                state.train_seconds / 60, run.log)
-    state.start_clock()
-
-
-def train_loop(run: Run, state: TrainState, data: MNISTData, speed: dict) -> dict:
-    """Run the loop with saving, TensorBoard, evaluation and the crash-test hooks; return the
-    last checkpoint."""
-    tc = run.cfg.train
-    scheduler = make_scheduler("ddpm", run.cfg.diffusion, run.device)  # add_noise/target only
-    last = {}  # the checkpoint saved last
-
-    def on_step(loss: float) -> None:
-        if run.main:
-            run.writer.add_scalar("train/loss", loss, state.step)
-        if tc.save_every and state.step % tc.save_every == 0:
-            last["ckpt"] = save(run, state)
-        if fault("kill_after_step") == str(state.step):
-            os.kill(os.getpid(), signal.SIGKILL)  # a crash test: die like a killed job
-        if run.main and tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
-            evaluate_now(run, state)
-
-    def on_epoch_end(complete: bool) -> None:
-        if complete and run.main and tc.grid_every and state.epoch % tc.grid_every == 0:
-            log_sample_grid(run.writer, state.sampling_model(), run.cfg, run.device, tc.seed,
-                            "samples", state.epoch)
-        last["ckpt"] = save(run, state)
-
-    try:
-        loop(state, data, scheduler, tc, speed, batch_size=tc.batch_size, seed=tc.seed,
-             epochs=tc.epochs, device=run.device, rank=run.rank, world=run.world,
-             distributed=run.distributed, on_step=on_step, on_epoch_end=on_epoch_end,
-             stop=lambda: stop_now(run, state))
-    except NonFiniteLoss as e:
-        last_good = run.last_saved if run.last_saved is not None else "none saved yet"
-        raise UserError(f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                        f"training stopped, {run.out} keeps the last good checkpoint "
-                        f"(step {last_good})") from None
-    return last["ckpt"]
+    return Trainer(run, state, data, NoiseSchedule(cfg.diffusion, device))
 
 
 def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
           data: MNISTData | None = None, log=print) -> dict:
     """Train (or resume) and return the final checkpoint dict."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
 
-    rank, world, device, distributed = distributed_setup(torch.device(device))
-    run = Run(cfg, preset, Path(out), device, rank, world, distributed, log if rank == 0 else quiet)
+    rank, world, device, is_distributed = distributed.setup(torch.device(device))
+    run = Run(cfg, preset, Path(out), device, Speed.for_device(cfg.train, device), rank, world,
+              is_distributed, log if rank == 0 else quiet)
     loaded = open_resume(run) if resume else None
     if loaded is None and run.out.exists():
         run.log(f"note: {out} exists and will be replaced at the first save (use --resume to "
@@ -479,30 +415,34 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     if run.main:
         run.out.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
-    speed = speed_options(cfg.train, device)
-    state, data = prepare(run, data, loaded, speed)
+    trainer = prepare(run, data, loaded)
+    state, recipe = trainer.state, cfg.train
     run.log(f"config (preset '{preset}'):\n{cfg}")
-    on = [name for name, enabled in speed.items() if enabled]
-    run.log(f"{count_parameters(state.model):,} trainable parameters; {len(data):,} training "
-            f"images; device {device}" + (f"; {world} processes" if distributed else "")
+    on = run.speed.enabled()
+    run.log(f"{count_parameters(state.model):,} trainable parameters; {len(trainer.data):,} "
+            f"training images; device {device}" + (f"; {world} processes" if is_distributed else "")
             + (f"; speed options: {', '.join(on)}" if on else ""))
-    tc = cfg.train
-    if state.epoch >= tc.epochs or stop_now(run, state):
+    if state.epoch >= recipe.epochs or trainer.out_of_budget():
         # A run that would train nothing writes nothing: an existing file is never replaced
         # by an untrained model, nor re-saved unchanged.
         raise UserError(f"nothing to train: the run is at epoch {state.epoch}, step "
-                        f"{state.step} with train.epochs={tc.epochs}, max_steps={tc.max_steps}, "
-                        f"max_minutes={tc.max_minutes:g}; {out} was not written")
+                        f"{state.step} with train.epochs={recipe.epochs}, max_steps="
+                        f"{recipe.max_steps}, max_minutes={recipe.max_minutes:g}; {out} was not written")
     run.writer = SummaryWriter(str(logdir)) if run.main else None
     state.model.train()
     try:
-        ckpt = train_loop(run, state, data, speed)
-        if distributed:
-            run.log(f"replicas agree: max |w_rank - w_0| = {replica_divergence(state.model):.3g} "
-                    f"over {world} processes")
+        trainer.fit()
+    except NonFiniteLoss as e:
+        last_good = run.last_saved if run.last_saved is not None else "none saved yet"
+        raise UserError(f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                        f"training stopped, {run.out} keeps the last good checkpoint "
+                        f"(step {last_good})") from None
     finally:
         if run.writer is not None:
             run.writer.close()
+    if is_distributed:
+        run.log(f"replicas agree: max |w_rank - w_0| = {distributed.replica_divergence(state.model):.3g} "
+                f"over {world} processes")
     run.log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
             f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
-    return ckpt
+    return trainer.saved

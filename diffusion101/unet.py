@@ -1,4 +1,5 @@
-"""UNet noise predictor eps_theta(x_t, t, y), conditioned on the label by cross-attention."""
+"""The UNet f_theta(x_t, t, y): from a noisy image, its timestep and a label, it predicts what
+diffusion.prediction names (the noise eps, or v), conditioned on the label by cross-attention."""
 import torch
 from torch import nn
 
@@ -17,8 +18,6 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         chs = [cfg.in_channels] + list(cfg.channels)
-        block = dict(time_emb_dim=cfg.time_emb_dim, q_dim=cfg.q_dim, v_dim=cfg.v_dim,
-                     ffn_dim=cfg.ffn_dim, cls_dim=cfg.cls_emb_dim, norm=cfg.norm)
         self.time_emb = nn.Sequential(
             TimePositionEmbedding(cfg.time_emb_dim),
             nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim), nn.ReLU())
@@ -29,7 +28,7 @@ class UNet(nn.Module):
         Block = BLOCKS[cfg.block]
 
         def make_block(in_ch, out_ch, level):  # level 0 is full resolution
-            return Block(in_ch, out_ch, attention=level >= cfg.attn_from_level, **block)
+            return Block(in_ch, out_ch, cfg, attention=level >= cfg.attn_from_level)
         self.enc_convs = nn.ModuleList(
             make_block(chs[i], chs[i + 1], level=i) for i in range(len(chs) - 1))
         self.maxpools = nn.ModuleList(nn.MaxPool2d(2) for _ in range(len(chs) - 2))
@@ -54,7 +53,7 @@ class UNet(nn.Module):
         for deconv, conv in zip(self.deconvs, self.dec_convs):
             x = deconv(x)
             x = conv(torch.cat([skips.pop(), x], dim=1), t_emb, context)
-        return self.output(x)  # (B, 1, S, S) predicted noise
+        return self.output(x)  # (B, C, S, S): the predicted eps or v
 
 
 def count_parameters(model: nn.Module) -> int:

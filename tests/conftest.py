@@ -21,10 +21,16 @@ def load_script(name: str):
     return module
 
 
-def run_script(name: str, *args, cwd, env_extra=None, check=True):
-    """Run scripts/<name>.py in a fresh interpreter, as a user would."""
+def run_script(name: str, *args, cwd, env_extra=None, check=True, fault=None):
+    """Run scripts/<name>.py in a fresh interpreter, as a user would; with fault (such as
+    'kill_after_step:7'), the training command through tests/with_fault.py instead."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
+    if fault is None:
+        command = [str(ROOT / "scripts" / f"{name}.py")]
+    else:
+        assert name == "train", "the loop's faults are faults of training"
+        command = [str(ROOT / "tests" / "with_fault.py"), fault, "train"]
+    proc = subprocess.run([sys.executable, *command, *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

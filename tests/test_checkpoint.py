@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from diffusion101 import checkpoint, models
+from diffusion101 import checkpoint
+from diffusion101 import model_files as models
 from diffusion101.config import UserError, get_preset
 from diffusion101.unet import UNet
 

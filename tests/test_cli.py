@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from diffusion101.cli import check_number, check_outputs, check_seed, lock_output, release_locks
+from diffusion101.cli import (check_number, check_outputs, check_seed, lock_output, parse_digits,
+                              parse_lora_specs, release_locks)
 from diffusion101.config import UserError
 
 
@@ -85,3 +86,22 @@ sys.exit(run_cli(lambda argv: atomic_write({str(target)!r}, write)))
     assert proc.returncode == 143 and "terminated" in proc.stderr and "Traceback" not in proc.stderr
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.mark.parametrize("bad", ["10", "-1", "a,b", "", "1,,x"])
+def test_bad_digits(bad):
+    with pytest.raises(UserError):
+        parse_digits(bad)
+    assert parse_digits("0, 3,7") == [0, 3, 7]
+
+
+def test_lora_specs_and_their_strengths(tmp_path):
+    assert parse_lora_specs(["a.pt", "b.pt:0.3"]) == [("a.pt", 1.0), ("b.pt", 0.3)]
+    odd = tmp_path / "x:1.pt"
+    odd.write_bytes(b"")
+    assert parse_lora_specs([str(odd)]) == [(str(odd), 1.0)]  # an existing path keeps its ':'
+    for spec in ("a.pt:nan", "a.pt:101", "a.pt:-inf"):
+        with pytest.raises(UserError, match=r"the LoRA strength must be a finite number in \[-100, 100\]"):
+            parse_lora_specs([spec])
+    with pytest.raises(UserError, match="twice"):
+        parse_lora_specs(["a.pt", "a.pt:0.5"])

@@ -2,15 +2,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dataclasses
+
+from diffusion101.config import ModelConfig
 from diffusion101.conv_block import ConvBlock, ResBlock
 
-ARGS = dict(time_emb_dim=16, q_dim=8, v_dim=8, ffn_dim=16, cls_dim=8)
+CFG = ModelConfig(time_emb_dim=16, q_dim=8, v_dim=8, ffn_dim=16, cls_emb_dim=8)  # BatchNorm
+GROUP = dataclasses.replace(CFG, norm="group")
 
 
 def test_reference_block_is_conv_norm_relu_time_shift_conv_norm_relu_attention():
     # The block's formula written out from its layers, in eval mode (BatchNorm's running stats)
     torch.manual_seed(0)
-    block = ConvBlock(3, 8, **ARGS).eval()
+    block = ConvBlock(3, 8, CFG).eval()
     x, t_emb, ctx = torch.randn(2, 3, 6, 6), torch.randn(2, 16), torch.randn(2, 1, 8)
     conv1, bn1 = block.seq1[0], block.seq1[1]
     h = F.relu(F.batch_norm(F.conv2d(x, conv1.weight, conv1.bias, padding=1), bn1.running_mean,
@@ -26,7 +30,7 @@ def test_reference_block_is_conv_norm_relu_time_shift_conv_norm_relu_attention()
 def test_a_block_without_attention_has_none_and_ignores_the_label():
     torch.manual_seed(0)
     for kind in (ConvBlock, ResBlock):
-        block = kind(4, 8, attention=False, **ARGS).eval()
+        block = kind(4, 8, CFG, attention=False).eval()
         assert block.crossattn is None
         assert not any("crossattn" in name for name in block.state_dict())
         x, t_emb = torch.randn(2, 4, 6, 6), torch.randn(2, 16)
@@ -38,7 +42,7 @@ def test_residual_block_with_its_last_conv_zeroed_is_its_skip(in_ch, out_ch):
     # x + conv2(...): with conv2 = 0 the block passes its input on (a 1x1 conv where the
     # channel count changes), whatever the timestep
     torch.manual_seed(0)
-    block = ResBlock(in_ch, out_ch, norm="group", attention=False, **ARGS)
+    block = ResBlock(in_ch, out_ch, GROUP, attention=False)
     with torch.no_grad():
         block.conv2.weight.zero_()
         block.conv2.bias.zero_()
@@ -53,7 +57,7 @@ def test_residual_block_time_embedding_is_a_scale_and_a_shift():
     # it by (1 + s): zero both halves' weights and set the biases, and conv2 must see
     # SiLU(norm2(h) * (1 + scale) + shift)
     torch.manual_seed(0)
-    block = ResBlock(4, 4, norm="group", attention=False, **ARGS)
+    block = ResBlock(4, 4, GROUP, attention=False)
     scale, shift = torch.randn(4), torch.randn(4)
     with torch.no_grad():
         block.time_emb_linear.weight.zero_()

@@ -1,4 +1,4 @@
-"""The CUDA path every GPU user gets by default (the speed options of train.speed_options).
+"""The CUDA path every GPU user gets by default (the speed settings of train.Speed).
 
 Skipped without CUDA: CI has no GPU. benchmarks/gpu_check.py runs this file as its stage 1 on a
 GPU machine. The model is `tiny` on a fixed batch, so each test is seconds after compilation.
@@ -14,8 +14,8 @@ import torch
 from conftest import ROOT, run_script
 from diffusion101.config import get_preset
 from diffusion101.dataset import MNISTData
-from diffusion101.diffusion import make_scheduler
-from diffusion101.train import build_state, speed_options, train_step
+from diffusion101.diffusion import NoiseSchedule
+from diffusion101.train import Speed, build_state, train_step
 
 # DIFFUSION101_TEST_DEVICE=cpu runs these on the CPU, to check the tests themselves before a
 # GPU is lent (slow: bf16 and torch.compile on a CPU); on the CPU they prove nothing about CUDA.
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_availa
                                 reason="needs a CUDA device")
 ALL_OFF = {"precision": "fp32", "channels_last": "off", "compile": "off",
            "fused_optimizer": "off", "data_on_device": "off"}
-# bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%); a loss is a mean over many such
-# products, and three Adam steps let the weights drift apart a little: 3% covers that with room,
-# and is far below what a wrong layout or a broken fused update would give (the loss itself).
+# bf16 keeps 8 bits of mantissa (relative rounding 2^-8); a loss is a mean over many such
+# products, and three Adam steps let the weights drift apart a little: a relative 3e-2 covers
+# that with room, and is far below what a wrong layout or a broken fused update would give.
 BF16_RTOL = 3e-2
 # Where the CUDA results go for the report (gpu_check.py points it into its output folder).
 REPORT = os.environ.get("DIFFUSION101_CUDA_REPORT")
@@ -53,14 +53,14 @@ def _losses(options: dict, data: MNISTData, steps: int) -> list:
     cfg = get_preset("tiny")
     for name, value in {**ALL_OFF, **options}.items():
         setattr(cfg.train, name, value)
-    speed = speed_options(cfg.train, CUDA)
+    speed = Speed.for_device(cfg.train, CUDA)
     torch.manual_seed(0)  # the same initial weights for every combination
     state = build_state(cfg, CUDA, speed, total_steps=steps)
-    if speed["compile"]:
+    if speed.compile:
         state.net = torch.compile(state.model)
-    if speed["data_on_device"]:
+    if speed.data_on_device:
         data = MNISTData(data.images.to(CUDA), data.labels.to(CUDA))
-    scheduler = make_scheduler("ddpm", cfg.diffusion, CUDA)
+    scheduler = NoiseSchedule(cfg.diffusion, CUDA)
     x0, y = data.batch(torch.arange(16), CUDA)
     return [train_step(state, scheduler, x0, y, cfg.train, speed) for _ in range(steps)]
 
@@ -84,21 +84,22 @@ def test_all_speed_options_together_train_like_fp32(fake_data):
             {"auto": [fast[0], fast[-1]], "fp32": [reference[0], reference[-1]]})
     assert abs(fast[0] - reference[0]) / reference[0] < BF16_RTOL
     assert fast[-1] < 0.8 * fast[0]  # it learns the fixed batch
-    assert abs(fast[-1] - reference[-1]) / reference[-1] < 0.1  # 30 steps apart at most 10%
+    assert abs(fast[-1] - reference[-1]) / reference[-1] < 0.1  # 30 steps apart, within a tenth
 
 
 def test_same_seed_same_digits_on_cuda():
-    from diffusion101.models import SHIPPED_PATH
-    from diffusion101.denoise import load_for_sampling, sample_digits
-    model, cfg = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
-    sc = cfg.sample
-    scheduler = make_scheduler(sc.sampler, cfg.diffusion, CUDA, sc.steps)
-    runs = [sample_digits(model, scheduler, range(10), 2, 7, CUDA, guidance=sc.guidance)[0]
+    from diffusion101.denoise import sample_digits
+    from diffusion101.diffusion import sampler_for
+    from diffusion101.generate import load_for_sampling
+    from diffusion101.model_files import SHIPPED_PATH
+    model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
+    sc, diffusion = model.config.sample, model.config.diffusion
+    runs = [sample_digits(model.unet, sampler_for(sc, diffusion, CUDA), sc, range(10), 2, 7, CUDA)[0]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-    model_cpu, _ = load_for_sampling(SHIPPED_PATH, "cpu", log=lambda *a: None)
-    on_cpu, _ = sample_digits(model_cpu, make_scheduler(sc.sampler, cfg.diffusion, "cpu", sc.steps),
-                              range(10), 2, 7, "cpu", guidance=sc.guidance)
+    model_cpu = load_for_sampling(SHIPPED_PATH, "cpu", log=lambda *a: None)
+    on_cpu, _ = sample_digits(model_cpu.unet, sampler_for(sc, diffusion, "cpu"), sc, range(10), 2,
+                              7, "cpu")
     gap = (runs[0].cpu() - on_cpu).abs().mean().item()
     _report("shipped checkpoint, same seed: mean |CUDA - CPU| pixel difference in [-1, 1]", gap)
     assert gap < 0.05  # the same digits, up to TF32/cuDNN rounding
@@ -110,7 +111,7 @@ def test_kill_then_resume_on_cuda(tmp_path):
     run_script("train", *common, "--out", "straight.pt", cwd=tmp_path)
     run_script("train", *common, "--out", "again.pt", cwd=tmp_path)
     killed = run_script("train", *common, "--out", "crash.pt", cwd=tmp_path, check=False,
-                        env_extra={"DIFFUSION101_FAULT": "kill_after_step:7"})
+                        fault="kill_after_step:7")
     assert killed.returncode == -9
     assert torch.load(tmp_path / "crash.pt", weights_only=True)["step"] == 4
     run_script("train", *common, "--out", "crash.pt", "--resume", cwd=tmp_path)

@@ -32,5 +32,5 @@ def test_warmup_shortens_the_window_early():
     assert ema.decay_at(100_000) == 0.999
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model, 0)  # d = 0.1: the shadow jumps 90% of the way
+    ema.update(model, 0)  # d = 0.1: the shadow jumps nine tenths of the way
     assert torch.allclose(ema.model.weight, model.weight - 0.1, atol=1e-6)

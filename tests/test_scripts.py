@@ -41,8 +41,8 @@ def test_sampling_is_byte_for_byte_repeatable(work):
     assert (work / "a.npz").read_bytes() == (work / "b.npz").read_bytes()
 
 
-def _fails(name, *args, cwd, match, env_extra=None):
-    proc = run_script(name, *args, cwd=cwd, env_extra=env_extra, check=False)
+def _fails(name, *args, cwd, match, env_extra=None, fault=None):
+    proc = run_script(name, *args, cwd=cwd, env_extra=env_extra, check=False, fault=fault)
     # stderr may carry tqdm's progress bar before the failure; the failure itself is one line
     lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln]
     assert proc.returncode != 0, proc.stdout
@@ -109,7 +109,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
               "--logdir", "runs"]
     run_script("train", *common, "--out", "straight.pt", cwd=tmp_path)
     killed = run_script("train", *common, "--out", "crash.pt", cwd=tmp_path, check=False,
-                        env_extra={"DIFFUSION101_FAULT": "kill_after_step:7"})
+                        fault="kill_after_step:7")
     assert killed.returncode == -9  # SIGKILL at step 7; the last save was at step 4
     assert torch.load(tmp_path / "crash.pt", weights_only=True)["step"] == 4
     run_script("train", *common, "--out", "crash.pt", "--resume", cwd=tmp_path)
@@ -161,7 +161,7 @@ def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path,
     assert not (tmp_path / "x.png").exists()
     proc = _fails("train", "--preset", "tiny", "--save-every", "1", "--max-steps", "6",
                   "--out", tmp_path / "nan.pt", "--logdir", tmp_path / "r", cwd=work,
-                  match="loss is nan at step 4", env_extra={"DIFFUSION101_FAULT": "nan_at_step:4"})
+                  match="loss is nan at step 4", fault="nan_at_step:4")
     step = int(proc.stderr.split("(step ")[-1].split(")")[0])
     assert step == 3 and torch.load(tmp_path / "nan.pt", weights_only=True)["step"] == 3
 

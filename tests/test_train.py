@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
 from diffusion101.dataset import load_mnist
-from diffusion101.diffusion import DDPMScheduler
+from diffusion101.diffusion import NoiseSchedule
 from diffusion101.train import train
 from diffusion101.unet import UNet
 
@@ -13,7 +13,7 @@ from diffusion101.unet import UNet
 def test_tiny_overfits_one_fixed_batch():
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model, sched = UNet(cfg.model), DDPMScheduler(cfg.diffusion)
+    model, sched = UNet(cfg.model), NoiseSchedule(cfg.diffusion)
     x0, y = load_mnist(train=False, img_size=16).batch(torch.arange(16))
     g = torch.Generator().manual_seed(0)
     t = torch.randint(0, cfg.diffusion.timesteps, (16,), generator=g)
@@ -36,15 +36,15 @@ def test_tiny_overfits_one_fixed_batch():
 ], ids=lambda o: ",".join(o))
 def test_options_learn_one_fixed_batch_through_train_step(overrides):
     from diffusion101.config import apply_override
-    from diffusion101.diffusion import make_scheduler
-    from diffusion101.train import build_state, speed_options, train_step
+    from diffusion101.diffusion import NoiseSchedule
+    from diffusion101.train import Speed, build_state, train_step
     cfg = get_preset("tiny")
     for o in overrides:
         apply_override(cfg, o)
     torch.manual_seed(0)
-    speed = speed_options(cfg.train, torch.device("cpu"))
+    speed = Speed.for_device(cfg.train, torch.device("cpu"))
     state = build_state(cfg, "cpu", speed, total_steps=100)
-    sched = make_scheduler("ddpm", cfg.diffusion)
+    sched = NoiseSchedule(cfg.diffusion)
     x0, y = load_mnist(train=False, img_size=16).batch(torch.arange(16))
     losses = []
     for _ in range(100):
@@ -134,13 +134,13 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
 
 
 def test_speed_options_auto_is_cuda_only_and_reference_keeps_fp32():
-    from diffusion101.train import speed_options
-    tc = get_preset("cpu").train
-    on_cuda = speed_options(tc, torch.device("cuda"))
-    assert all(on_cuda.values())
-    assert not any(speed_options(tc, torch.device("cpu")).values())
-    ref_cuda = speed_options(get_preset("reference").train, torch.device("cuda"))
-    assert not ref_cuda["bf16"] and not ref_cuda["tf32"] and ref_cuda["channels_last"]
+    from diffusion101.train import Speed
+    recipe = get_preset("cpu").train
+    on_cuda = Speed.for_device(recipe, torch.device("cuda"))
+    assert on_cuda.enabled() == list(vars(Speed()))  # every setting, in declaration order
+    assert Speed.for_device(recipe, torch.device("cpu")) == Speed()  # all off: plain fp32
+    ref_cuda = Speed.for_device(get_preset("reference").train, torch.device("cuda"))
+    assert not ref_cuda.bf16 and not ref_cuda.tf32 and ref_cuda.channels_last
 
 
 def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
@@ -153,3 +153,46 @@ def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
     assert state["step"] == 3
     assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+
+
+# sha256 of checkpoint.fingerprint() of the weights these runs trained before the redesign of
+# the loop (tests/test_train.py's recipe below, one thread): the loop must not change a bit.
+# Float sums depend on how they are split over threads, hence the one thread.
+TRAINED_DIGESTS = {
+    "tiny": "6c1114531f37c4f9a8a64069816186d75754e6a10560295c1ea080f7afb7de8f",
+    "cpu16": "e6089a7e311ba6f1376fc8e6de678192ef20e4690ff45abceb84d3650aa0465d",
+    "cpu16 ema": "7279425344359ebc335af951259f7bf376fdc56d33171f638ba55a16c8814652",
+    "lora": "92ef2a04f3ed117bd1368d465de6890671dde0cf8c328980a23ac2e9aac00a2d",
+}
+
+
+def _cpu16():
+    """The cpu preset's recipe (EMA, null class, v, cosine schedule, AdamW, warmup, clipping)
+    on a 16 px network."""
+    cfg = get_preset("cpu")
+    cfg.model.img_size, cfg.model.channels, cfg.model.time_emb_dim = 16, (8, 16), 16
+    cfg.train.batch_size, cfg.train.warmup_steps, cfg.sample.steps = 16, 5, 5
+    return cfg
+
+
+def test_training_and_lora_train_the_same_weights_bit_for_bit_as_before(tmp_path, fake_data):
+    from diffusion101.lora_finetune import finetune
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = {}
+        # 20 steps of 16 a epoch: a save every 7, an epoch boundary, a grid, a stop mid-epoch
+        for name, cfg in (("tiny", get_preset("tiny")), ("cpu16", _cpu16())):
+            cfg.train.max_steps, cfg.train.epochs, cfg.train.save_every = 20, 3, 7
+            torch.manual_seed(0)
+            ckpt = train(cfg, name, tmp_path / f"{name}.pt", tmp_path / name, "cpu",
+                         data=fake_data, log=lambda *a: None)
+            got[name] = checkpoint.fingerprint(ckpt["model"])
+            if "ema" in ckpt:
+                got[f"{name} ema"] = checkpoint.fingerprint(ckpt["ema"])
+        adapter = finetune(tmp_path / "tiny.pt", tmp_path / "lora.pt", torch.device("cpu"),
+                           lora={"max_steps": 5}, data=fake_data, log=lambda *a: None)
+        got["lora"] = checkpoint.fingerprint(adapter["lora"])
+    finally:
+        torch.set_num_threads(threads)
+    assert got == TRAINED_DIGESTS

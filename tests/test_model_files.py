@@ -1,8 +1,10 @@
-"""Models rebuilt from files: export for sampling, the default checkpoint, the converter."""
+"""Model files (diffusion101/model_files.py): export for sampling, the default checkpoint, the
+converter."""
 import pytest
 import torch
 
-from diffusion101 import checkpoint, models
+from diffusion101 import checkpoint
+from diffusion101 import model_files as models
 from diffusion101.config import UserError, get_preset
 from diffusion101.unet import UNet
 
@@ -59,5 +61,5 @@ def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path)
         for k, v in converted.state_dict().items():
             assert torch.equal(v, ours[k]), (name, k)
         images, _ = sample_digits(converted.eval(), make_scheduler("ddpm", ccfg.diffusion),
-                                  range(10), 1, 0, "cpu")
+                                  ccfg.sample, range(10), 1, 0, "cpu")
         assert images.shape == (10, 1, 16, 16) and torch.isfinite(images).all()

@@ -1,5 +1,5 @@
-"""Models rebuilt from files: a checkpoint's own config and weights, the converter for the
-reference's pickles, the small export for sampling, and which checkpoint a command uses."""
+"""Model files: a UNet rebuilt from a checkpoint's own config and weights, the converter for
+the reference's pickles, the small export for sampling, and which checkpoint a command uses."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,12 +8,12 @@ import torch
 
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
-from .config import UserError
+from .config import UserError, apply_override, get_preset, validate
+from .unet import UNet
 
 
 def load_model(path, device="cpu"):
     """Rebuild the UNet from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
-    from .unet import UNet
     ckpt = load_model_checkpoint(path)
     cfg = config_of(ckpt)
     model = UNet(cfg.model)
@@ -35,8 +35,6 @@ def from_reference_names(state: dict) -> dict:
 
 def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     """The one place that unpickles arbitrary objects, and only when the user vouches for them."""
-    from .config import get_preset
-    from .unet import UNet
     if not trusted:
         raise UserError("converting unpickles the old file, which can run code: pass --trust "
                         "only for a file you trust")
@@ -67,7 +65,6 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     under "model", the config and counters; no optimizer, no RNG states. `overrides`
     ('sample.guidance=3', ...) set the sampler defaults the file carries; nothing else may
     change, since the weights were trained for the rest."""
-    from .config import apply_override, validate
     ckpt = load_model_checkpoint(src)
     weights = sampling_weights(ckpt)
     cfg = config_of(ckpt)

@@ -1,0 +1,272 @@
+"""The command-line programs: each reads its flags and calls the package. pyproject.toml
+declares them as commands (diffusion101-train, -finetune, -sample, -evaluate, -export,
+-convert, -make-style-data, -train-classifier); scripts/*.py run the same functions.
+
+Each function takes argv (None: sys.argv) and raises UserError for bad input; the *_command
+entry points wrap them in cli.run_cli, which turns that into one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from . import evaluate as evaluation
+from .classifier import CLASSIFIER_PATH, train_classifier
+from .config import UserError
+from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
+                  check_number, check_outputs, check_seed, lock_output, parse_digits,
+                  parse_lora_specs, resolve_device, run_cli, sampler_options)
+from .dataset import write_style_data
+from .files import atomic_write
+from .generate import generate, load_for_sampling, resolve_sampler
+from .images import progress_path
+from .lora_finetune import finetune
+from .model_files import convert_pickled, default_checkpoint, export_for_sampling
+from .train import saved_run_config, train as train_run
+
+
+def train(argv=None) -> None:
+    """Train the class-conditioned DDPM.  diffusion101-train --preset cpu"""
+    p = Parser(description=train.__doc__)
+    p.add_argument("--preset", default=None,
+                   help="reference, cpu, small or tiny (default: reference; with --resume, the "
+                        "checkpoint's own)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--save-every", type=int, help="also save every N steps (default: per epoch)")
+    p.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
+    p.add_argument("--logdir", default=None, help="TensorBoard folder (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--eval-every-steps", type=int,
+                   help="log conditional accuracy and FID to TensorBoard every N steps")
+    add_common(p)
+    add_config_flags(p)
+    a = p.parse_args(argv)
+    check_seed(a.seed)
+    base = preset = None
+    if a.resume and a.preset is None:  # continue with the run's own configuration
+        base, preset = saved_run_config(a.out)
+    preset = preset or a.preset or "reference"
+    cfg = build_config(preset, a.set, {
+        "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
+        "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
+        "train.eval_every_steps": a.eval_every_steps}, base=base)
+    device = resolve_device(a.device)
+    logdir = a.logdir or f"runs/{preset}"
+    check_outputs({"--out": a.out}, folders={"--logdir": logdir})
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
+        lock_output(a.out)  # one run per checkpoint file, for the whole run
+    train_run(cfg, preset, a.out, logdir, device, resume=a.resume)
+
+
+def finetune_lora(argv=None) -> None:
+    """Fine-tune LoRA adapters on the cross-attention Q/K/V of a trained model; save only them."""
+    p = Parser(description=finetune_lora.__doc__)
+    p.add_argument("--base", default="model.pt", help="the trained model (default: model.pt)")
+    p.add_argument("--out", default="lora.pt", help="adapter path (default: lora.pt)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--r", type=int, help="LoRA rank (default: the checkpoint's config, 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the checkpoint's config, 1)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's lora.lr)")
+    p.add_argument("--data", default="mnist",
+                   help="'mnist', or an ImageFolder with sub-folders 0-9 (any size or mode)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated Linear layer names to adapt (default: w_q,w_k,w_v); "
+                        "e.g. w_q,w_k,w_v,z_linear,feedforward.0,feedforward.2,time_emb_linear")
+    p.add_argument("--full", action="store_true",
+                   help="fine-tune every weight instead (for comparison); --out is then a model")
+    add_common(p)
+    a = p.parse_args(argv)
+    check_seed(a.seed)
+    device = resolve_device(a.device)
+    check_outputs({"--out": a.out}, inputs={"--base": a.base,
+                                            "--data": None if a.data == "mnist" else a.data})
+    lock_output(a.out)
+    targets = [t for t in a.targets.split(",") if t] if a.targets else None
+    finetune(a.base, a.out, device, lora={"r": a.r, "alpha": a.alpha, "epochs": a.epochs,
+                                          "max_steps": a.max_steps, "lr": a.lr, "targets": targets},
+             seed=a.seed or 0, data=a.data, full=a.full)
+
+
+def sample(argv=None) -> None:
+    """Generate digits 0-9 from a checkpoint; save a grid and the denoising progression beside it."""
+    p = Parser(description=sample.__doc__)
+    p.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt if it "
+                   "exists, else the checkpoint shipped with the package)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA adapter with its strength (default 1); repeat to stack several")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse adapters into the weights (default) or add them in the forward "
+                        "pass (--no-merge)")
+    p.add_argument("--out", default="imgs/digits.png", help="grid PNG; the progression figure "
+                   "goes beside it as <name>_progress.png")
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--n-per-digit", type=int, default=1)
+    p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
+    add_sampler_flags(p)
+    add_common(p)
+    a = p.parse_args(argv)
+    check_seed(a.seed)
+    check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
+    device = resolve_device(a.device)
+    ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
+    check_outputs({"--out": a.out, "--out's progress figure": progress_path(a.out), "--npz": a.npz},
+                  inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
+    model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
+    digits = parse_digits(a.digits, model.config.model.num_classes)
+    sample_cfg = resolve_sampler(model.config, **sampler_options(a))
+    print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
+          + (" (merged)" if loras and a.merge else ""))
+    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, a.out, a.npz)
+
+
+def evaluate(argv=None) -> None:
+    """Score a checkpoint (or an npz of samples): conditional accuracy and FID in the shipped
+    MNIST classifier's feature space, with the real-data floor beside it.
+
+      diffusion101-evaluate --ckpt model.pt --n 10000 --json results.json
+      diffusion101-evaluate --npz samples.npz
+    """
+    p = Parser(description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt, else the shipped one)")
+    src.add_argument("--npz", default=None, help="score these samples instead of generating")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapter(s) to merge into the model first")
+    p.add_argument("--n", type=int, default=10000, help="digits to generate, in the test set's digit proportions")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
+    add_sampler_flags(p)
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    add_common(p)
+    a = p.parse_args(argv)
+    check_seed(a.seed)
+    check_number("--n", a.n, 10, 1_000_000, integer=True)
+    check_number("--batch-size", a.batch_size, 0, 100_000, integer=True)
+    loras = parse_lora_specs(a.lora)
+    ckpt = None if a.npz else default_checkpoint(a.ckpt)
+    check_outputs({"--json": a.json}, inputs={"--ckpt": ckpt, "--npz": a.npz,
+                                              **{f"--lora {p}": p for p, _ in loras}})
+    if a.npz:
+        metrics = evaluation.evaluate_npz(a.npz)
+    else:
+        model = load_for_sampling(ckpt, resolve_device(a.device), loras,
+                                  False if a.no_ema else None)
+        sample_cfg = resolve_sampler(model.config, **sampler_options(a))
+        metrics = evaluation.evaluate_model(model.unet, model.config, a.n, model.device,
+                                            a.seed or 0, sample_cfg, a.batch_size)
+        metrics["ckpt"], metrics["lora"] = str(ckpt), a.lora  # (the shipped one is a Path)
+    print(evaluation.format_report(metrics))
+    if a.json:
+        text = json.dumps(metrics, indent=2).encode()
+        atomic_write(a.json, lambda f: f.write(text))
+
+
+def export(argv=None) -> None:
+    """Write a small sampling-only copy of a checkpoint (EMA weights, config; no optimizer).
+
+      diffusion101-export model.pt diffusion101/weights/cpu.pt --set sample.guidance=3
+    """
+    p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
+                   help="sampler defaults to carry, e.g. --set sample.guidance=3")
+    a = p.parse_args(argv)
+    check_outputs({"dst": a.dst}, inputs={"src": a.src})
+    export_for_sampling(a.src, a.dst, a.set)
+
+
+def convert(argv=None) -> None:
+    """Convert a pickled whole-model file (torch.save(model), what the original reference code
+    saved) into a Diffusion-101 checkpoint of tensors and plain values.
+
+    Loading a pickle runs whatever code it names: only do this for a file you trust.
+      diffusion101-convert --trust old_model.pt model.pt [--preset reference]
+    """
+    p = Parser(description=convert.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--preset", default="reference", help="the architecture the old file holds")
+    p.add_argument("--trust", action="store_true", help="required: I trust this file's code")
+    a = p.parse_args(argv)
+    check_outputs({"new": a.new}, inputs={"old": a.old})
+    convert_pickled(a.old, a.new, a.preset, trusted=a.trust)
+
+
+def make_style_data(argv=None) -> None:
+    """Write the built-in LoRA style target, bold MNIST (strokes dilated by a 3x3 max filter),
+    as a torchvision ImageFolder (DIR/0 .. DIR/9), the same kind of folder a user brings.
+
+      diffusion101-make-style-data --out data/bold --n 6000
+    """
+    p = Parser(description=make_style_data.__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to create (must not exist)")
+    p.add_argument("--n", type=int, default=6000, help="how many training digits to transform")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder")
+    check_number("--n", a.n, 10, 60000, integer=True)
+    check_seed(a.seed)
+    check_outputs({}, folders={"--out's parent": out.parent if str(out.parent) else Path(".")})
+    write_style_data(out, a.n, a.seed)
+
+
+def train_evaluation_classifier(argv=None) -> None:
+    """Train the evaluation classifier on MNIST's training set; store it with the test-set
+    feature statistics and real-data FID floors in diffusion101/weights/classifier.pt."""
+    p = Parser(description=train_evaluation_classifier.__doc__)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(CLASSIFIER_PATH))
+    a = p.parse_args(argv)
+    check_number("--epochs", a.epochs, 1, 1000, integer=True)
+    check_number("--batch-size", a.batch_size, 1, 100_000, integer=True)
+    check_number("--lr", a.lr, 1e-8, 10.0)
+    check_seed(a.seed)
+    check_outputs({"--out": a.out})
+    train_classifier(a.epochs, a.batch_size, a.lr, a.seed, a.out)
+
+
+# The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
+def train_command() -> int:
+    return run_cli(train)
+
+
+def finetune_command() -> int:
+    return run_cli(finetune_lora)
+
+
+def sample_command() -> int:
+    return run_cli(sample)
+
+
+def evaluate_command() -> int:
+    return run_cli(evaluate)
+
+
+def export_command() -> int:
+    return run_cli(export)
+
+
+def convert_command() -> int:
+    return run_cli(convert)
+
+
+def make_style_data_command() -> int:
+    return run_cli(make_style_data)
+
+
+def train_classifier_command() -> int:
+    return run_cli(train_evaluation_classifier)
+

@@ -1,0 +1,92 @@
+"""The sampling job: a checkpoint (with LoRA adapters) loaded for sampling, the sampler options
+resolved against the checkpoint's own, and the files written: the grid PNG, the progression
+figure beside it and the npz of samples (through images.py)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import Config, SampleConfig, interval_text, validate
+from .denoise import sample_digits
+from .diffusion import sampler_for
+from .images import progress_path, save_grid, save_npz, save_progression
+from .lora import apply_lora_file, merge_lora
+from .model_files import load_model
+
+PROGRESS_FRAMES = 20  # columns of the progression figure: x_t from noise to the result
+
+
+@dataclass
+class Model:
+    """A checkpoint ready to sample: the network (in eval mode, on `device`) and the config it
+    came with, whose `sample` section holds the sampler defaults."""
+    unet: nn.Module
+    config: Config
+    device: torch.device
+
+
+def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log=print) -> Model:
+    """The model to sample from: EMA weights when the checkpoint has them (unless told not
+    to), with adapters [(path, strength), ...] added, merged into the weights or applied in
+    the forward pass."""
+    unet, ckpt, cfg = load_model(ckpt_path, device="cpu")
+    use_ema = cfg.sample.use_ema if use_ema is None else use_ema
+    if use_ema and "ema" in ckpt:
+        checkpoint.load_state(unet, ckpt["ema"], f"{ckpt_path} (EMA weights)")
+    if loras and not use_ema and "ema" in ckpt:
+        log("note: the adapters were trained on the EMA weights; sampling without them")
+    base_fp = checkpoint.base_fingerprint(ckpt) if loras else None
+    for i, (path, strength) in enumerate(loras):
+        adapter = checkpoint.load_lora_file(path)
+        apply_lora_file(unet, adapter, base_fp, str(path), name=f"adapter{i}", strength=strength)
+    if loras and merge:
+        merge_lora(unet)  # zero overhead at inference: W += (A @ B)^T * alpha / r * strength
+    device = torch.device(device)
+    return Model(unet.to(device).eval(), cfg, device)  # eval: BatchNorm's running statistics
+
+
+def resolve_sampler(cfg: Config, **options) -> SampleConfig:
+    """The SampleConfig to sample with: the checkpoint's own (cfg.sample), with the options
+    given (any SampleConfig field; None: keep). A sampler other than the checkpoint's gets all
+    its steps (DDPM) or 25 unless steps are given. A bad option is one UserError."""
+    chosen = {k: v for k, v in options.items() if v is not None}
+    sampler = chosen.get("sampler", cfg.sample.sampler)
+    if "steps" not in chosen and sampler != cfg.sample.sampler:
+        chosen["steps"] = cfg.diffusion.timesteps if sampler == "ddpm" else 25
+    if "guidance_interval" in chosen:
+        chosen["guidance_interval"] = tuple(chosen["guidance_interval"])
+    result = dataclasses.replace(cfg.sample, **chosen)
+    validate(dataclasses.replace(cfg, sample=result))
+    return result
+
+
+def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: int, seed: int,
+             out, npz=None, log=print) -> torch.Tensor:
+    """Sample n_per_digit images of each of `digits` and write the grid to `out` (a column per
+    digit), the progression figure beside it, and the npz of samples when asked. Returns the
+    images, (N, C, S, S) in about [-1, 1]."""
+    sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
+    log(f"sampling {len(digits) * n_per_digit} images: {sample_cfg.sampler}, {sample_cfg.steps} "
+        f"steps, guidance {sample_cfg.guidance}{interval_text(sample_cfg.guidance_interval)} "
+        f"on {model.device}")
+    start = time.perf_counter()
+    images, frames = sample_digits(model.unet, sampler, sample_cfg, digits, n_per_digit, seed,
+                                   model.device, PROGRESS_FRAMES)
+    log(f"sampled in {time.perf_counter() - start:.2f} s")
+    out = Path(out)
+    for path in [out] + ([Path(npz)] if npz else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images, out, nrow=len(digits))
+    save_progression(frames[:len(digits)], digits, progress_path(out))
+    written = [str(out), str(progress_path(out))]
+    if npz:
+        save_npz(images, digits * n_per_digit, npz)
+        written.append(str(npz))
+    log("wrote " + ", ".join(written))
+    return images

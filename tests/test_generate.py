@@ -1,0 +1,56 @@
+"""The sampling job (diffusion101/generate.py): sampler options resolved against the
+checkpoint's own, and what the job writes, byte for byte as before the redesign."""
+import hashlib
+
+import pytest
+import torch
+
+from diffusion101.cli import parse_interval
+from diffusion101.config import Config, UserError, get_preset
+from diffusion101.generate import generate, load_for_sampling, resolve_sampler
+from diffusion101.model_files import SHIPPED_PATH
+
+
+@pytest.mark.parametrize("bad", ["0.5", "a,b", "0.7,0.2", "-0.1,0.5", "0,1.5"])
+def test_bad_guidance_interval(bad):
+    cfg = get_preset("cpu")
+    with pytest.raises(UserError):
+        resolve_sampler(cfg, guidance_interval=parse_interval(bad))
+    assert resolve_sampler(cfg, guidance_interval=parse_interval("0.1,0.7")).guidance_interval == (0.1, 0.7)
+
+
+def test_options_left_at_none_keep_the_checkpoints_and_another_sampler_gets_its_steps():
+    cfg = get_preset("cpu")
+    assert resolve_sampler(cfg) == cfg.sample
+    assert resolve_sampler(cfg, sampler="ddim").steps == 25
+    assert resolve_sampler(cfg, sampler="ddpm").steps == cfg.diffusion.timesteps
+    assert resolve_sampler(cfg, timestep_spacing="logsnr", guidance_rule="cfg").timestep_spacing == "logsnr"
+    with pytest.raises(UserError, match="sample.guidance_rule"):
+        resolve_sampler(cfg, guidance_rule="apg")
+
+
+def test_old_configs_with_sample_grid_read_as_timestep_spacing():
+    old = get_preset("cpu").to_dict()
+    del old["sample"]["timestep_spacing"]
+    old["sample"]["grid"] = "trailing"
+    del old["sample"]["guidance_rule"]  # older files have no rule: the default, cfg
+    cfg = Config.from_dict(old)
+    assert cfg.sample.timestep_spacing == "trailing" and cfg.sample.guidance_rule == "cfg"
+
+
+# sha256 of what `diffusion101-sample --seed 0` wrote from the shipped checkpoint before the
+# redesign (the grid PNG, its progression figure and the npz): sampling must not change a bit.
+SHIPPED_OUTPUTS = {
+    "g.png": "5be9b0150955f301f5b1ecad3dfe844878f56614923817cc0d32f022e2ef3882",
+    "g_progress.png": "ca2861dc74a67d97776fde1d0a4034ef11471c434958bd97a16d792566eb6054",
+    "g.npz": "979519f76652c4071a7a58b561efe5389a2d4e472422b43de558401c7577b807",
+}
+
+
+def test_the_shipped_checkpoints_grid_and_npz_are_byte_identical(tmp_path):
+    model = load_for_sampling(SHIPPED_PATH, "cpu")
+    images = generate(model, model.config.sample, list(range(10)), 1, 0, tmp_path / "g.png",
+                      tmp_path / "g.npz", log=lambda *a: None)
+    assert images.shape == (10, 1, 28, 28)
+    for name, digest in SHIPPED_OUTPUTS.items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
