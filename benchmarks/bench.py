@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion101.config import get_preset  # noqa: E402
 from diffusion101.dataset import load_mnist  # noqa: E402
-from diffusion101.diffusion import make_scheduler  # noqa: E402
+from diffusion101.diffusion import NoiseSchedule, make_scheduler  # noqa: E402
 from diffusion101.train import diffusion_loss, make_optimizer  # noqa: E402
 from diffusion101.unet import UNet  # noqa: E402
 
@@ -56,7 +56,7 @@ def unoptimised_train_rate(cfg, batch_size: int, steps: int, warmup: int) -> flo
     model = UNet(cfg.model)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, foreach=False)
-    sched = make_scheduler("ddpm", cfg.diffusion, torch.device("cpu"))
+    sched = NoiseSchedule(cfg.diffusion, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for i in range(warmup + steps):
         if i == warmup:
@@ -127,7 +127,7 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_model else model
-    sched = make_scheduler("ddpm", cfg.diffusion, device)
+    sched = NoiseSchedule(cfg.diffusion, device)
     opt = make_optimizer(model.parameters(), cfg.train)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data), generator=g)
@@ -151,11 +151,13 @@ def sample_rate(cfg, device, sampler: str, steps: int, guidance: float):
     from diffusion101.denoise import sample_digits
     torch.manual_seed(0)
     model = UNet(cfg.model).to(device).eval()
-    sched = make_scheduler(sampler, cfg.diffusion, device, steps)
-    sample_digits(model, make_scheduler("ddim", cfg.diffusion, device, 2), range(10), 1, 0, device,
-                  guidance=guidance)  # warm-up
+    sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps, guidance=guidance)
+    warm = dataclasses.replace(sc, sampler="ddim", steps=2)
+    sample_digits(model, make_scheduler("ddim", cfg.diffusion, device, 2), warm, range(10), 1, 0,
+                  device)  # warm-up
     start = time.perf_counter()
-    sample_digits(model, sched, range(10), 1, 0, device, guidance=guidance)
+    sample_digits(model, make_scheduler(sampler, cfg.diffusion, device, steps), sc, range(10), 1,
+                  0, device)
     sync(device)
     seconds = time.perf_counter() - start
     return 10 / seconds, seconds

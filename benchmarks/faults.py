@@ -17,8 +17,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The training loop's faults are patched in from outside by tests/with_fault.py; the atomic
+# writer's (disk_full, kill_before_replace) are read from DIFFUSION101_FAULT by files.fault().
+LOOP_FAULTS = ("kill_after_step", "nan_at_step")
+
+
 def run(script, *args, cwd, env=None):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), *map(str, args)],
+    fault = (env or {}).get("DIFFUSION101_FAULT", "")
+    if fault.startswith(LOOP_FAULTS):
+        command, env = [str(ROOT / "tests" / "with_fault.py"), fault, "train"], None
+    else:
+        command = [str(ROOT / "scripts" / f"{script}.py")]
+    proc = subprocess.run([sys.executable, *command, *map(str, args)],
                           cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln and ln.strip()]

@@ -117,22 +117,22 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
     import torch
 
     from diffusion101.dataset import MNISTData, epoch_batches
-    from diffusion101.diffusion import make_scheduler
-    from diffusion101.train import build_state, speed_options, train_step
+    from diffusion101.diffusion import NoiseSchedule
+    from diffusion101.train import Speed, build_state, train_step
     tc = cfg.train
     for name, value in options.items():
         setattr(tc, name, value)
-    speed = speed_options(tc, device)
+    speed = Speed.for_device(tc, device)
     # As train() does: TF32 matmuls only with the speed options; cuDNN's convolutions use TF32
     # in both modes (PyTorch's default), so "fp32 eager" is what a plain PyTorch user gets.
-    torch.backends.cuda.matmul.allow_tf32 = speed["tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
     torch.manual_seed(0)
     state = build_state(cfg, device, speed, total_steps=warmup + steps)
-    if speed["compile"]:
+    if speed.compile:
         state.net = torch.compile(state.model)
-    if speed["data_on_device"]:
+    if speed.data_on_device:
         data = MNISTData(data.images.to(device), data.labels.to(device))
-    scheduler = make_scheduler("ddpm", cfg.diffusion, device)
+    scheduler = NoiseSchedule(cfg.diffusion, device)
     batches = epoch_batches(len(data), tc.batch_size, 0, 0)
 
     def run_steps(first: int, count: int) -> None:
@@ -216,21 +216,27 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     (row 2), each timed after a warm-up."""
     import torch
 
-    from diffusion101.models import SHIPPED_PATH
-    from diffusion101.denoise import load_for_sampling, sample_digits
-    from diffusion101.images import save_grid
+    import dataclasses
+
+    from diffusion101.denoise import sample_digits
     from diffusion101.diffusion import make_scheduler
-    model, cfg = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None)
+    from diffusion101.generate import load_for_sampling
+    from diffusion101.images import save_grid
+    from diffusion101.model_files import SHIPPED_PATH
+    loaded = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None)
+    model, cfg = loaded.unet, loaded.config
     w = cfg.sample.guidance
-    sample_digits(model, make_scheduler("dpm", cfg.diffusion, device, 2), range(10), 1, 0,
-                  device, guidance=w)  # warm-up
+    warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2)
+    sample_digits(model, make_scheduler("dpm", cfg.diffusion, device, 2), warm, range(10), 1, 0,
+                  device)  # warm-up
     rows, results = [], {}
     # (the dry run swaps the DDPM for a 20-step DDIM: 1000 steps take ~40 s on a CPU)
     for sampler, steps in ((("ddim", 20) if dry else ("ddpm", 1000)), ("dpm", 20)):
         scheduler = make_scheduler(sampler, cfg.diffusion, device, steps)
+        sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
         sync(device)
         start = time.perf_counter()
-        images, _ = sample_digits(model, scheduler, range(10), 1, 0, device, guidance=w)
+        images, _ = sample_digits(model, scheduler, sc, range(10), 1, 0, device)
         sync(device)
         results[f"shipped grid seconds, {sampler} {steps} steps, guidance {w}"] = \
             time.perf_counter() - start

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion101.dataset import load_image_folder  # noqa: E402
-from diffusion101.denoise import load_for_sampling, parse_lora_specs  # noqa: E402
+from diffusion101.cli import parse_lora_specs  # noqa: E402
+from diffusion101.generate import load_for_sampling  # noqa: E402
 from diffusion101.evaluate import generate_images, score  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def main():
                               ("full fine-tune", a.full, [])):
         if ckpt is None:
             continue
-        model, cfg = load_for_sampling(ckpt, "cpu", loras)
+        loaded = load_for_sampling(ckpt, "cpu", loras)
+        model, cfg = loaded.unet, loaded.config
         sc = cfg.sample
         w = sc.guidance if a.guidance is None else a.guidance
         images, labels, _ = generate_images(model, cfg, a.n, "cpu", 0,

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion101.denoise import load_for_sampling  # noqa: E402
+from diffusion101.generate import load_for_sampling  # noqa: E402
 from diffusion101.evaluate import evaluate_model  # noqa: E402
 
 
@@ -31,7 +31,8 @@ def main():
                    help="comma list of guidance intervals lo:hi in t/T (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    model, cfg = load_for_sampling(a.ckpt, "cpu")
+    loaded = load_for_sampling(a.ckpt, "cpu")
+    model, cfg = loaded.unet, loaded.config
     sc = cfg.sample
     sampler = a.sampler or sc.sampler
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [sc.steps]

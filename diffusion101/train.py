@@ -252,17 +252,21 @@ class Trainer:
         that is not finite raises NonFiniteLoss, the weights still those of the step before."""
         recipe, state, run = self.recipe, self.state, self.run
         stop = False
-        while state.epoch < recipe.epochs and not stop:
-            x0, y = self.next_batch()
-            loss = train_step(state, self.schedule, x0, y, recipe, run.speed, run.distributed)
-            self.log_loss(loss)
-            if every(recipe.save_every, state.step):
-                self.save()
-            if every(recipe.eval_every_steps, state.step):
-                self.evaluate()
-            stop = self.out_of_budget()
-            if stop or state.step_in_epoch == len(self.batches):
-                self.end_epoch()
+        try:
+            while state.epoch < recipe.epochs and not stop:
+                x0, y = self.next_batch()
+                loss = train_step(state, self.schedule, x0, y, recipe, run.speed, run.distributed)
+                self.log_loss(loss)
+                if every(recipe.save_every, state.step):
+                    self.save()
+                if every(recipe.eval_every_steps, state.step):
+                    self.evaluate()
+                stop = self.out_of_budget()
+                if stop or state.step_in_epoch == len(self.batches):
+                    self.end_epoch()
+        finally:  # a loss of NaN ends it too: finish the progress bar's line before the error
+            if self.bar is not None:
+                self.bar.close()
 
     def next_batch(self):
         """The next (x0, y) of the epoch; between epochs, shuffle the next one (a function of
