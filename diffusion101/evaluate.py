@@ -110,35 +110,42 @@ def test_set_labels(n: int) -> torch.Tensor:
     return torch.cat(rounds)
 
 
-def generate_images(model, cfg, n: int, device, seed: int, sc=None, batch_size: int = 0):
-    """n balanced digits from a model in eval mode, in batches, with the sampler options `sc`
-    (a config.SampleConfig; default the model's own, cfg.sample); returns (images, labels,
-    seconds)."""
+def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
+                    batch_size: int = 0):
+    """n digits in the test set's proportions from a model in eval mode, in batches, with the
+    sampler options `sample_cfg` (a config.SampleConfig; default the model's own, cfg.sample);
+    returns (images, labels, seconds)."""
     # On a CPU a batch whose activations fit the cache samples faster per image than a big one
     # (docs/BENCHMARKS.md); a GPU wants big batches.
     batch_size = batch_size or (1000 if str(device).startswith("cuda") else 100)
-    sc = sc or cfg.sample
+    sample_cfg = sample_cfg or cfg.sample
     labels = test_set_labels(n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sampler = sampler_for(sc, cfg.diffusion, device)
+    sampler = sampler_for(sample_cfg, cfg.diffusion, device)
     out = []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
-        images, _ = sample(model, sampler, chunk.to(device), sc, generator)
+        images, _ = sample(model, sampler, chunk.to(device), sample_cfg, generator)
         out.append(images.cpu())
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return torch.cat(out), labels, time.perf_counter() - start
 
 
-def evaluate_model(model, cfg, n: int, device, seed: int, sc=None, batch_size: int = 0) -> dict:
-    """Generate n digits with the sampler options `sc` (default cfg.sample) and score them."""
-    sc = sc or cfg.sample
-    images, labels, seconds = generate_images(model, cfg, n, device, seed, sc, batch_size)
+# What the metrics record of the sampler (sample.use_ema is left out: --no-ema overrides it).
+SAMPLING_FIELDS = ("sampler", "steps", "guidance", "guidance_rule", "guidance_interval", "eta",
+                   "timestep_spacing")
+
+
+def evaluate_model(model, cfg, n: int, device, seed: int, sample_cfg=None,
+                   batch_size: int = 0) -> dict:
+    """Generate n digits with the sampler options `sample_cfg` (default cfg.sample) and score
+    them; the metrics carry those options too."""
+    sample_cfg = sample_cfg or cfg.sample
+    images, labels, seconds = generate_images(model, cfg, n, device, seed, sample_cfg, batch_size)
     metrics = score(images, labels, device)
-    metrics.update(sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance,
-                   guidance_rule=sc.guidance_rule, guidance_interval=list(sc.guidance_interval),
-                   eta=sc.eta, timestep_spacing=sc.timestep_spacing,
+    sampling = {name: getattr(sample_cfg, name) for name in SAMPLING_FIELDS}
+    metrics.update(sampling, guidance_interval=list(sample_cfg.guidance_interval),
                    sample_seconds=seconds, images_per_second=n / seconds)
     return metrics
 

@@ -138,7 +138,7 @@ def apply_lora_file(model: nn.Module, adapter: dict, base_fingerprint: str, wher
         raise UserError(f"{where} was trained on another base model (fingerprint "
                         f"{adapter['base_fingerprint'][:12]}..., this base is "
                         f"{base_fingerprint[:12]}...)")
-    lc = adapter["lora_config"]
+    lora_config = adapter["lora_config"]
     tensors = adapter["lora"]
     layer_paths = sorted({k.rsplit(".", 1)[0] for k in tensors})
     modules = dict(model.named_modules())
@@ -149,10 +149,10 @@ def apply_lora_file(model: nn.Module, adapter: dict, base_fingerprint: str, wher
     for path in layer_paths:
         layer = _wrap(model, path)
         a, b = tensors.get(f"{path}.lora_a"), tensors.get(f"{path}.lora_b")
-        if a is None or b is None or a.shape != (layer.base.in_features, int(lc["r"])) \
-                or b.shape != (int(lc["r"]), layer.base.out_features):
+        if a is None or b is None or a.shape != (layer.base.in_features, int(lora_config["r"])) \
+                or b.shape != (int(lora_config["r"]), layer.base.out_features):
             raise UserError(f"{where} has tensors of the wrong shape for layer '{path}'")
-        layer.add_adapter(name, int(lc["r"]), float(lc["alpha"]), strength)
+        layer.add_adapter(name, int(lora_config["r"]), float(lora_config["alpha"]), strength)
         with torch.no_grad():
             layer.lora_a[name].copy_(a)
             layer.lora_b[name].copy_(b)
