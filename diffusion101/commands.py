@@ -20,8 +20,7 @@ from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build
                   parse_lora_specs, resolve_device, run_cli, sampler_options)
 from .dataset import write_style_data
 from .files import atomic_write
-from .generate import generate, load_for_sampling, resolve_sampler
-from .images import progress_path
+from .generate import Outputs, generate, load_for_sampling, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .train import saved_run_config, train as train_run
@@ -108,6 +107,8 @@ def sample(argv=None) -> None:
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--n-per-digit", type=int, default=1)
     p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
+    p.add_argument("--gif", default=None, help="also write the walk from noise to the grid as "
+                   "an animated GIF here")
     add_sampler_flags(p)
     add_common(p)
     a = p.parse_args(argv)
@@ -115,14 +116,14 @@ def sample(argv=None) -> None:
     check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
     device = resolve_device(a.device)
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
-    check_outputs({"--out": a.out, "--out's progress figure": progress_path(a.out), "--npz": a.npz},
-                  inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
+    outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
+    check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
     digits = parse_digits(a.digits, model.config.model.num_classes)
     sample_cfg = resolve_sampler(model.config, **sampler_options(a))
     print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
           + (" (merged)" if loras and a.merge else ""))
-    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, a.out, a.npz)
+    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, outputs)
 
 
 def evaluate(argv=None) -> None:
@@ -239,34 +240,18 @@ def train_evaluation_classifier(argv=None) -> None:
 
 
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
-def train_command() -> int:
-    return run_cli(train)
+def _entry(main):
+    def command() -> int:
+        return run_cli(main)
+    command.__doc__ = main.__doc__
+    return command
 
 
-def finetune_command() -> int:
-    return run_cli(finetune_lora)
-
-
-def sample_command() -> int:
-    return run_cli(sample)
-
-
-def evaluate_command() -> int:
-    return run_cli(evaluate)
-
-
-def export_command() -> int:
-    return run_cli(export)
-
-
-def convert_command() -> int:
-    return run_cli(convert)
-
-
-def make_style_data_command() -> int:
-    return run_cli(make_style_data)
-
-
-def train_classifier_command() -> int:
-    return run_cli(train_evaluation_classifier)
-
+train_command = _entry(train)
+finetune_command = _entry(finetune_lora)
+sample_command = _entry(sample)
+evaluate_command = _entry(evaluate)
+export_command = _entry(export)
+convert_command = _entry(convert)
+make_style_data_command = _entry(make_style_data)
+train_classifier_command = _entry(train_evaluation_classifier)

@@ -15,11 +15,25 @@ from . import checkpoint
 from .config import Config, SampleConfig, interval_text, validate
 from .denoise import sample_digits
 from .diffusion import sampler_for
-from .images import progress_path, save_grid, save_npz, save_progression
+from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora
 from .model_files import load_model
 
 PROGRESS_FRAMES = 20  # columns of the progression figure: x_t from noise to the result
+
+
+@dataclass
+class Outputs:
+    """Where the sampling job writes: the grid PNG, with its progression figure beside it
+    (images.progress_path), and when asked the npz of samples and the GIF of the walk."""
+    grid: Path
+    npz: Path | None = None
+    gif: Path | None = None
+
+    def by_flag(self) -> dict:
+        """Each output under its command-line flag, for cli.check_outputs."""
+        return {"--out": self.grid, "--out's progress figure": progress_path(self.grid),
+                "--npz": self.npz, "--gif": self.gif}
 
 
 @dataclass
@@ -67,10 +81,11 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
 
 
 def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: int, seed: int,
-             out, npz=None, log=print) -> torch.Tensor:
-    """Sample n_per_digit images of each of `digits` and write the grid to `out` (a column per
-    digit), the progression figure beside it, and the npz of samples when asked. Returns the
-    images, (N, C, S, S) in about [-1, 1]."""
+             outputs: Outputs, log=print) -> torch.Tensor:
+    """Sample n_per_digit images of each of `digits` and write what `outputs` names: the grid
+    (a column per digit, a row per repetition), the progression figure of the first row, the
+    npz of samples, the GIF of the whole grid's walk. Returns the images, (N, C, S, S) in
+    about [-1, 1]."""
     sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
     log(f"sampling {len(digits) * n_per_digit} images: {sample_cfg.sampler}, {sample_cfg.steps} "
         f"steps, guidance {sample_cfg.guidance}{interval_text(sample_cfg.guidance_interval)} "
@@ -79,14 +94,14 @@ def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: 
     images, frames = sample_digits(model.unet, sampler, sample_cfg, digits, n_per_digit, seed,
                                    model.device, PROGRESS_FRAMES)
     log(f"sampled in {time.perf_counter() - start:.2f} s")
-    out = Path(out)
-    for path in [out] + ([Path(npz)] if npz else []):
+    paths = {flag: Path(p) for flag, p in outputs.by_flag().items() if p is not None}
+    for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, out, nrow=len(digits))
-    save_progression(frames[:len(digits)], digits, progress_path(out))
-    written = [str(out), str(progress_path(out))]
-    if npz:
-        save_npz(images, digits * n_per_digit, npz)
-        written.append(str(npz))
-    log("wrote " + ", ".join(written))
+    save_grid(images, outputs.grid, nrow=len(digits))
+    save_progression(frames[:len(digits)], digits, progress_path(outputs.grid))
+    if outputs.npz is not None:
+        save_npz(images, digits * n_per_digit, outputs.npz)
+    if outputs.gif is not None:
+        save_gif(frames, outputs.gif, nrow=len(digits))
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
     return images

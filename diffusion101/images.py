@@ -1,14 +1,20 @@
-"""Writing what a sampler made: the grid PNG, the denoising-progression figure, the npz of
-samples. Every file goes through the atomic writer, so an interrupted write leaves no half file."""
+"""Writing what a sampler made: the grid PNG, the denoising-progression figure, the GIF of the
+reverse walk, the npz of samples. Pillow writes the pictures (no torchvision, no matplotlib:
+both are slow to import for a few PNGs). Every file goes through the atomic writer, so an
+interrupted write leaves no half file."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .files import atomic_write
+
+PADDING = 2  # black pixels between and around the tiles of a grid
 
 
 def progress_path(out) -> Path:
@@ -22,39 +28,83 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> uint8 0..255, rounded to nearest (torchvision's save_image rounding)."""
+    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255, the same rounding as save_image."""
-    x = to_unit(images[:, 0])
-    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255."""
+    return unit_to_uint8(to_unit(images[:, 0])).numpy()
+
+
+def grid_image(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(N, C, S, S) in [-1, 1] -> one (3, H, W) image in [0, 1]: the tiles in rows of nrow,
+    PADDING black pixels around each, grey repeated into RGB; a single image gets no padding
+    (torchvision's make_grid, whose PNGs this package wrote before)."""
+    tiles = to_unit(images)
+    n, c, s, _ = tiles.shape
+    if c == 1:
+        tiles = tiles.expand(n, 3, s, s)
+    if n == 1:
+        return tiles[0]
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    step = s + PADDING
+    grid = torch.zeros(3, rows * step + PADDING, cols * step + PADDING)
+    for k in range(n):
+        y, x = divmod(k, cols)
+        grid[:, y * step + PADDING:(y + 1) * step, x * step + PADDING:(x + 1) * step] = tiles[k]
+    return grid
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="png")
+    return buf.getvalue()
+
+
+def pil_image(grid: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an RGB PIL image."""
+    return Image.fromarray(unit_to_uint8(grid).permute(1, 2, 0).numpy())
 
 
 def save_grid(images: torch.Tensor, path, nrow: int) -> None:
-    from torchvision.utils import save_image  # torchvision is slow to import: on first use
-    grid_images = to_unit(images)
-    atomic_write(path, lambda f: save_image(grid_images, f, nrow=nrow, padding=2, format="png"))
+    """The images as one grid PNG, nrow to a row."""
+    data = png_bytes(pil_image(grid_image(images, nrow)))
+    atomic_write(path, lambda f: f.write(data))
 
 
-def save_progression(frames: torch.Tensor, digits, path) -> None:
-    """Rows: digits; columns: the intermediate x_t, from noise (left) to the result (right)."""
-    import matplotlib  # slow to import, and only this figure needs it
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+def save_progression(frames: torch.Tensor, labels, path) -> None:
+    """One picture of the walk: a row per image, its label on the left; the columns are the
+    kept x_t, from pure noise (left) to the result (right). frames: (N, F, C, S, S)."""
+    n, f, c, s, _ = frames.shape
+    mosaic = pil_image(grid_image(frames.reshape(n * f, c, s, s), f))  # a row per image
+    margin, title = 24, 16
+    page = Image.new("RGB", (mosaic.width + margin, mosaic.height + title), "white")
+    page.paste(mosaic, (margin, title))
+    draw = ImageDraw.Draw(page)
+    draw.text((margin, 2), "noise  ->  sample", fill="black")
+    step = s + PADDING
+    for r, label in enumerate(labels):
+        draw.text((4, title + PADDING + r * step + s // 2 - 5), str(label), fill="black")
+    data = png_bytes(page)
+    atomic_write(path, lambda f_: f_.write(data))
 
-    rows, cols = frames.shape[0], frames.shape[1]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
-    for r in range(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(to_unit(frames[r, c, 0]).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(str(digits[r]), rotation=0, labelpad=8)
-    fig.suptitle("denoising progression: noise (left) to digit (right)")
+
+def save_gif(frames: torch.Tensor, path, nrow: int, scale: int = 2, ms_per_frame: int = 120) -> None:
+    """The reverse walk as an animated GIF: frame j is the grid of every image's j-th kept x_t
+    (frames: (N, F, C, S, S)), scaled up `scale` times; the last frame stays four times as long."""
+    pictures = []
+    for j in range(frames.shape[1]):
+        picture = pil_image(grid_image(frames[:, j], nrow))
+        pictures.append(picture.resize((picture.width * scale, picture.height * scale),
+                                       Image.NEAREST))
+    durations = [ms_per_frame] * (len(pictures) - 1) + [4 * ms_per_frame]
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})  # no version stamp: same bytes each run
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    pictures[0].save(buf, format="gif", save_all=True, append_images=pictures[1:],
+                     duration=durations, loop=0)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_npz(images: torch.Tensor, labels, path) -> None:

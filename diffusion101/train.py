@@ -26,6 +26,7 @@ from .denoise import sample_digits
 from .diffusion import NoiseSchedule, sampler_for
 from .ema import EMA
 from .evaluate import evaluate_model
+from .images import grid_image
 from .rng import rng_state, seed_everything, set_rng_state
 from .unet import UNet, count_parameters
 
@@ -263,7 +264,7 @@ class Trainer:
                     self.evaluate()
                 stop = self.out_of_budget()
                 if stop or state.step_in_epoch == len(self.batches):
-                    self.end_epoch()
+                    self.end_epoch(stop)
         finally:  # a loss of NaN ends it too: finish the progress bar's line before the error
             if self.bar is not None:
                 self.bar.close()
@@ -283,10 +284,13 @@ class Trainer:
         return self.data.batch(self.batches[state.step_in_epoch], run.device)
 
     def log_loss(self, loss: float) -> None:
+        """The loss on the progress bar; the loss and the learning rate in TensorBoard."""
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.bar.update(1)
         if self.run.writer is not None:
             self.run.writer.add_scalar("train/loss", loss, self.state.step)
+            self.run.writer.add_scalar("train/lr", self.state.lr_schedule.get_last_lr()[0],
+                                       self.state.step)
 
     def out_of_budget(self) -> bool:
         """The step or time budget is spent (train.max_steps, train.max_minutes; 0 is none)."""
@@ -295,16 +299,17 @@ class Trainer:
         return out_of_steps or (bool(recipe.max_minutes) and distributed.any_process(
             state.seconds_so_far() >= 60 * recipe.max_minutes, self.run.distributed))
 
-    def end_epoch(self) -> None:
-        """Close the epoch's bar and clock; after a whole epoch, count it and draw the grid;
-        save either way (a stop inside an epoch saves where it stopped)."""
-        state = self.state
+    def end_epoch(self, stopped: bool) -> None:
+        """Close the epoch's bar and clock; count a whole epoch; draw the grid every
+        train.grid_every epochs and when training ends (a stop inside an epoch too); save."""
+        state, recipe = self.state, self.recipe
         self.bar.close()
         state.lap()
         if state.step_in_epoch == len(self.batches):
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if self.run.writer is not None and every(self.recipe.grid_every, state.epoch):
-                self.log_grid()
+        last = stopped or state.epoch >= recipe.epochs
+        if recipe.grid_every and (last or every(recipe.grid_every, state.epoch)):
+            self.log_grid()
         self.batches = None
         self.save()
 
@@ -340,9 +345,11 @@ class Trainer:
         state.start_clock()
 
     def log_grid(self) -> None:
-        """Digits 0-9 from the preset's sampler, as an image grid in TensorBoard."""
-        from torchvision.utils import make_grid  # torchvision is slow to import: on first use
+        """Digits 0-9 from the preset's sampler, as an image grid in TensorBoard (the main
+        process only), at the step it was drawn."""
         run, model = self.run, self.state.sampling_model()
+        if run.writer is None:
+            return
         was_training = model.training
         model.eval()
         sample_cfg = run.cfg.sample
@@ -350,7 +357,7 @@ class Trainer:
         images, _ = sample_digits(model, sampler_for(sample_cfg, run.cfg.diffusion, run.device),
                                   sample_cfg, range(classes), 1, self.recipe.seed, run.device)
         model.train(was_training)
-        run.writer.add_image("samples", make_grid((images + 1) / 2, nrow=classes), self.state.epoch)
+        run.writer.add_image("samples", grid_image(images, nrow=classes), self.state.step)
 
 
 def open_resume(run: Run) -> dict:
@@ -433,6 +440,8 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
                         f"{state.step} with train.epochs={recipe.epochs}, max_steps="
                         f"{recipe.max_steps}, max_minutes={recipe.max_minutes:g}; {out} was not written")
     run.writer = SummaryWriter(str(logdir)) if run.main else None
+    if run.writer is not None:  # what differs between two runs, beside their curves
+        run.writer.add_text("config", f"preset `{preset}`\n\n```\n{cfg}\n```", state.step)
     state.model.train()
     try:
         trainer.fit()

@@ -9,7 +9,7 @@ import torch
 import diffusion101 as d
 from diffusion101 import checkpoint
 from diffusion101.config import UserError
-from diffusion101.generate import generate, load_for_sampling, resolve_sampler
+from diffusion101.generate import Outputs, generate, load_for_sampling, resolve_sampler
 
 from conftest import tiny_checkpoint
 
@@ -27,7 +27,7 @@ def test_sample_equals_the_denoise_job(tiny_path, tmp_path, options):
     images = d.sample(model, digits=[3, 7, 0], n=2, seed=11, **options)
     loaded = load_for_sampling(tiny_path, "cpu")
     job = generate(loaded, resolve_sampler(loaded.config, **options), [3, 7, 0], 2, 11,
-                   tmp_path / "grid.png", log=lambda *a: None)
+                   Outputs(tmp_path / "grid.png"), log=lambda *a: None)
     assert images.shape == (6, 16, 16)
     assert torch.equal(images, ((job[:, 0] + 1) / 2).clamp(0, 1))
 

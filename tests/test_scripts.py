@@ -23,9 +23,12 @@ def test_train_finetune_denoise_end_to_end(work):
     assert set(adapter) >= {"lora", "lora_config", "base_fingerprint"}
     assert all(k.endswith((".lora_a", ".lora_b")) for k in adapter["lora"])
     proc = run_script("denoise", "--ckpt", "model.pt", "--lora", "lora.pt", "--out", "imgs/g.png",
-                      "--npz", "s.npz", "--digits", "0,3,7", "--n-per-digit", "2", cwd=work)
+                      "--npz", "s.npz", "--digits", "0,3,7", "--n-per-digit", "2",
+                      "--gif", "imgs/walk.gif", cwd=work)
     assert "wrote" in proc.stdout
     assert Image.open(work / "imgs/g.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    gif = Image.open(work / "imgs/walk.gif")
+    assert gif.n_frames == 20 and gif.size == (2 * (3 * 18 + 2), 2 * (2 * 18 + 2))  # scaled 2x
     assert Image.open(work / "imgs/g_progress.png").size[0] > 0
     s = np.load(work / "s.npz")
     assert s["images"].shape == (6, 16, 16) and s["images"].dtype == np.uint8
@@ -189,6 +192,11 @@ def test_outputs_that_would_destroy_inputs_are_refused_before_any_work(work, tmp
     keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
     _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "model.pt", match="also --ckpt")
     _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "./x.png", "--npz", "x.png",
+             match="same file")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "model.pt", match="also --ckpt")
+    (work / "imgs").mkdir(exist_ok=True)
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "imgs", match="--gif imgs is a folder")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "w.png", "--gif", "./w.png",
              match="same file")
     _refused(capsys, "export_checkpoint", "model.pt", "./model.pt", match="also src")
     _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "model.pt", match="also --ckpt")

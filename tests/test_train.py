@@ -196,3 +196,21 @@ def test_training_and_lora_train_the_same_weights_bit_for_bit_as_before(tmp_path
     finally:
         torch.set_num_threads(threads)
     assert got == TRAINED_DIGESTS
+
+
+def test_tensorboard_shows_loss_lr_config_and_the_last_grid(tmp_path, fake_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = _cfg(5)  # a stop inside the first 16-step epoch: no epoch ends, the grid is logged anyway
+    cfg.train.lr_schedule, cfg.train.warmup_steps = "cosine", 2
+    train(cfg, "tiny", tmp_path / "m.pt", tmp_path / "runs", "cpu", data=fake_data,
+          log=lambda *a: None)
+    events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    # the rate the next step uses: warmup (2 steps) to the peak, then cosine down to 0 at step 5,
+    # 0.5 (1 + cos(pi (k - 2) / 3)) of it after step k
+    lr = [e.value for e in events.Scalars("train/lr")]
+    assert lr == pytest.approx([1e-3, 1e-3, 0.75e-3, 0.25e-3, 0.0], rel=1e-6, abs=1e-12)
+    assert [e.step for e in events.Images("samples")] == [5]
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "preset `tiny`" in text and '"lr_schedule": "cosine"' in text
