@@ -107,8 +107,8 @@ def sample(argv=None) -> None:
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--n-per-digit", type=int, default=1)
     p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
-    p.add_argument("--gif", default=None, help="also write the walk from noise to the grid as "
-                   "an animated GIF here")
+    p.add_argument("--gif", default=None, help="also write the first row's walk from noise to "
+                   "digits as an animated GIF here")
     add_sampler_flags(p)
     add_common(p)
     a = p.parse_args(argv)

@@ -83,9 +83,9 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
 def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: int, seed: int,
              outputs: Outputs, log=print) -> torch.Tensor:
     """Sample n_per_digit images of each of `digits` and write what `outputs` names: the grid
-    (a column per digit, a row per repetition), the progression figure of the first row, the
-    npz of samples, the GIF of the whole grid's walk. Returns the images, (N, C, S, S) in
-    about [-1, 1]."""
+    (a column per digit, a row per repetition), the npz of samples, and the walk of the first
+    row from noise to the result, as the progression figure and as the GIF. Returns the
+    images, (N, C, S, S) in about [-1, 1]."""
     sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
     log(f"sampling {len(digits) * n_per_digit} images: {sample_cfg.sampler}, {sample_cfg.steps} "
         f"steps, guidance {sample_cfg.guidance}{interval_text(sample_cfg.guidance_interval)} "
@@ -102,6 +102,6 @@ def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: 
     if outputs.npz is not None:
         save_npz(images, digits * n_per_digit, outputs.npz)
     if outputs.gif is not None:
-        save_gif(frames, outputs.gif, nrow=len(digits))
+        save_gif(frames[:len(digits)], outputs.gif, nrow=len(digits))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return images

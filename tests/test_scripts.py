@@ -28,7 +28,8 @@ def test_train_finetune_denoise_end_to_end(work):
     assert "wrote" in proc.stdout
     assert Image.open(work / "imgs/g.png").size == (3 * 18 + 2, 2 * 18 + 2)
     gif = Image.open(work / "imgs/walk.gif")
-    assert gif.n_frames == 20 and gif.size == (2 * (3 * 18 + 2), 2 * (2 * 18 + 2))  # scaled 2x
+    # the first row's walk, scaled 2x
+    assert gif.n_frames == 20 and gif.size == (2 * (3 * 18 + 2), 2 * (16 + 2 * 2))
     assert Image.open(work / "imgs/g_progress.png").size[0] > 0
     s = np.load(work / "s.npz")
     assert s["images"].shape == (6, 16, 16) and s["images"].dtype == np.uint8
