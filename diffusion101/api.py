@@ -28,8 +28,8 @@ def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) 
     one. loras: adapter files, or (file, strength) pairs, merged into the weights. use_ema
     None: the checkpoint's own choice."""
     pairs = [(spec, 1.0) if isinstance(spec, (str, PathLike)) else tuple(spec) for spec in loras]
-    for path, strength in pairs:
-        check_strength(str(path), strength)
+    for adapter, strength in pairs:
+        check_strength(str(adapter), strength)
     return load_for_sampling(default_checkpoint(path, log=lambda *a: None), device, pairs,
                              use_ema, log=lambda *a: None)
 

@@ -25,14 +25,20 @@ class CrossAttention(nn.Module):
             nn.Linear(channels, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, channels))
         self.norm2 = nn.LayerNorm(channels)
 
+    def attention(self, pixels: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """How much each pixel attends to each label token: softmax(Q K^T / sqrt(q_dim)).
+        pixels: (B, HW, C), one token per pixel; context: (B, L, cls_dim). Returns (B, HW, L),
+        each row summing to 1 (with L = 1, every entry is 1)."""
+        q = self.w_q(pixels)  # (B, HW, q)
+        k = self.w_k(context)  # (B, L, q)
+        return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.q_dim), dim=-1)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W) image features; context: (B, L, cls_dim) label tokens (L = 1 in reference)
         b, c, h, w = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C): one token per pixel
-        q = self.w_q(x)  # (B, HW, q)
-        k = self.w_k(context)  # (B, L, q)
+        attn = self.attention(x, context)  # (B, HW, L)
         v = self.w_v(context)  # (B, L, v)
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.q_dim), dim=-1)  # (B, HW, L)
         z = self.norm1(self.z_linear(attn @ v) + x)  # (B, HW, C)
         out = self.norm2(self.feedforward(z) + z)
         return out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to (B, C, H, W)

@@ -58,6 +58,9 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
 
 
 SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.pt"
+# LoRA r = 8 on the shipped checkpoint's attention and feed-forward, trained on bold MNIST
+# (docs/EXPERIMENTS.md, "LoRA on the built-in bold target", has the commands)
+BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.pt")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:

@@ -52,6 +52,14 @@ def test_bad_arguments_are_refused_in_one_line(tiny_path, kwargs, match):
         d.sample(model, **kwargs)
 
 
+def test_adapters_without_a_path_go_onto_the_default_checkpoint(tmp_path, monkeypatch):
+    from diffusion101.model_files import BOLD_LORA_PATH, SHIPPED_PATH
+    monkeypatch.chdir(tmp_path)  # no model.pt here: the shipped checkpoint
+    base, bold = d.load(), d.load(loras=[BOLD_LORA_PATH])
+    assert bold.config == base.config == d.load(SHIPPED_PATH).config
+    assert not torch.equal(d.sample(base, digits=[3]), d.sample(bold, digits=[3]))
+
+
 def test_bad_lora_strength_and_missing_file_are_refused(tiny_path, tmp_path):
     with pytest.raises(UserError, match="strength"):
         d.load(tiny_path, loras=[(tmp_path / "a.pt", float("inf"))])

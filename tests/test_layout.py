@@ -83,7 +83,7 @@ def test_the_training_loop_reads_in_one_screen():
     body = ast.unparse(fit)
     # next batch -> train_step -> log -> save -> evaluate -> stop, in that order
     steps = ["self.next_batch()", "train_step(", "self.log_loss(", "self.save()",
-             "self.evaluate()", "self.out_of_budget()", "self.end_epoch()"]
+             "self.evaluate()", "self.out_of_budget()", "self.end_epoch("]
     positions = [body.index(s) for s in steps]
     assert positions == sorted(positions)
     # LoRA fine-tuning runs the same loop
@@ -131,3 +131,10 @@ def test_comments_explain_and_carry_no_measured_figures():
     for path in [*MODULES.values(), *SCRIPTS, *TESTS]:
         for line, text in _comments_and_docstrings(path):
             assert not MEASURED.search(text), f"{path.name}:{line}: {text.strip()[:120]}"
+
+
+def test_the_readmes_module_map_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```\ndiffusion101/\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"\b([a-z_]+)\.py\b", block))
+    assert named == set(MODULES), (set(MODULES) - named, named - set(MODULES))

@@ -1,0 +1,308 @@
+# %% [markdown]
+# # A tour of Diffusion-101
+#
+# This tour runs the package's own code on the checkpoint that ships with it, one idea at a
+# time, each with a picture. It is a script (`python docs/tour.py` writes every figure into
+# `docs/tour/`) and a notebook (`docs/tour.ipynb`, made from this file by jupytext); the text
+# with its figures reads in `docs/TOUR.md`. On two CPU cores it runs in about two minutes.
+#
+# After editing this file: `jupytext --to ipynb docs/tour.py` remakes the notebook, and
+# `tests/test_tour.py` (its `markdown_page()`) says what docs/TOUR.md must hold.
+
+# %%
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import diffusion101 as d
+from diffusion101.config import DiffusionConfig, get_preset
+from diffusion101.dataset import MNISTData, load_mnist
+from diffusion101.denoise import guided, guided_at
+from diffusion101.diffusion import NoiseSchedule, sampler_for
+from diffusion101.evaluate import score
+from diffusion101.model_files import BOLD_LORA_PATH
+from diffusion101.train import train
+from diffusion101.unet import UNet
+
+# DIFFUSION101_TOUR_QUICK=1 runs every cell on less work (the test suite does): the figures
+# are all written, with fewer digits and steps in them.
+QUICK = os.environ.get("DIFFUSION101_TOUR_QUICK") == "1"
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+FIGURES = Path(os.environ.get("DIFFUSION101_TOUR_OUT", HERE / "tour"))
+FIGURES.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(0)
+
+
+def save(fig, name: str) -> None:
+    """Write the figure to docs/tour/<name>.png; in a notebook, show it too."""
+    fig.savefig(FIGURES / f"{name}.png", dpi=90, bbox_inches="tight")
+    if "inline" in matplotlib.get_backend():
+        plt.show()
+    else:
+        plt.close(fig)
+
+
+def show_row(axes, images, titles=None):
+    """One image per axis, grey on black, no ticks."""
+    for i, ax in enumerate(axes):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+
+
+model = d.load()  # the shipped checkpoint: the `cpu` recipe with noise prediction
+print(model.config.sample)
+
+# %% [markdown]
+# ## 1. The forward process: noise, added in closed form
+#
+# Training never runs a chain of noising steps. For any timestep t it jumps straight to
+# `x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps`, where `ab_t` ("alpha bar") is the product of
+# `1 - beta` up to t. Below, one test digit at seven timesteps under the two schedules this
+# package knows: the linear one of the DDPM paper (the reference's) and the cosine one of
+# Nichol and Dhariwal. Under the linear schedule the digit is gone well before t = 999; the
+# cosine schedule destroys it more evenly over the whole range.
+#
+# ![the forward process under both schedules](tour/forward.png)
+
+# %%
+digit = load_mnist(train=False, img_size=28).batch(torch.arange(1))[0]  # (1, 1, 28, 28) in [-1, 1]
+steps = [0, 50, 100, 250, 500, 750, 999]
+noise = torch.randn(digit.shape, generator=torch.Generator().manual_seed(0))
+fig, axes = plt.subplots(2, len(steps), figsize=(len(steps) * 1.2, 2.8))
+for row, schedule_name in enumerate(("linear", "cosine")):
+    schedule = NoiseSchedule(DiffusionConfig(schedule=schedule_name))
+    noisy = [schedule.add_noise(digit, noise, torch.tensor([t]))[0, 0] for t in steps]
+    show_row(axes[row], [((x + 1) / 2).clamp(0, 1) for x in noisy],
+             [f"{schedule_name} t={t}" for t in steps])
+save(fig, "forward")
+
+# %% [markdown]
+# ## 2. The schedules side by side
+#
+# The signal left at step t is `sqrt(ab_t)`; the log signal-to-noise ratio
+# `log(ab_t / (1 - ab_t))` says how much of the picture can still be told from the noise. The
+# linear schedule spends its last few hundred steps where almost nothing is left, which for a
+# 28-pixel image is wasted training; the cosine schedule keeps the log-SNR falling at an even
+# pace, so every timestep still has something to learn.
+#
+# ![alpha bar and log-SNR against t](tour/schedules.png)
+
+# %%
+fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+for schedule_name in ("linear", "cosine"):
+    ab = NoiseSchedule(DiffusionConfig(schedule=schedule_name)).alpha_bar
+    left.plot(ab.numpy(), label=schedule_name)
+    right.plot(torch.log(ab / (1 - ab)).numpy(), label=schedule_name)
+left.set(xlabel="t", ylabel="alpha bar", title="signal left")
+right.set(xlabel="t", ylabel="log SNR", title="log signal-to-noise ratio")
+left.legend()
+save(fig, "schedules")
+
+# %% [markdown]
+# ## 3. The reverse walk, and what the network believes at each step
+#
+# Sampling starts from pure noise and asks the network, at every step, for its prediction; the
+# sampler turns that into the next, slightly cleaner `x_t`. Every sampler's `step` also returns
+# `pred_original_sample`: the clean digit the network sees in the noise at that moment. The loop
+# below is the package's own sampling loop written out (set the timesteps, predict with
+# guidance, step): each digit's upper row shows `x_t`, its lower row the predicted `x_0`. The
+# prediction settles on a digit long before the noise is gone; the rest of the walk refines it.
+#
+# ![x_t and the predicted x_0 during DPM-Solver++](tour/reverse_walk.png)
+
+# %%
+sample_cfg = model.config.sample  # DPM-Solver++, 20 steps, guidance 1.75
+sampler = sampler_for(sample_cfg, model.config.diffusion)
+labels = torch.tensor([0, 3, 7, 9])
+generator = torch.Generator().manual_seed(0)
+x = torch.randn((len(labels), 1, 28, 28), generator=generator)
+sampler.set_timesteps(sample_cfg.steps)
+walk = []
+with torch.no_grad():
+    for t in sampler.timesteps.tolist():
+        t_batch = torch.full((len(labels),), t)
+        if guided_at(sample_cfg, t, sampler.num_train_timesteps):
+            out = guided(model.unet, x, t_batch, labels, sample_cfg.guidance,
+                         sample_cfg.guidance_rule, sampler)
+        else:
+            out = model.unet(x, t_batch, labels)
+        result = sampler.step(out, t, x, generator=generator)
+        walk.append((t, x, result.pred_original_sample))
+        x = result.prev_sample
+shown = [0, 3, 6, 9, 12, 15, 19]
+fig, axes = plt.subplots(2 * len(labels), len(shown), figsize=(len(shown) * 1.1, 2.2 * len(labels)))
+for col, i in enumerate(shown):
+    t, x_t, x0_hat = walk[i]
+    for r in range(len(labels)):
+        show_row([axes[2 * r, col]], [((x_t[r, 0] + 1) / 2).clamp(0, 1)],
+                 [f"t = {t}"] if r == 0 else None)
+        show_row([axes[2 * r + 1, col]], [((x0_hat[r, 0] + 1) / 2).clamp(0, 1)])
+for r in range(len(labels)):
+    axes[2 * r, 0].set_ylabel("x_t", rotation=0, labelpad=14)
+    axes[2 * r + 1, 0].set_ylabel("pred.\nx_0", rotation=0, labelpad=14)
+save(fig, "reverse_walk")
+
+# %% [markdown]
+# ## 4. Samplers: the same network, fewer steps
+#
+# DDPM takes all 1000 steps and adds fresh noise at each. DDIM follows the same model on any
+# subsequence of timesteps without that noise, and DPM-Solver++ (a second-order solver of the
+# same ODE) gets there in 20 or even 10. Same seed, same network; each row's title gives its
+# time for the whole grid here.
+#
+# ![the same seeds with four samplers](tour/samplers.png)
+
+# %%
+samplers = [("ddpm", 1000), ("ddim", 50), ("dpm", 20), ("dpm", 10)]
+if QUICK:
+    samplers[0] = ("ddim", 25)
+fig, axes = plt.subplots(len(samplers), 10, figsize=(10, 1.3 * len(samplers)))
+for row, (name, n_steps) in enumerate(samplers):
+    start = time.perf_counter()
+    images = d.sample(model, digits=range(10), seed=0, sampler=name, steps=n_steps)
+    seconds = time.perf_counter() - start
+    show_row(axes[row], images)
+    axes[row, 0].set_ylabel(f"{name} {n_steps}\n{seconds:.1f} s", fontsize=8, rotation=0,
+                            labelpad=30)
+save(fig, "samplers")
+
+# %% [markdown]
+# ## 5. Guidance: trading variety for the right digit
+#
+# The network was trained with the label dropped to a "null" label one time in ten, so it can
+# also predict without a label. Classifier-free guidance runs both and pushes away from the
+# unconditional prediction: `uncond + w (cond - uncond)`. w = 0 is the unconditional model
+# (any digit), w = 1 the plain conditional one; larger w makes the shipped classifier read the
+# asked-for digit more often, and thickens the strokes (more ink), at the cost of variety.
+#
+# ![the same seeds at six guidance scales](tour/guidance.png)
+
+# %%
+scales = [0.0, 1.0, 1.5, 2.0, 3.0, 5.0]
+per_digit = 2 if QUICK else 10  # digits 0-9 this many times: the accuracy is over ten times that
+fig, axes = plt.subplots(len(scales), 10, figsize=(10, 1.3 * len(scales)))
+for row, w in enumerate(scales):
+    images = d.sample(model, digits=range(10), n=per_digit, seed=0, guidance=w)
+    asked = torch.arange(10).repeat(per_digit)
+    accuracy = score(images[:, None] * 2 - 1, asked)["accuracy"]
+    show_row(axes[row], images[:10])
+    axes[row, 0].set_ylabel(f"w = {w:g}\n{100 * accuracy:.0f}% right\nink {images.mean():.3f}",
+                            fontsize=8, rotation=0, labelpad=36)
+save(fig, "guidance")
+
+# %% [markdown]
+# ## 6. Cross-attention: where the pixels look
+#
+# The label reaches the network through cross-attention: every pixel is a query, and the
+# label's tokens (four per digit in this checkpoint) give the keys and values. The maps show,
+# for the encoder's second level (14 x 14 pixels), how each pixel of a half-denoised image
+# splits its attention over the four tokens: each pixel's weights sum to 1, and where a pixel
+# sits decides which token it reads. (At full resolution this checkpoint's pixels split their
+# attention almost evenly: the label matters more where the features are coarse.) With one
+# token per label, as in the reference design, the softmax runs over a single key and is
+# exactly 1 everywhere: the attention then adds the same label vector at every pixel, and its
+# queries and keys do nothing.
+#
+# ![attention weights per label token](tour/attention.png)
+
+# %%
+block = model.unet.enc_convs[1].crossattn  # the encoder's second level, 14 x 14
+captured = {}
+hook = block.register_forward_hook(lambda module, inputs, output: captured.update(
+    features=inputs[0], context=inputs[1]))
+labels = torch.tensor([1, 4, 8])
+t, x_t, _ = walk[10]  # halfway through the walk of section 3
+with torch.no_grad():
+    model.unet(x_t[:3], torch.full((3,), t), labels)
+hook.remove()
+b, c, h, w = captured["features"].shape
+pixels = captured["features"].permute(0, 2, 3, 1).reshape(b, h * w, c)  # one token per pixel
+with torch.no_grad():
+    weights = block.attention(pixels, captured["context"])  # (3, 784, 4)
+    one_token = block.attention(pixels, captured["context"][:, :1])  # a single key
+print("with one token, every weight is", one_token.unique().tolist())
+maps = weights.transpose(1, 2).reshape(b, -1, h, w)  # (3, tokens, 28, 28)
+fig, axes = plt.subplots(b, 1 + maps.shape[1], figsize=(1.6 * (1 + maps.shape[1]), 1.7 * b))
+for r in range(b):
+    show_row([axes[r, 0]], [((x_t[r, 0] + 1) / 2).clamp(0, 1)], [f"label {labels[r].item()}, x_t"])
+    for k in range(maps.shape[1]):
+        axes[r, k + 1].imshow(maps[r, k], cmap="viridis", vmin=0, vmax=1)
+        axes[r, k + 1].set_xticks([])
+        axes[r, k + 1].set_yticks([])
+        axes[r, k + 1].set_title(f"token {k}", fontsize=8)
+save(fig, "attention")
+
+# %% [markdown]
+# ## 7. LoRA: a new style from a few thousand parameters
+#
+# The adapter shipped beside the checkpoint was trained on bold MNIST (strokes thickened by a
+# 3x3 max filter) for 200 steps, with the base frozen: each adapted layer learns a rank-8 update
+# `x A B alpha / r` to its weight, 102 KB in all. Same seeds, base above, base + adapter below;
+# `d.load(loras=[(path, strength)])` merges it into the weights.
+#
+# ![the base and the base with the bold adapter](tour/lora.png)
+
+# %%
+bold = d.load(loras=[BOLD_LORA_PATH])
+fig, axes = plt.subplots(2, 10, figsize=(10, 2.4))
+show_row(axes[0], d.sample(model, seed=1))
+show_row(axes[1], d.sample(bold, seed=1))
+axes[0, 0].set_ylabel("base", rotation=0, labelpad=20)
+axes[1, 0].set_ylabel("+ LoRA", rotation=0, labelpad=20)
+save(fig, "lora")
+
+# %% [markdown]
+# ## 8. Training, in a few hundred steps
+#
+# The loop that trains every preset, here on the `tiny` preset (16 px, 100 timesteps, a
+# few thousand parameters) and a slice of MNIST: `train()` runs `Trainer.fit()`, which takes a
+# batch, makes one optimizer step, logs the loss to TensorBoard, and saves. The loss falls
+# fast, and the samples go from noise to smooth blobs of about a digit's ink; digits take a
+# bigger network and more steps (the shipped checkpoint: sixty times the parameters, ten times
+# the steps, on all of MNIST).
+#
+# ![the tiny preset's loss, and its digits before and after](tour/training.png)
+
+# %%
+cfg = get_preset("tiny")
+cfg.train.epochs, cfg.train.max_steps = 2, (40 if QUICK else 600)
+mnist = load_mnist(train=True, img_size=16)
+data = MNISTData(mnist.images[:8000], mnist.labels[:8000])
+work = Path(tempfile.mkdtemp())
+torch.manual_seed(cfg.train.seed)
+untrained = d.Model(UNet(cfg.model).eval(), cfg, torch.device("cpu"))  # train()'s first weights
+start = time.perf_counter()
+train(cfg, "tiny", work / "tiny.pt", work / "runs", "cpu", data=data, log=lambda *a: None)
+minutes = (time.perf_counter() - start) / 60
+events = EventAccumulator(str(work / "runs"))
+events.Reload()
+losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+trained = d.load(work / "tiny.pt")
+fig = plt.figure(figsize=(13, 3))
+layout = fig.add_gridspec(2, 15)
+curve = fig.add_subplot(layout[:, :4])
+curve.plot(*zip(*losses))
+curve.set(xlabel="step", ylabel="L1 loss on the noise",
+          title=f"tiny preset, {cfg.train.max_steps} steps ({minutes:.1f} min here)")
+for row, (name, m) in enumerate((("before", untrained), ("after", trained))):
+    axes = [fig.add_subplot(layout[row, 5 + k]) for k in range(10)]
+    show_row(axes, d.sample(m, seed=0))
+    axes[0].set_ylabel(name, rotation=0, labelpad=18, fontsize=8)
+save(fig, "training")
+
+# %% [markdown]
+# ## Where next
+#
+# - `diffusion101-train --preset cpu` trains the recipe behind the shipped checkpoint in about
+#   a quarter of an hour; `tensorboard --logdir runs` shows it learn.
+# - `docs/USAGE.md` lists every option; `docs/EXPERIMENTS.md` says what each choice of the
+#   `cpu` preset bought, measured.
