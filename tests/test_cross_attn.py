@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from diffusion101.cross_attn import CrossAttention
@@ -72,3 +73,71 @@ def test_with_several_tokens_the_queries_matter():
     with torch.no_grad():
         attn.w_q.weight.normal_()
     assert not torch.allclose(attn(x, ctx), before, atol=1e-4)  # unlike the one-token case
+
+
+def _forward_and_grads(attn, x, ctx, shortcut: bool):
+    """Output, input gradient and every parameter's gradient, with the shortcut on or off."""
+    attn.one_token_shortcut = shortcut
+    attn.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = attn(x, ctx)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_the_one_token_shortcut_is_the_full_computation(train, lora):
+    # one label token: the shortcut skips Q, K and the softmax; output and gradients must be
+    # those of the full computation, bit for bit (the weights it uses are exactly ones)
+    from diffusion101.lora import inject_lora
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, 4, 16, 6).train(train)
+    if lora:
+        inject_lora(attn, r=2, alpha=1.0, targets=("w_q", "w_k", "w_v"))
+        with torch.no_grad():  # adapters that act (B starts at zero)
+            for name, p in attn.named_parameters():
+                if "lora_b" in name:
+                    p.normal_()
+    x, ctx = torch.randn(3, 8, 5, 5), torch.randn(3, 1, 6)
+    fast = _forward_and_grads(attn, x, ctx, shortcut=True)
+    full = _forward_and_grads(attn, x, ctx, shortcut=False)
+    assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+    assert fast[2].keys() == full[2].keys() and fast[2]
+    for name in full[2]:
+        assert torch.equal(fast[2][name], full[2][name]), name
+        if ".w_q" in f".{name}" or ".w_k" in f".{name}":
+            assert not full[2][name].any(), name  # the softmax over one key passes no gradient
+
+
+def test_the_shortcut_is_taken_only_with_one_token():
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 4, 4, 16, 6)
+    called = []
+    real = attn.attention
+    attn.attention = lambda *a: called.append(1) or real(*a)
+    attn(torch.randn(1, 8, 3, 3), torch.randn(1, 1, 6))
+    assert called == []
+    attn(torch.randn(1, 8, 3, 3), torch.randn(1, 4, 6))
+    assert called == [1]
+
+
+def test_a_one_token_unet_trains_the_same_with_and_without_the_shortcut():
+    from diffusion101.config import get_preset
+    from diffusion101.unet import UNet
+    cfg = get_preset("tiny").model  # one token, as the reference
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([1, 30, 60, 99]), torch.arange(4)
+    results = []
+    for shortcut in (True, False):
+        torch.manual_seed(0)
+        model = UNet(cfg)
+        for module in model.modules():
+            if isinstance(module, CrossAttention):
+                module.one_token_shortcut = shortcut
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(grads_a, grads_b))
