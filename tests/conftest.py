@@ -48,6 +48,26 @@ def tiny_checkpoint(seed=0) -> dict:
                                                "epoch": 1, "step": 3})
 
 
+def one_token_unet_output_and_grads(shortcut: bool, device) -> list:
+    """The `tiny` UNet (one label token, as the reference) on a fixed batch: its output and
+    every parameter's gradient of a squared loss, with the attention's one-token shortcut on
+    or off."""
+    from diffusion101.config import get_preset
+    from diffusion101.cross_attn import CrossAttention
+    from diffusion101.unet import UNet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 16, 16, generator=g).to(device)
+    t, y = torch.tensor([1, 30, 60, 99], device=device), torch.arange(4, device=device)
+    torch.manual_seed(0)
+    model = UNet(get_preset("tiny").model).to(device)
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.one_token_shortcut = shortcut
+    out = model(x, t, y)
+    out.square().mean().backward()
+    return [out.detach(), *(p.grad.clone() for p in model.parameters())]
+
+
 @pytest.fixture
 def fake_data():
     """256 random 16x16 'digits' with labels: enough for a few tiny training steps, no MNIST load."""

@@ -124,20 +124,7 @@ def test_the_shortcut_is_taken_only_with_one_token():
 
 
 def test_a_one_token_unet_trains_the_same_with_and_without_the_shortcut():
-    from diffusion101.config import get_preset
-    from diffusion101.unet import UNet
-    cfg = get_preset("tiny").model  # one token, as the reference
-    g = torch.Generator().manual_seed(0)
-    x, t, y = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([1, 30, 60, 99]), torch.arange(4)
-    results = []
-    for shortcut in (True, False):
-        torch.manual_seed(0)
-        model = UNet(cfg)
-        for module in model.modules():
-            if isinstance(module, CrossAttention):
-                module.one_token_shortcut = shortcut
-        out = model(x, t, y)
-        out.square().mean().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (a, grads_a), (b, grads_b) = results
-    assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(grads_a, grads_b))
+    from conftest import one_token_unet_output_and_grads
+    fast = one_token_unet_output_and_grads(shortcut=True, device="cpu")
+    full = one_token_unet_output_and_grads(shortcut=False, device="cpu")
+    assert all(torch.equal(u, v) for u, v in zip(fast, full))

@@ -150,23 +150,9 @@ def test_torchrun_one_process_nccl_trains_and_saves(tmp_path):
 def test_one_token_shortcut_matches_the_full_attention_on_cuda():
     # the `reference` layout (one label token): skipping Q, K and the softmax changes nothing
     # beyond float32 rounding on the GPU either, forward and backward
-    from diffusion101.cross_attn import CrossAttention
-    from diffusion101.unet import UNet
-    cfg = get_preset("tiny").model
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 1, 16, 16, generator=g).to(CUDA)
-    t, y = torch.tensor([1, 30, 60, 99], device=CUDA), torch.arange(4, device=CUDA)
-    runs = []
-    for shortcut in (True, False):
-        torch.manual_seed(0)
-        model = UNet(cfg).to(CUDA)
-        for module in model.modules():
-            if isinstance(module, CrossAttention):
-                module.one_token_shortcut = shortcut
-        out = model(x, t, y)
-        out.square().mean().backward()
-        runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (a, grads_a), (b, grads_b) = runs
-    gap = max((u - v).abs().max().item() for u, v in zip([a, *grads_a], [b, *grads_b]))
+    from conftest import one_token_unet_output_and_grads
+    fast = one_token_unet_output_and_grads(shortcut=True, device=CUDA)
+    full = one_token_unet_output_and_grads(shortcut=False, device=CUDA)
+    gap = max((u - v).abs().max().item() for u, v in zip(fast, full))
     _report("one-token shortcut vs full attention: max |difference| of output and gradients", gap)
     assert gap < 1e-4
