@@ -118,7 +118,7 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
 
     from diffusion101.dataset import MNISTData, epoch_batches
     from diffusion101.diffusion import NoiseSchedule
-    from diffusion101.train import Speed, build_state, train_step
+    from diffusion101.train import Speed, build_state, compile_network, train_step
     tc = cfg.train
     for name, value in options.items():
         setattr(tc, name, value)
@@ -128,8 +128,7 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
     torch.backends.cuda.matmul.allow_tf32 = speed.tf32
     torch.manual_seed(0)
     state = build_state(cfg, device, speed, total_steps=warmup + steps)
-    if speed.compile:
-        state.net = torch.compile(state.model)
+    state.net = compile_network(state.model, speed)
     if speed.data_on_device:
         data = MNISTData(data.images.to(device), data.labels.to(device))
     scheduler = NoiseSchedule(cfg.diffusion, device)

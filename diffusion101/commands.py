@@ -23,7 +23,7 @@ from .files import atomic_write
 from .generate import Outputs, generate, load_for_sampling, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
-from .train import saved_run_config, train as train_run
+from .train import Speed, saved_run_config, train as train_run
 
 
 def train(argv=None) -> None:
@@ -55,6 +55,7 @@ def train(argv=None) -> None:
         "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
         "train.eval_every_steps": a.eval_every_steps}, base=base)
     device = resolve_device(a.device)
+    Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
     logdir = a.logdir or f"runs/{preset}"
     check_outputs({"--out": a.out}, folders={"--logdir": logdir})
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes

@@ -103,7 +103,9 @@ class TrainConfig:
     # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
     precision: str = choice("auto", "fp32", "bf16")  # bf16: autocast, and TF32 on CUDA
     channels_last: str = choice("auto", "on", "off")
-    compile: str = choice("auto", "on", "off")  # torch.compile the network
+    # torch.compile the network; "graphs" also replays it as CUDA graphs (mode
+    # "reduce-overhead": one launch a step instead of hundreds), on CUDA only
+    compile: str = choice("auto", "on", "off", "graphs")
     fused_optimizer: str = choice("auto", "on", "off")  # one fused kernel for the Adam update
     data_on_device: str = choice("auto", "on", "off")  # the uint8 set kept on the GPU (CUDA)
 

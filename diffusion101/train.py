@@ -61,26 +61,40 @@ class Speed:
     tf32: bool = False  # TF32 matmuls and convolutions (CUDA)
     channels_last: bool = False  # NHWC memory layout
     compile: bool = False  # torch.compile the network
+    cuda_graphs: bool = False  # ... and replay it as CUDA graphs (compile mode reduce-overhead)
     fused_optimizer: bool = False  # one kernel for the whole Adam update (CUDA)
     data_on_device: bool = False  # the uint8 training set kept on the GPU
 
     @classmethod
     def for_device(cls, recipe: TrainConfig, device: torch.device) -> "Speed":
         """'auto' means on for CUDA and off for a CPU, where bf16 matmuls are far slower than
-        fp32."""
+        fp32. CUDA graphs only when asked (train.compile=graphs), and only on CUDA."""
         cuda = device.type == "cuda"
+        if recipe.compile == "graphs" and not cuda:
+            raise UserError(f"train.compile=graphs replays CUDA graphs and needs a CUDA device, "
+                            f"not {device.type}; use train.compile=on or off here")
 
         def pick(value: str) -> bool:
             return cuda if value == "auto" else value == "on"
 
         return cls(bf16=recipe.precision == "bf16" or (recipe.precision == "auto" and cuda),
                    tf32=cuda and recipe.precision != "fp32",
-                   channels_last=pick(recipe.channels_last), compile=pick(recipe.compile),
+                   channels_last=pick(recipe.channels_last),
+                   compile=pick(recipe.compile) or recipe.compile == "graphs",
+                   cuda_graphs=recipe.compile == "graphs",
                    fused_optimizer=pick(recipe.fused_optimizer),
                    data_on_device=cuda and pick(recipe.data_on_device))
 
     def enabled(self) -> list:
         return [name for name, on in vars(self).items() if on]
+
+
+def compile_network(net: nn.Module, speed: Speed) -> nn.Module:
+    """torch.compile'd as the speed settings ask (with CUDA graphs: mode "reduce-overhead"),
+    or the network itself when they do not."""
+    if not speed.compile:
+        return net
+    return torch.compile(net, mode="reduce-overhead" if speed.cuda_graphs else None)
 
 
 def make_optimizer(params, recipe: TrainConfig, fused: bool = False):
@@ -406,8 +420,7 @@ def prepare(run: Run, data: MNISTData | None, resume: dict | None) -> Trainer:
     if run.distributed:
         state.net = DistributedDataParallel(
             state.model, device_ids=[device.index] if device.type == "cuda" else None)
-    if speed.compile:
-        state.net = torch.compile(state.net)  # checkpoints save `model`: no _orig_mod. prefixes
+    state.net = compile_network(state.net, speed)  # checkpoints save `model`: no _orig_mod.
     return Trainer(run, state, data, NoiseSchedule(cfg.diffusion, device))
 
 

@@ -15,7 +15,7 @@ from conftest import ROOT, run_script
 from diffusion101.config import get_preset
 from diffusion101.dataset import MNISTData
 from diffusion101.diffusion import NoiseSchedule
-from diffusion101.train import Speed, build_state, train_step
+from diffusion101.train import Speed, build_state, compile_network, train_step
 
 # DIFFUSION101_TEST_DEVICE=cpu runs these on the CPU, to check the tests themselves before a
 # GPU is lent (slow: bf16 and torch.compile on a CPU); on the CPU they prove nothing about CUDA.
@@ -56,8 +56,7 @@ def _losses(options: dict, data: MNISTData, steps: int) -> list:
     speed = Speed.for_device(cfg.train, CUDA)
     torch.manual_seed(0)  # the same initial weights for every combination
     state = build_state(cfg, CUDA, speed, total_steps=steps)
-    if speed.compile:
-        state.net = torch.compile(state.model)
+    state.net = compile_network(state.model, speed)
     if speed.data_on_device:
         data = MNISTData(data.images.to(CUDA), data.labels.to(CUDA))
     scheduler = NoiseSchedule(cfg.diffusion, CUDA)
@@ -66,9 +65,12 @@ def _losses(options: dict, data: MNISTData, steps: int) -> list:
 
 
 @pytest.mark.parametrize("option", [{"precision": "bf16"}, {"channels_last": "on"},
-                                    {"compile": "on"}, {"fused_optimizer": "on"},
+                                    {"compile": "on"}, {"compile": "graphs"},
+                                    {"fused_optimizer": "on"},
                                     {"data_on_device": "on"}], ids=lambda o: next(iter(o)))
 def test_each_speed_option_matches_fp32(option, fake_data):
+    if option.get("compile") == "graphs" and CUDA.type != "cuda":
+        pytest.skip("CUDA graphs are refused off CUDA (tests/test_train.py checks the refusal)")
     reference = _fp32_losses(fake_data, 3)
     fast = _losses(option, fake_data, 3)
     rel = [abs(a - b) / abs(b) for a, b in zip(fast, reference)]

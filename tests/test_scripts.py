@@ -220,6 +220,11 @@ def test_runs_that_train_nothing_write_nothing(work, tmp_path, capsys, monkeypat
              match="nothing to train")  # the work fixture's run already took its 8 steps
     _refused(capsys, "lora_finetune", "--base", "model.pt", "--out", "lora.pt", "--epochs", "0",
              match="nothing to train")
+    # a speed setting this device cannot take is refused before any file or folder is made
+    _refused(capsys, "train", "--preset", "tiny", "--set", "train.compile=graphs", "--device",
+             "cpu", "--out", tmp_path / "g.pt", "--logdir", tmp_path / "g_runs",
+             match="train.compile=graphs replays CUDA graphs and needs a CUDA device")
+    assert not (tmp_path / "g.pt").exists() and not (tmp_path / "g_runs").exists()
     assert all((work / p).read_bytes() == b for p, b in keep.items())
 
 

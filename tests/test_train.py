@@ -137,10 +137,22 @@ def test_speed_options_auto_is_cuda_only_and_reference_keeps_fp32():
     from diffusion101.train import Speed
     recipe = get_preset("cpu").train
     on_cuda = Speed.for_device(recipe, torch.device("cuda"))
-    assert on_cuda.enabled() == list(vars(Speed()))  # every setting, in declaration order
+    # every setting but CUDA graphs, which only train.compile=graphs turns on
+    assert on_cuda.enabled() == [name for name in vars(Speed()) if name != "cuda_graphs"]
     assert Speed.for_device(recipe, torch.device("cpu")) == Speed()  # all off: plain fp32
     ref_cuda = Speed.for_device(get_preset("reference").train, torch.device("cuda"))
     assert not ref_cuda.bf16 and not ref_cuda.tf32 and ref_cuda.channels_last
+
+
+def test_cuda_graphs_are_refused_off_cuda_in_one_line_and_nothing_is_written(tmp_path, fake_data):
+    from diffusion101.train import Speed
+    cfg = _cfg(3)
+    cfg.train.compile = "graphs"
+    assert Speed.for_device(cfg.train, torch.device("cuda")).cuda_graphs
+    with pytest.raises(UserError, match="train.compile=graphs replays CUDA graphs and needs a CUDA"):
+        train(cfg, "tiny", tmp_path / "m.pt", tmp_path / "runs", "cpu", data=fake_data,
+              log=lambda *a: None)
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
