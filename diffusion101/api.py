@@ -51,6 +51,6 @@ def sample(model: Model, digits=range(10), n: int = 1, seed: int = 0, sampler: s
     sample_cfg = resolve_sampler(model.config, sampler=sampler, steps=steps, guidance=guidance,
                                  guidance_rule=guidance_rule, guidance_interval=guidance_interval,
                                  eta=eta, timestep_spacing=timestep_spacing or grid)
-    images, _ = sample_digits(model.unet, sampler_for(sample_cfg, model.config.diffusion, model.device),
-                              sample_cfg, digits, n, seed, model.device)
+    sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
+    images, _ = sample_digits(model.unet, sampler, sample_cfg, digits, n, seed, model.device)
     return to_unit(images)[:, 0]

@@ -31,6 +31,16 @@ def guided(model, x, t, labels, scale: float, rule: str = "cfg", schedule=None) 
     return RULES[rule](cond, uncond, x, int(t[0]), schedule, scale)
 
 
+def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig) -> torch.Tensor:
+    """The network's output at timestep t for the batch x: guided where sample_cfg guides
+    step t, else the conditional prediction alone (one forward instead of two)."""
+    t_batch = torch.full((labels.shape[0],), t, device=labels.device, dtype=torch.long)
+    if guided_at(sample_cfg, t, sampler.num_train_timesteps):
+        return guided(model, x, t_batch, labels, sample_cfg.guidance, sample_cfg.guidance_rule,
+                      sampler)
+    return model(x, t_batch, labels)
+
+
 @torch.inference_mode()
 def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConfig,
            generator: torch.Generator | None = None, n_frames: int = 0):
@@ -57,12 +67,7 @@ def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConf
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames = []
     for i, t in enumerate(sampler.timesteps.tolist()):
-        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        if guided_at(sample_cfg, t, sampler.num_train_timesteps):
-            out = guided(model, x, t_batch, labels, sample_cfg.guidance,
-                         sample_cfg.guidance_rule, sampler)
-        else:
-            out = model(x, t_batch, labels)
+        out = predict(model, sampler, x, t, labels, sample_cfg)
         x = sampler.step(out, t, x, generator=generator).prev_sample
         if i in keep:
             frames.append(x.cpu())

@@ -1,6 +1,6 @@
 """The sampling job: a checkpoint (with LoRA adapters) loaded for sampling, the sampler options
 resolved against the checkpoint's own, and the files written: the grid PNG, the progression
-figure beside it and the npz of samples (through images.py)."""
+figure beside it, the npz of samples and the GIF of the walk (through images.py)."""
 from __future__ import annotations
 
 import dataclasses

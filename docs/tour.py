@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import diffusion101 as d
 from diffusion101.config import DiffusionConfig, get_preset
 from diffusion101.dataset import MNISTData, load_mnist
-from diffusion101.denoise import guided, guided_at
+from diffusion101.denoise import predict
 from diffusion101.diffusion import NoiseSchedule, sampler_for
 from diffusion101.evaluate import score
 from diffusion101.model_files import BOLD_LORA_PATH
@@ -113,7 +113,7 @@ save(fig, "schedules")
 # Sampling starts from pure noise and asks the network, at every step, for its prediction; the
 # sampler turns that into the next, slightly cleaner `x_t`. Every sampler's `step` also returns
 # `pred_original_sample`: the clean digit the network sees in the noise at that moment. The loop
-# below is the package's own sampling loop written out (set the timesteps, predict with
+# below is the package's own sampling loop written out (set the timesteps, `predict` with
 # guidance, step): each digit's upper row shows `x_t`, its lower row the predicted `x_0`. The
 # prediction settles on a digit long before the noise is gone; the rest of the walk refines it.
 #
@@ -129,12 +129,7 @@ sampler.set_timesteps(sample_cfg.steps)
 walk = []
 with torch.no_grad():
     for t in sampler.timesteps.tolist():
-        t_batch = torch.full((len(labels),), t)
-        if guided_at(sample_cfg, t, sampler.num_train_timesteps):
-            out = guided(model.unet, x, t_batch, labels, sample_cfg.guidance,
-                         sample_cfg.guidance_rule, sampler)
-        else:
-            out = model.unet(x, t_batch, labels)
+        out = predict(model.unet, sampler, x, t, labels, sample_cfg)
         result = sampler.step(out, t, x, generator=generator)
         walk.append((t, x, result.pred_original_sample))
         x = result.prev_sample
