@@ -50,7 +50,7 @@ def main():
         images, labels, _ = generate_images(model, cfg, a.n, "cpu", 0,
                                             dataclasses.replace(sc, guidance=w))
         rows.append((name, ink(images), score(images, labels)["accuracy"]))
-    target = load_image_folder(a.data, cfg.model.img_size)
+    target, _ = load_image_folder(a.data, cfg.model.img_size)
     target_ink = float(target.images.float().mean() / 255)
     base_ink = rows[0][1]
     print(f"n = {a.n} per model, guidance {w:g}; target data mean ink {target_ink:.4f}")

@@ -4,6 +4,7 @@
     model = d.load()  # the shipped checkpoint; d.load("model.pt") for one's own
     images = d.sample(model, digits=[3, 7], n=4, steps=20, guidance=2.0, seed=0)
     images.shape  # (8, 28, 28): float in [0, 1], digits 3, 7, 3, 7, ...
+    d.sample(d.load("shapes.pt"), digits=["circle", "square"])  # a folder's classes, by name
 
 The same seed and options give the same digits as scripts/denoise.py.
 """
@@ -13,11 +14,11 @@ from os import PathLike
 
 import torch
 
-from .config import SEED_MAX, UserError, check_range, check_strength
+from .config import SEED_MAX, UserError, check_range, check_strength, class_labels, class_names
 from .denoise import sample_digits
 from .diffusion import sampler_for
 from .generate import Model, load_for_sampling, resolve_sampler
-from .images import to_unit
+from .images import channels_last, to_unit
 from .model_files import default_checkpoint
 
 __all__ = ["Model", "load", "sample"]
@@ -27,6 +28,8 @@ def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) 
     """A checkpoint for sampling. path None: model.pt in the working folder, else the shipped
     one. loras: adapter files, or (file, strength) pairs, merged into the weights. use_ema
     None: the checkpoint's own choice."""
+    if path is not None and not str(path).strip():
+        raise UserError("path: an empty path; name a checkpoint, or None for the default")
     pairs = [(spec, 1.0) if isinstance(spec, (str, PathLike)) else tuple(spec) for spec in loras]
     for adapter, strength in pairs:
         check_strength(str(adapter), strength)
@@ -34,23 +37,22 @@ def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) 
                              use_ema, log=lambda *a: None)
 
 
-def sample(model: Model, digits=range(10), n: int = 1, seed: int = 0, sampler: str | None = None,
+def sample(model: Model, digits=None, n: int = 1, seed: int = 0, sampler: str | None = None,
            steps: int | None = None, guidance: float | None = None,
            guidance_rule: str | None = None, guidance_interval=None, eta: float | None = None,
            timestep_spacing: str | None = None, grid: str | None = None) -> torch.Tensor:
-    """n images of each digit, (n * len(digits), S, S) in [0, 1], ordered like the grid of
-    scripts/denoise.py: repetition k of every digit, then repetition k + 1. The sampler options
-    left at None keep the checkpoint's defaults (model.config.sample); `grid` is the old name
-    of timestep_spacing."""
-    digits = list(digits)
-    classes = model.config.model.num_classes
-    if not digits or not all(isinstance(d, int) and 0 <= d < classes for d in digits):
-        raise UserError(f"digits must be a non-empty list of labels in 0-{classes - 1}, not {digits}")
+    """n images of each class in `digits` (labels or class names; None: every class), float in
+    [0, 1], (n * len(digits), S, S) grey or (n * len(digits), S, S, 3) RGB, ordered like the
+    grid of scripts/denoise.py: repetition k of every class, then repetition k + 1. The sampler
+    options left at None keep the checkpoint's defaults (model.config.sample); `grid` is the
+    old name of timestep_spacing."""
+    names = class_names(model.config.model)
+    labels = list(range(len(names))) if digits is None else class_labels(list(digits), names)
     check_range("n", n, 1, 1_000_000, integer=True)
     check_range("seed", seed, 0, SEED_MAX, integer=True)
     sample_cfg = resolve_sampler(model.config, sampler=sampler, steps=steps, guidance=guidance,
                                  guidance_rule=guidance_rule, guidance_interval=guidance_interval,
                                  eta=eta, timestep_spacing=timestep_spacing or grid)
     sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
-    images, _ = sample_digits(model.unet, sampler, sample_cfg, digits, n, seed, model.device)
-    return to_unit(images)[:, 0]
+    images, _ = sample_digits(model.unet, sampler, sample_cfg, labels, n, seed, model.device)
+    return channels_last(to_unit(images))

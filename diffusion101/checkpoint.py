@@ -3,7 +3,9 @@
 model.pt: {"format", "model", "config", "preset", "epoch", "step", "step_in_epoch", and for a
 run that can resume "optimizer", "lr_schedule", "ema", "rng", "train_seconds"}
 (model_file); lora.pt: {"format", "lora", "lora_config", "base_fingerprint", "config",
-"steps"} (lora_file).
+"steps"} (lora_file). Files for sampling (an export, an adapter) may also be .safetensors: the
+tensors part as tensors, every other part as JSON text in the file's metadata; they load into
+the same dicts. Every part is checked for its type (MODEL_PARTS, LORA_PARTS) before use.
 The architecture is always rebuilt from the file's own "config", never from the caller
 (models.py does that). This module knows the format: what a file holds, and how it is read.
 """
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 
 from .config import Config, LoRAConfig, UserError, check_field, validate
@@ -43,8 +49,61 @@ def lora_file(cfg: Config, lora: dict, r: int, alpha: float, targets, base_fp: s
             "base_fingerprint": base_fp, "config": cfg.to_dict(), "steps": steps}
 
 
+SAFETENSORS = ".safetensors"
+# The part of each kind of file that holds its tensors (safetensors stores those as tensors,
+# and every other part as JSON text in the file's metadata)
+TENSOR_PART = {MODEL_FORMAT: "model", LORA_FORMAT: "lora"}
+TRAINING_PARTS = ("optimizer", "lr_schedule", "ema", "rng")
+
+
 def save(obj: dict, path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """A model or adapter file: safetensors when the name ends in .safetensors, else a torch
+    pickle of tensors and plain values."""
+    if Path(path).suffix != SAFETENSORS:
+        atomic_write(path, lambda f: torch.save(obj, f))
+        return
+    if any(part in obj for part in TRAINING_PARTS):
+        raise UserError(f"{path}: a training checkpoint (optimizer, EMA, RNG states) stays .pt; "
+                        f"export its sampling weights as .safetensors")
+    part = TENSOR_PART[obj["format"]]
+    tensors = {k: v.detach().cpu().contiguous() for k, v in obj[part].items()}
+    metadata = {k: (v if k == "format" else json.dumps(v)) for k, v in obj.items() if k != part}
+    data = safetensors.torch.save(tensors, metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def is_safetensors(path: Path) -> bool:
+    """Named .safetensors, or laid out as one: an 8-byte header length, then a JSON header."""
+    if path.suffix == SAFETENSORS:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and \
+        8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+def load_safetensors(path: Path, what: str) -> dict:
+    """A .safetensors file as the dict a .pt of the same kind holds: the tensors under the
+    format's tensor part, every other part read back from the metadata's JSON."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read as "
+                        f"safetensors ({str(e).splitlines()[0][:120]})") from None
+    fmt = metadata.get("format")
+    if fmt not in TENSOR_PART:
+        raise UserError(f"{what} {path} is not a Diffusion-101 file of this version (its metadata "
+                        f"names format {fmt!r}; this version reads {', '.join(TENSOR_PART)})")
+    obj = {"format": fmt, TENSOR_PART[fmt]: tensors}
+    for key, text in metadata.items():
+        if key != "format":
+            try:
+                obj[key] = json.loads(text)
+            except ValueError:
+                raise UserError(f"{what} {path}: metadata '{key}' is not JSON") from None
+    return obj
 
 
 def load(path, what: str = "checkpoint") -> dict:
@@ -55,6 +114,8 @@ def load(path, what: str = "checkpoint") -> dict:
     if not path.is_file():
         raise UserError(f"{what} is not a file: {path}")
     try:
+        if is_safetensors(path):
+            return load_safetensors(path, what)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e) and "global" not in str(e):
@@ -71,13 +132,70 @@ def load(path, what: str = "checkpoint") -> dict:
     return obj
 
 
+def is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in value.items())
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_plain_dict(value) -> bool:
+    return isinstance(value, dict)
+
+
+def is_config(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())
+
+
+# What each part of a file must be, read before any part is used: (what to call it, its test).
+MODEL_PARTS = {
+    "model": ("a dict of named tensors", is_tensor_dict),
+    "ema": ("a dict of named tensors", is_tensor_dict),
+    "config": ("a dict of config sections", is_config),
+    "optimizer": ("a dict", is_plain_dict),
+    "lr_schedule": ("a dict", is_plain_dict),
+    "rng": ("a dict", is_plain_dict),
+    "preset": ("a name or null", lambda v: v is None or isinstance(v, str)),
+    "epoch": ("a count", is_count),
+    "step": ("a count", is_count),
+    "step_in_epoch": ("a count", is_count),
+    "train_seconds": ("a number of seconds", lambda v: isinstance(v, (int, float)) and not
+                      isinstance(v, bool) and math.isfinite(v) and v >= 0),
+    "exported_from_ema": ("true or false", lambda v: isinstance(v, bool)),
+}
+LORA_PARTS = {
+    "lora": ("a dict of named tensors", is_tensor_dict),
+    "lora_config": ("a dict of r, alpha and a list of target names", lambda v: isinstance(v, dict)
+                    and isinstance(v.get("targets"), list)
+                    and all(isinstance(t, str) for t in v["targets"])),
+    "base_fingerprint": ("a sha256 in hex", lambda v: isinstance(v, str) and len(v) == 64),
+    "config": ("a dict of config sections", is_config),
+    "steps": ("a count", is_count),
+}
+MODEL_REQUIRED = ("model", "config", "epoch", "step", "step_in_epoch")
+
+
+def check_parts(obj: dict, parts: dict, required, path) -> None:
+    """Every part the file must have, and every part it has of the type it must be."""
+    for name in required:
+        if name not in obj:
+            raise UserError(f"{path} has no '{name}'; it is damaged or not a Diffusion-101 file")
+    for name, (what, ok) in parts.items():
+        if name in obj and not ok(obj[name]):
+            raise UserError(f"{path}: its '{name}' must be {what}, not {type(obj[name]).__name__}"
+                            f"; the file is damaged or hand-edited")
+
+
 def load_model_checkpoint(path) -> dict:
     ckpt = load(path, "checkpoint")
-    if ckpt.get("format") != MODEL_FORMAT or "model" not in ckpt or "config" not in ckpt:
+    if ckpt.get("format") != MODEL_FORMAT:
         if ckpt.get("format") == LORA_FORMAT:
             raise UserError(f"{path} is a LoRA adapter, not a model checkpoint")
         raise UserError(f"{path} is not a Diffusion-101 model checkpoint (format "
                         f"{ckpt.get('format')!r}); {CONVERT_HINT}")
+    check_parts(ckpt, MODEL_PARTS, MODEL_REQUIRED, path)
     return ckpt
 
 
@@ -92,7 +210,17 @@ def config_of(ckpt: dict) -> Config:
 
 
 def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
-    """load_state_dict(strict) with a mismatch reported as one line."""
+    """load_state_dict(strict) with a mismatch reported as one line; a tensor of another dtype
+    than the architecture's (load_state_dict would quietly convert it) or a weight that is NaN
+    or inf is refused too."""
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name in expected and t.dtype != expected[name].dtype:
+            raise UserError(f"{where}: tensor '{name}' is {t.dtype}; this architecture keeps it "
+                            f"as {expected[name].dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{where}: tensor '{name}' holds NaN or inf; these weights cannot "
+                            f"sample or train")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -116,9 +244,12 @@ def load_lora_file(path) -> dict:
     """An adapter file, its rank and alpha checked against the lora section's declared ranges
     (a hand-edited file is refused like a bad flag)."""
     obj = load(path, "LoRA adapter")
-    if obj.get("format") != LORA_FORMAT or "lora" not in obj or "base_fingerprint" not in obj \
-            or not isinstance(obj.get("lora_config"), dict) or not isinstance(obj["lora"], dict):
+    if obj.get("format") != LORA_FORMAT:
         raise UserError(f"{path} is not a Diffusion-101 LoRA adapter")
+    check_parts(obj, LORA_PARTS, ("lora", "lora_config", "base_fingerprint"), path)
+    for name, t in obj["lora"].items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise UserError(f"{path}: tensor '{name}' is not finite floating point")
     fields = {f.name: f for f in dataclasses.fields(LoRAConfig)}
     for name in ("r", "alpha"):
         try:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import (SEED_MAX, Config, UserError, apply_override, check_range, check_strength,
-                     get_preset, validate)
+                     class_labels, get_preset, validate)
+from .files import same_file
 
 
 class Terminated(BaseException):
@@ -55,11 +56,22 @@ def check_seed(seed):
     return check_number("--seed", seed, 0, SEED_MAX, integer=True)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)  # one file under two names (a link, ../, a hard link)
-    except OSError:  # one of them does not exist yet
-        return a.resolve() == b.resolve()
+# argparse types of path flags: each refuses, as one line, a path that cannot mean what the
+# flag wants, before any default is applied or any work starts.
+def input_path(text: str) -> str:
+    """A file or folder to read: not empty (Path('') would quietly mean the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    return text
+
+
+def file_name(text: str) -> str:
+    """A file to write: not empty, and not a folder ('out/', '.', '..')."""
+    input_path(text)
+    if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)) \
+            or Path(text).name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"'{text}' names a folder; give a file name")
+    return text
 
 
 def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None) -> None:
@@ -76,11 +88,11 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
         if not is_folder and path.is_dir():
             raise UserError(f"{flag} {path} is a folder; give a file name")
         for in_flag, in_path in inputs.items():
-            if _same_file(path, in_path):
+            if same_file(path, in_path):
                 raise UserError(f"{flag} {path} is also {in_flag}: writing it would destroy the "
                                 f"input; choose another name")
         for other_flag, other, _ in wanted[:i]:
-            if _same_file(path, other):
+            if same_file(path, other):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); "
                                 f"give them different names")
         folder = path if is_folder else (path.parent if str(path.parent) else Path("."))
@@ -204,15 +216,12 @@ def parse_interval(text):
     return lo, hi
 
 
-def parse_digits(text: str, num_classes: int = 10) -> list:
-    """'0,3,7' -> [0, 3, 7], each a label of the model."""
-    try:
-        digits = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--digits '{text}' is not a comma-separated list of digits") from None
-    if not digits or not all(0 <= d < num_classes for d in digits):
-        raise UserError(f"--digits must list labels in 0-{num_classes - 1}, got '{text}'")
-    return digits
+def parse_digits(text: str | None, names: tuple) -> list:
+    """'0,3,7' -> [0, 3, 7]; 'circle,square' -> their labels; None -> every class."""
+    if text is None:
+        return list(range(len(names)))
+    return class_labels([s.strip() for s in text.split(",") if s.strip()], names,
+                        f"--digits '{text}'")
 
 
 def parse_lora_specs(specs) -> list:
@@ -220,6 +229,8 @@ def parse_lora_specs(specs) -> list:
     only when that whole path exists; the strength is checked by config.check_strength."""
     out = []
     for spec in specs or []:
+        if not spec.strip():
+            raise UserError("--lora: an empty path; name an adapter file")
         path, scale = spec, 1.0
         head, sep, tail = spec.rpartition(":")
         if sep and head and not Path(spec).exists():
@@ -230,8 +241,6 @@ def parse_lora_specs(specs) -> list:
                                 f"not '{tail}'") from None
             check_strength(f"--lora {spec}", scale)
         out.append((path, scale))
-    if len(set(p for p, _ in out)) != len(out):
-        raise UserError("the same --lora file was given twice")
     return out
 
 

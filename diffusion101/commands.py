@@ -1,6 +1,6 @@
 """The command-line programs: each reads its flags and calls the package. pyproject.toml
 declares them as commands (diffusion101-train, -finetune, -sample, -evaluate, -export,
--convert, -make-style-data, -train-classifier); scripts/*.py run the same functions.
+-convert, -make-style-data, -make-shapes, -train-classifier); scripts/*.py run the same functions.
 
 Each function takes argv (None: sys.argv) and raises UserError for bad input; the *_command
 entry points wrap them in cli.run_cli, which turns that into one line on stderr and exit 2.
@@ -14,16 +14,16 @@ from pathlib import Path
 
 from . import evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
-from .config import UserError
+from .config import UserError, class_names
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
-                  check_number, check_outputs, check_seed, lock_output, parse_digits,
-                  parse_lora_specs, resolve_device, run_cli, sampler_options)
-from .dataset import write_style_data
+                  check_number, check_outputs, check_seed, file_name, input_path, lock_output,
+                  parse_digits, parse_lora_specs, resolve_device, run_cli, sampler_options)
+from .dataset import write_shapes, write_style_data
 from .files import atomic_write
 from .generate import Outputs, generate, load_for_sampling, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
-from .train import Speed, saved_run_config, train as train_run
+from .train import Speed, saved_run_config, train as train_run, training_data
 
 
 def train(argv=None) -> None:
@@ -37,8 +37,12 @@ def train(argv=None) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--save-every", type=int, help="also save every N steps (default: per epoch)")
-    p.add_argument("--out", default="model.pt", help="checkpoint path (default: model.pt)")
-    p.add_argument("--logdir", default=None, help="TensorBoard folder (default: runs/<preset>)")
+    p.add_argument("--data", default=None, type=input_path,
+                   help="'mnist' (default), or a folder with one sub-folder of images per class "
+                        "(their sorted names become the labels; train.data)")
+    p.add_argument("--out", default="model.pt", type=file_name,
+                   help="checkpoint path (default: model.pt)")
+    p.add_argument("--logdir", default=None, type=input_path, help="TensorBoard folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--eval-every-steps", type=int,
                    help="log conditional accuracy and FID to TensorBoard every N steps")
@@ -53,28 +57,36 @@ def train(argv=None) -> None:
     cfg = build_config(preset, a.set, {
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
         "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
-        "train.eval_every_steps": a.eval_every_steps}, base=base)
+        "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
     device = resolve_device(a.device)
     Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
+    if Path(a.out).suffix == ".safetensors":
+        raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
+                        f"optimizer and RNG states); export it as .safetensors afterwards")
+    data = training_data(cfg)  # a folder's classes set the model's labels: before any file
     logdir = a.logdir or f"runs/{preset}"
-    check_outputs({"--out": a.out}, folders={"--logdir": logdir})
+    check_outputs({"--out": a.out}, inputs={"--data": data_path(cfg.train.data)},
+                  folders={"--logdir": logdir})
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
         lock_output(a.out)  # one run per checkpoint file, for the whole run
-    train_run(cfg, preset, a.out, logdir, device, resume=a.resume)
+    train_run(cfg, preset, a.out, logdir, device, resume=a.resume, data=data)
 
 
 def finetune_lora(argv=None) -> None:
     """Fine-tune LoRA adapters on the cross-attention Q/K/V of a trained model; save only them."""
     p = Parser(description=finetune_lora.__doc__)
-    p.add_argument("--base", default="model.pt", help="the trained model (default: model.pt)")
-    p.add_argument("--out", default="lora.pt", help="adapter path (default: lora.pt)")
+    p.add_argument("--base", default="model.pt", type=input_path,
+                   help="the trained model (default: model.pt)")
+    p.add_argument("--out", default="lora.pt", type=file_name,
+                   help="adapter path (default: lora.pt; .safetensors writes that format)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--r", type=int, help="LoRA rank (default: the checkpoint's config, 8)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the checkpoint's config, 1)")
     p.add_argument("--lr", type=float, help="learning rate (default: the checkpoint's lora.lr)")
-    p.add_argument("--data", default="mnist",
-                   help="'mnist', or an ImageFolder with sub-folders 0-9 (any size or mode)")
+    p.add_argument("--data", default="mnist", type=input_path,
+                   help="'mnist', or a folder of sub-folders named after the base's classes "
+                        "(0-9 for an MNIST base; any image size or mode)")
     p.add_argument("--targets", default=None,
                    help="comma-separated Linear layer names to adapt (default: w_q,w_k,w_v); "
                         "e.g. w_q,w_k,w_v,z_linear,feedforward.0,feedforward.2,time_emb_linear")
@@ -84,8 +96,7 @@ def finetune_lora(argv=None) -> None:
     a = p.parse_args(argv)
     check_seed(a.seed)
     device = resolve_device(a.device)
-    check_outputs({"--out": a.out}, inputs={"--base": a.base,
-                                            "--data": None if a.data == "mnist" else a.data})
+    check_outputs({"--out": a.out}, inputs={"--base": a.base, "--data": data_path(a.data)})
     lock_output(a.out)
     targets = [t for t in a.targets.split(",") if t] if a.targets else None
     finetune(a.base, a.out, device, lora={"r": a.r, "alpha": a.alpha, "epochs": a.epochs,
@@ -96,19 +107,23 @@ def finetune_lora(argv=None) -> None:
 def sample(argv=None) -> None:
     """Generate digits 0-9 from a checkpoint; save a grid and the denoising progression beside it."""
     p = Parser(description=sample.__doc__)
-    p.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt if it "
+    p.add_argument("--ckpt", default=None, type=input_path,
+                   help="model checkpoint, .pt or .safetensors (default: model.pt if it "
                    "exists, else the checkpoint shipped with the package)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA adapter with its strength (default 1); repeat to stack several")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse adapters into the weights (default) or add them in the forward "
                         "pass (--no-merge)")
-    p.add_argument("--out", default="imgs/digits.png", help="grid PNG; the progression figure "
+    p.add_argument("--out", default="imgs/digits.png", type=file_name,
+                   help="grid PNG; the progression figure "
                    "goes beside it as <name>_progress.png")
-    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--digits", default=None,
+                   help="classes to draw, by label or name: 3,7 or circle,square (default: all)")
     p.add_argument("--n-per-digit", type=int, default=1)
-    p.add_argument("--npz", default=None, help="also write images (uint8 N,H,W) and labels here")
-    p.add_argument("--gif", default=None, help="also write the first row's walk from noise to "
+    p.add_argument("--npz", default=None, type=file_name,
+                   help="also write images (uint8 N,H,W; N,H,W,3 in RGB) and labels here")
+    p.add_argument("--gif", default=None, type=file_name, help="also write the first row's walk from noise to "
                    "digits as an animated GIF here")
     add_sampler_flags(p)
     add_common(p)
@@ -120,7 +135,7 @@ def sample(argv=None) -> None:
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
     check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
-    digits = parse_digits(a.digits, model.config.model.num_classes)
+    digits = parse_digits(a.digits, class_names(model.config.model))
     sample_cfg = resolve_sampler(model.config, **sampler_options(a))
     print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
           + (" (merged)" if loras and a.merge else ""))
@@ -136,15 +151,17 @@ def evaluate(argv=None) -> None:
     """
     p = Parser(description=evaluate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", default=None, help="model checkpoint (default: model.pt, else the shipped one)")
-    src.add_argument("--npz", default=None, help="score these samples instead of generating")
+    src.add_argument("--ckpt", default=None, type=input_path,
+                     help="model checkpoint (default: model.pt, else the shipped one)")
+    src.add_argument("--npz", default=None, type=input_path,
+                     help="score these samples instead of generating")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA adapter(s) to merge into the model first")
     p.add_argument("--n", type=int, default=10000, help="digits to generate, in the test set's digit proportions")
     p.add_argument("--batch-size", type=int, default=0,
                    help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
     add_sampler_flags(p)
-    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--json", default=None, type=file_name, help="also write the numbers here")
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
@@ -175,8 +192,9 @@ def export(argv=None) -> None:
       diffusion101-export model.pt diffusion101/weights/cpu.pt --set sample.guidance=3
     """
     p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", type=input_path)
+    p.add_argument("dst", type=file_name, help="a .pt, or a .safetensors (portable: the config "
+                   "as JSON in its metadata)")
     p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
     a = p.parse_args(argv)
@@ -192,13 +210,33 @@ def convert(argv=None) -> None:
       diffusion101-convert --trust old_model.pt model.pt [--preset reference]
     """
     p = Parser(description=convert.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("old")
-    p.add_argument("new")
+    p.add_argument("old", type=input_path)
+    p.add_argument("new", type=file_name)
     p.add_argument("--preset", default="reference", help="the architecture the old file holds")
     p.add_argument("--trust", action="store_true", help="required: I trust this file's code")
     a = p.parse_args(argv)
     check_outputs({"new": a.new}, inputs={"old": a.old})
     convert_pickled(a.old, a.new, a.preset, trusted=a.trust)
+
+
+def folder_maker(doc: str, n_default: int) -> Parser:
+    """The flags of a command that writes a new image folder: --out, --n, --seed."""
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=input_path, help="folder to create (must not exist)")
+    p.add_argument("--n", type=int, default=n_default, help="how many images to write")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def new_folder(a, n_max: int) -> Path:
+    """The folder --out names, refused if it exists or its parent cannot be written."""
+    out = Path(a.out)
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder")
+    check_number("--n", a.n, 10, n_max, integer=True)
+    check_seed(a.seed)
+    check_outputs({}, folders={"--out's parent": out.parent if str(out.parent) else Path(".")})
+    return out
 
 
 def make_style_data(argv=None) -> None:
@@ -207,19 +245,19 @@ def make_style_data(argv=None) -> None:
 
       diffusion101-make-style-data --out data/bold --n 6000
     """
-    p = Parser(description=make_style_data.__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to create (must not exist)")
-    p.add_argument("--n", type=int, default=6000, help="how many training digits to transform")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder")
-    check_number("--n", a.n, 10, 60000, integer=True)
-    check_seed(a.seed)
-    check_outputs({}, folders={"--out's parent": out.parent if str(out.parent) else Path(".")})
-    write_style_data(out, a.n, a.seed)
+    a = folder_maker(make_style_data.__doc__, 6000).parse_args(argv)
+    write_style_data(new_folder(a, 60000), a.n, a.seed)
+
+
+def make_shapes(argv=None) -> None:
+    """Write a toy labelled set that is not MNIST: RGB pictures of coloured shapes (circle,
+    cross, square, triangle) at random positions and sizes, one sub-folder per shape, to train
+    the base model on (train --data DIR --set model.in_channels=3).
+
+      diffusion101-make-shapes --out data/shapes --n 4000
+    """
+    a = folder_maker(make_shapes.__doc__, 4000).parse_args(argv)
+    write_shapes(new_folder(a, 1_000_000), a.n, seed=a.seed)
 
 
 def train_evaluation_classifier(argv=None) -> None:
@@ -230,7 +268,7 @@ def train_evaluation_classifier(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(CLASSIFIER_PATH))
+    p.add_argument("--out", default=str(CLASSIFIER_PATH), type=file_name)
     a = p.parse_args(argv)
     check_number("--epochs", a.epochs, 1, 1000, integer=True)
     check_number("--batch-size", a.batch_size, 1, 100_000, integer=True)
@@ -238,6 +276,11 @@ def train_evaluation_classifier(argv=None) -> None:
     check_seed(a.seed)
     check_outputs({"--out": a.out})
     train_classifier(a.epochs, a.batch_size, a.lr, a.seed, a.out)
+
+
+def data_path(spec: str):
+    """The folder a --data (or train.data) names, for the path checks; None for MNIST."""
+    return None if spec == "mnist" else spec
 
 
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
@@ -255,4 +298,5 @@ evaluate_command = _entry(evaluate)
 export_command = _entry(export)
 convert_command = _entry(convert)
 make_style_data_command = _entry(make_style_data)
+make_shapes_command = _entry(make_shapes)
 train_classifier_command = _entry(train_evaluation_classifier)

@@ -44,14 +44,18 @@ def choice(default, *allowed):
 @dataclass
 class ModelConfig:
     img_size: int = num(48, 4, 1024)
-    in_channels: int = num(1, 1, 1)  # MNIST is grey
+    in_channels: int = num(1, 1, 3)  # 1 (grey, as MNIST) or 3 (RGB, a folder of one's own)
     channels: tuple = num((64, 128, 256, 512, 1024), 1, 8192)  # one ConvBlock per level
     time_emb_dim: int = num(256, 4, 8192)  # even: half sines, half cosines
-    num_classes: int = num(10, 10, 10000)  # at least the ten digits the data holds
+    num_classes: int = num(10, 2, 10000)  # MNIST: at least its ten digits; a folder: its classes
     cls_emb_dim: int = num(32, 1, 8192)
     q_dim: int = num(16, 1, 8192)  # cross-attention query/key size
     v_dim: int = num(16, 1, 8192)  # cross-attention value size
     ffn_dim: int = num(32, 1, 8192)  # cross-attention feed-forward hidden size
+    # The name of each label, from the folder it was trained on (train.data); empty: the
+    # labels are the digits 0, 1, 2, ... (MNIST). Sampling takes these names, and the grid
+    # and the progression figure are captioned with them.
+    class_names: tuple = field(default=(), metadata={"names": "may be empty"})
     # Past the reference (all off there):
     cond_tokens: int = num(1, 1, 256)  # label tokens per class; 1 makes the softmax constant
     null_class: bool = False  # a learned "no label" token, for classifier-free guidance
@@ -86,6 +90,8 @@ class TrainConfig:
     max_minutes: float = num(0.0, 0.0, 1e7)  # 0: no limit; else stop (and save) after this long
     save_every: int = num(0, 0, BIG)  # 0: save after each epoch only; else also every N steps
     seed: int = num(0, 0, SEED_MAX)
+    # "mnist", or a folder of one's own: one sub-folder of images per class (ImageFolder)
+    data: str = field(default="mnist", metadata={"text": True})
     # Past the reference (all off there):
     p_uncond: float = num(0.0, 0.0, 1.0, below_hi=True)  # label -> null class (CFG)
     ema_decay: float = num(0.0, 0.0, 1.0, below_hi=True)  # 0: no EMA
@@ -339,9 +345,15 @@ def check_field(section: str, f, value) -> None:
         if value not in f.metadata["choices"]:
             raise UserError(f"{name} must be one of {', '.join(f.metadata['choices'])}, "
                             f"not {value!r}")
-    elif "range" not in f.metadata:  # a tuple of names (lora.targets)
-        if not (isinstance(value, tuple) and value and all(isinstance(v, str) and v for v in value)):
-            raise UserError(f"{name} must be a non-empty list of names, not {value!r}")
+    elif "text" in f.metadata:  # a path or a name (train.data)
+        if not (isinstance(value, str) and value):
+            raise UserError(f"{name} must be a non-empty text, not {value!r}")
+    elif "range" not in f.metadata:  # a tuple of names (lora.targets, model.class_names)
+        empty_ok = "names" in f.metadata
+        if not (isinstance(value, tuple) and (value or empty_ok)
+                and all(isinstance(v, str) and v for v in value)):
+            raise UserError(f"{name} must be a{'' if empty_ok else ' non-empty'} list of names, "
+                            f"not {value!r}")
     elif isinstance(default, tuple):
         if not (isinstance(value, tuple) and value):
             raise UserError(f"{name} must be a non-empty list of numbers, not {value!r}")
@@ -353,6 +365,53 @@ def check_field(section: str, f, value) -> None:
         lo, hi, above_lo, below_hi = f.metadata["range"]
         check_range(name, value, lo, hi, integer=isinstance(default, int),
                     above_lo=above_lo, below_hi=below_hi)
+
+
+# The most classes a folder may hold: more is a mistake (a folder of files, not of classes)
+# sooner than a dataset this package is made for.
+MAX_CLASSES = 1000
+MAX_NAME_LENGTH = 40  # a class name is a caption under a 28-pixel column
+
+
+def class_names(m: ModelConfig) -> tuple:
+    """The name of every label: model.class_names, or the digits '0', '1', ... when empty."""
+    return m.class_names or tuple(str(i) for i in range(m.num_classes))
+
+
+def is_mnist_model(m: ModelConfig) -> bool:
+    """Whether the labels are MNIST's ten digits in grey, which the evaluation classifier reads."""
+    return m.in_channels == 1 and class_names(m)[:10] == tuple(str(i) for i in range(10))
+
+
+def check_class_name(name: str, where: str) -> None:
+    """A class name must caption a PNG and be named on a command line: printable text (no
+    control characters, no line breaks, no undecodable bytes from a file name) of at most
+    MAX_NAME_LENGTH characters, without a comma (--digits separates names by commas)."""
+    if not (name and name.isprintable() and len(name) <= MAX_NAME_LENGTH
+            and name == name.strip() and "," not in name):
+        raise UserError(f"{where}: class name {name!r} cannot be a caption; use printable text "
+                        f"of 1-{MAX_NAME_LENGTH} characters, no comma, no leading or trailing "
+                        f"space")
+
+
+def class_labels(classes, names: tuple, where: str = "digits") -> list:
+    """The labels of `classes`, each a label (an int) or a class name; a name wins over a
+    number, so a folder whose classes are '1', '2', '3' is sampled by those names."""
+    labels = []
+    for c in classes:
+        if isinstance(c, str) and c in names:
+            labels.append(names.index(c))
+        elif isinstance(c, str) and c.isascii() and c.isdecimal() and int(c) < len(names):
+            labels.append(int(c))
+        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
+            labels.append(c)
+        else:
+            shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise UserError(f"{where}: {c!r} is no class of this model (labels 0-"
+                            f"{len(names) - 1}, or the names {shown})")
+    if not labels:
+        raise UserError(f"{where}: name at least one class")
+    return labels
 
 
 # A LoRA adapter's strength, wherever it is given (--lora FILE:S, d.load(loras=...)).
@@ -378,13 +437,37 @@ def validate(cfg: Config) -> None:
     if m.attn_from_level >= levels:
         raise UserError(f"model.attn_from_level={m.attn_from_level} leaves no cross-attention: "
                         f"the model has levels 0..{levels - 1}, and attention carries the label")
+    if m.in_channels not in (1, 3):
+        raise UserError(f"model.in_channels must be 1 (grey) or 3 (RGB), not {m.in_channels}")
+    validate_classes(m, t.data)
     if m.time_emb_dim % 2:
         raise UserError("model.time_emb_dim must be even (half sines, half cosines)")
     if not d.beta_start < d.beta_end:
         raise UserError("diffusion.beta_start must be below diffusion.beta_end")
+    if t.eval_every_steps and not is_mnist_model(m):
+        raise UserError("train.eval_every_steps scores with the MNIST classifier; a model of "
+                        "other classes cannot be scored that way (set it to 0)")
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
     if s.steps > d.timesteps:
         raise UserError(f"sample.steps must be in 1..{d.timesteps} (diffusion.timesteps)")
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
+
+
+def validate_classes(m: ModelConfig, data: str) -> None:
+    """MNIST is ten grey digits; a folder's model names each of its classes once."""
+    if data == "mnist":
+        if m.class_names or m.num_classes < 10 or m.in_channels != 1:
+            raise UserError("train.data=mnist holds the ten grey digits: model.num_classes >= 10, "
+                            "model.in_channels=1 and no model.class_names")
+        return
+    if m.class_names and len(m.class_names) != m.num_classes:
+        raise UserError(f"model.class_names names {len(m.class_names)} classes, "
+                        f"model.num_classes is {m.num_classes}")
+    if len(set(m.class_names)) != len(m.class_names):
+        raise UserError("model.class_names must name each class once")
+    if m.num_classes > MAX_CLASSES:
+        raise UserError(f"model.num_classes={m.num_classes}: at most {MAX_CLASSES} classes")
+    for name in m.class_names:
+        check_class_name(name, "model.class_names")

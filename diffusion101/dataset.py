@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
-from .config import UserError
+from .config import MAX_CLASSES, UserError, check_class_name
 
 # torchvision takes about 1.5 s to import, so its datasets and transforms are imported where
 # they are used.
@@ -93,17 +94,18 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 @dataclass
 class MNISTData:
-    images: torch.Tensor  # (N, S, S) uint8
+    """Labelled images in memory: MNIST, or a folder of one's own."""
+    images: torch.Tensor  # (N, S, S) uint8 grey, or (N, C, S, S) with C channels
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def batch(self, idx: torch.Tensor, device="cpu"):
-        """Images as (B, 1, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
+        """Images as (B, C, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
         idx = idx.to(self.images.device)  # the set may live on the GPU already
         x = self.images[idx].to(device, non_blocking=True)
-        x = x[:, None].float().div_(255.0).mul_(2.0).sub_(1.0)
+        x = (x[:, None] if x.dim() == 3 else x).float().div_(255.0).mul_(2.0).sub_(1.0)
         return x, self.labels[idx].to(device, non_blocking=True)
 
 
@@ -133,35 +135,82 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return list(order.split(batch_size))
 
 
-def load_image_folder(root, img_size: int, num_classes: int = 10) -> MNISTData:
-    """A torchvision ImageFolder whose sub-folders are named 0-9: any image size or mode,
-    converted to one channel and resized to img_size, kept as uint8 like MNIST."""
+def _class_folders(root: Path) -> list:
+    """The class sub-folders of an image folder, sorted: hidden ones (.ipynb_checkpoints,
+    .git) are not classes."""
+    try:
+        return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise UserError(f"image folder {root} cannot be read ({e.strerror})") from None
+
+
+def _image_folder(root: Path, names: list):
+    """torchvision's ImageFolder over the class folders `names`: it lists the files whose
+    extension is an image's (others are skipped); an empty class is allowed here and refused
+    by the caller, which can name it."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    class Folder(ImageFolder):
+        def find_classes(self, directory):
+            return names, {name: i for i, name in enumerate(names)}
+
+    def visible(path: str) -> bool:  # macOS's ._name.png and other hidden files are no images
+        return not Path(path).name.startswith(".") and path.lower().endswith(IMG_EXTENSIONS)
+
+    return Folder(str(root), is_valid_file=visible, allow_empty=True)
+
+
+def read_folder_image(path: str, img_size: int, channels: int) -> torch.Tensor:
+    """One image of any size or mode as uint8 (channels, img_size, img_size): grey ("L") or
+    RGB, resized as torchvision resizes."""
     from torchvision.transforms.v2 import functional as TF
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # (PIL refuses images so large that decoding them could exhaust memory)
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return TF.resize(TF.pil_to_tensor(img), [img_size, img_size], antialias=True)
+
+
+def load_image_folder(root, img_size: int, channels: int = 1, known=None,
+                      min_classes: int = 1, log=print) -> tuple:
+    """An image folder with one sub-folder per class, as (data, class names). Every image is
+    converted to `channels` (1 grey, 3 RGB) and img_size, once, and kept as uint8 like MNIST.
+
+    known None: the folder's class names (sorted) are the labels 0, 1, ...; else the names a
+    model already has (`known`, in label order), and each folder must be one of them. Files
+    without an image extension are skipped (and counted); an image file that cannot be read
+    is refused."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
-    try:
-        folder = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"{root} is not an image folder with class sub-folders ({e})") from None
-    names = sorted(folder.class_to_idx)
-    wrong = [n for n in names if not (n.isdigit() and 0 <= int(n) < num_classes)]
-    if wrong:
-        raise UserError(f"{root}: sub-folders must be named 0-{num_classes - 1}, found {wrong[:3]}")
-    images, labels = [], []
-    for path, idx in folder.samples:
-        try:
-            img = folder.loader(path).convert("L")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            # (PIL refuses images so large that decoding them could exhaust memory)
-            raise UserError(f"cannot read image {path}: {e}") from None
-        t = TF.pil_to_tensor(img)  # (1, H, W) uint8
-        images.append(TF.resize(t, [img_size, img_size], antialias=True)[0])
-        labels.append(int(names[idx]))
-    if not images:
-        raise UserError(f"{root} holds no images")
-    return MNISTData(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+    names = _class_folders(root)
+    if len(names) < min_classes:
+        raise UserError(f"{root} holds {len(names)} class sub-folder(s) {names}; at least "
+                        f"{min_classes} are needed (one sub-folder of images per class)")
+    if len(names) > MAX_CLASSES:
+        raise UserError(f"{root} holds {len(names)} class sub-folders; at most {MAX_CLASSES}")
+    for name in names:
+        check_class_name(name, str(root))
+    if known is not None:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"{root}: the model has no class {unknown[0]!r} (its classes: "
+                            f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''})")
+    folder = _image_folder(root, names)
+    counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.long), minlength=len(names))
+    if int(counts.min()) == 0:
+        raise UserError(f"{root / names[int(counts.argmin())]} holds no image file (.png, "
+                        f".jpg, .bmp, ...; the extensions torchvision's ImageFolder reads)")
+    skipped = sum(len(files) for _, _, files in os.walk(root, followlinks=True)) - len(folder.samples)
+    if skipped:
+        log(f"{root}: skipped {skipped} file(s) that are not images")
+    images = torch.stack([read_folder_image(path, img_size, channels) for path, _ in folder.samples])
+    label_of = [known.index(n) if known is not None else i for i, n in enumerate(names)]
+    labels = torch.tensor([label_of[i] for _, i in folder.samples], dtype=torch.long)
+    return MNISTData(images[:, 0] if channels == 1 else images, labels), names
 
 
 def bold(images: torch.Tensor) -> torch.Tensor:
@@ -170,28 +219,76 @@ def bold(images: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 3, stride=1, padding=1)[:, 0].to(torch.uint8)
 
 
-def write_style_data(out, n: int, seed: int = 0) -> None:
-    """n random training digits made bold (bold()), written as an ImageFolder at `out` (a new
-    folder in an existing one). The folder is written under a temporary name and renamed when complete, so
-    an interrupted run leaves no half-made folder that a rerun would refuse and a fine-tune
-    would trip on."""
+def write_folder_atomically(out, fill) -> None:
+    """Call fill(folder) on a temporary folder beside `out` (a new folder in an existing one)
+    and rename it to `out` when complete, so an interrupted run leaves no half-made folder
+    that a rerun would refuse and a training run would trip on."""
     out = Path(out)
-    train = load_mnist(train=True, img_size=28)
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     tmp = out.with_name(f".{out.name}.partial{os.getpid()}")
     try:
-        write_image_folder(MNISTData(bold(train.images[idx]), train.labels[idx]), tmp)
+        fill(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_style_data(out, n: int, seed: int = 0) -> None:
+    """n random training digits made bold (bold()), written as an ImageFolder at `out`."""
+    train = load_mnist(train=True, img_size=28)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    write_folder_atomically(out, lambda tmp: write_image_folder(
+        MNISTData(bold(train.images[idx]), train.labels[idx]), tmp))
     print(f"wrote {n} bold digits to {out}/0..9")
 
 
-def write_image_folder(data: MNISTData, root) -> None:
-    """Write digits as PNGs in the ImageFolder layout root/<label>/<index>.png."""
+SHAPES = ("circle", "cross", "square", "triangle")  # sorted, as ImageFolder orders classes
+
+
+def draw_shape(kind: str, size: int, rng) -> Image.Image:
+    """One RGB picture: a shape of a random bright colour, position and size on black, drawn
+    four times larger and scaled down, so that its edges are smooth."""
+    big = 4 * size
+    img = Image.new("RGB", (big, big))
+    draw = ImageDraw.Draw(img)
+    colour = tuple(int(c) for c in rng.integers(64, 256, 3))
+    r = rng.uniform(0.2, 0.4) * big  # half the shape's width
+    cx, cy = rng.uniform(r + 2, big - r - 2, 2)
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:  # a cross: two bars a third of its width thick
+        w = r / 3
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def write_shapes(out, n: int, size: int = 28, seed: int = 0) -> None:
+    """A toy labelled set that is not MNIST: n RGB pictures of coloured shapes (SHAPES, in
+    turn), as an ImageFolder at `out` with one sub-folder per shape."""
+    rng = np.random.default_rng(seed)
+
+    def fill(tmp: Path) -> None:
+        for kind in SHAPES:
+            (tmp / kind).mkdir(parents=True)
+        for i in range(n):
+            kind = SHAPES[i % len(SHAPES)]
+            draw_shape(kind, size, rng).save(tmp / kind / f"{i:05d}.png")
+    write_folder_atomically(out, fill)
+    print(f"wrote {n} pictures of {', '.join(SHAPES)} to {out}/")
+
+
+def write_image_folder(data: MNISTData, root, names=None) -> None:
+    """Write images as PNGs in the ImageFolder layout root/<name>/<index>.png (names: of each
+    label; default the digits)."""
     root = Path(root)
-    for d in range(10):
-        (root / str(d)).mkdir(parents=True, exist_ok=True)
+    names = names or [str(d) for d in range(10)]
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
     for i, (img, label) in enumerate(zip(data.images, data.labels.tolist())):
-        Image.fromarray(img.numpy()).save(root / str(label) / f"{i:05d}.png")
+        pixels = img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(root / names[label] / f"{i:05d}.png")

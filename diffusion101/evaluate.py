@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
-from .config import EVERY_STEP, UserError, interval_text
+from .config import EVERY_STEP, UserError, class_names, interval_text, is_mnist_model
 from .dataset import load_mnist, resize_uint8
 from .denoise import sample
 from .diffusion import sampler_for
@@ -137,10 +137,21 @@ SAMPLING_FIELDS = ("sampler", "steps", "guidance", "guidance_rule", "guidance_in
                    "timestep_spacing")
 
 
+def require_digits(cfg) -> None:
+    """Accuracy and FID read images with an MNIST classifier: a model of other classes (a
+    folder of one's own) has no such judge here."""
+    if not is_mnist_model(cfg.model):
+        names = class_names(cfg.model)
+        raise UserError(f"this model draws {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                        f" ({cfg.model.in_channels} channel(s)); accuracy and FID need a "
+                        f"classifier of that data, and the shipped one reads grey MNIST digits")
+
+
 def evaluate_model(model, cfg, n: int, device, seed: int, sample_cfg=None,
                    batch_size: int = 0) -> dict:
     """Generate n digits with the sampler options `sample_cfg` (default cfg.sample) and score
     them; the metrics carry those options too."""
+    require_digits(cfg)
     sample_cfg = sample_cfg or cfg.sample
     images, labels, seconds = generate_images(model, cfg, n, device, seed, sample_cfg, batch_size)
     metrics = score(images, labels, device)
@@ -159,6 +170,9 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz not found: {p}")
+    if not zipfile.is_zipfile(p):  # np.load would read an .npy or a pickle as something else
+        raise UserError(f"{p} cannot be read as an npz of samples: it is no zip of arrays (an "
+                        f".npy, a pickle or a cut file?); denoise.py --npz writes one")
     try:
         with np.load(p, allow_pickle=False) as d:
             missing = [k for k in ("images", "labels") if k not in d.files]

@@ -17,6 +17,14 @@ def fault(name: str) -> str | None:
     return arg if key == name else None
 
 
+def same_file(a, b) -> bool:
+    """Whether two paths name one file: the same path, ./ or ../ spellings, a link, a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def atomic_write(path, write_fn) -> None:
     """Write through write_fn(file) to a temporary file in the same folder, fsync, then
     os.replace: a crash at any point leaves either the old file or the new one, never half."""

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import Config, SampleConfig, interval_text, validate
+from .config import Config, SampleConfig, UserError, class_names, interval_text, validate
+from .files import same_file
 from .denoise import sample_digits
 from .diffusion import sampler_for
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
@@ -55,6 +56,11 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
         checkpoint.load_state(unet, ckpt["ema"], f"{ckpt_path} (EMA weights)")
     if loras and not use_ema and "ema" in ckpt:
         log("note: the adapters were trained on the EMA weights; sampling without them")
+    for i, (path, _) in enumerate(loras):
+        for earlier, _ in loras[:i]:
+            if same_file(path, earlier):
+                raise UserError(f"adapter {path} is also {earlier}: one file given twice would "
+                                f"apply twice; give it once, with the summed strength")
     base_fp = checkpoint.base_fingerprint(ckpt) if loras else None
     for i, (path, strength) in enumerate(loras):
         adapter = checkpoint.load_lora_file(path)
@@ -97,8 +103,11 @@ def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: 
     paths = {flag: Path(p) for flag, p in outputs.by_flag().items() if p is not None}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, outputs.grid, nrow=len(digits))
-    save_progression(frames[:len(digits)], digits, progress_path(outputs.grid))
+    names = [class_names(model.config.model)[d] for d in digits]
+    # MNIST's digits need no caption; a folder's classes are named above their column
+    save_grid(images, outputs.grid, nrow=len(digits),
+              captions=names if model.config.model.class_names else None)
+    save_progression(frames[:len(digits)], names, progress_path(outputs.grid))
     if outputs.npz is not None:
         save_npz(images, digits * n_per_digit, outputs.npz)
     if outputs.gif is not None:

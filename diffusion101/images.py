@@ -33,9 +33,14 @@ def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, S, S) -> (N, S, S); (N, 3, S, S) -> (N, S, S, 3), as pictures are stored and shown."""
+    return x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, S, S) in [-1, 1] -> (N, S, S) uint8 0..255."""
-    return unit_to_uint8(to_unit(images[:, 0])).numpy()
+    """(N, C, S, S) in [-1, 1] -> uint8 0..255, (N, S, S) grey or (N, S, S, 3) RGB."""
+    return unit_to_uint8(channels_last(to_unit(images))).numpy()
 
 
 def grid_image(images: torch.Tensor, nrow: int) -> torch.Tensor:
@@ -68,18 +73,44 @@ def pil_image(grid: torch.Tensor) -> Image.Image:
     return Image.fromarray(unit_to_uint8(grid).permute(1, 2, 0).numpy())
 
 
-def save_grid(images: torch.Tensor, path, nrow: int) -> None:
-    """The images as one grid PNG, nrow to a row."""
-    data = png_bytes(pil_image(grid_image(images, nrow)))
+CAPTION_HEIGHT = 14  # pixels of the strip that names the columns of a grid
+
+
+def fitted(draw: ImageDraw.ImageDraw, text: str, width: float) -> str:
+    """`text`, cut short (ending in '.') until it is at most `width` pixels wide."""
+    while len(text) > 1 and draw.textlength(text) > width:
+        text = text[:-2] + "."
+    return text
+
+
+def captioned(picture: Image.Image, captions, step: int) -> Image.Image:
+    """The grid `picture` below a white strip naming its columns (each `step` pixels wide)."""
+    page = Image.new("RGB", (picture.width, picture.height + CAPTION_HEIGHT), "white")
+    page.paste(picture, (0, CAPTION_HEIGHT))
+    draw = ImageDraw.Draw(page)
+    for k, caption in enumerate(captions):
+        draw.text((PADDING + k * step, 1), fitted(draw, caption, step - 1), fill="black")
+    return page
+
+
+def save_grid(images: torch.Tensor, path, nrow: int, captions=None) -> None:
+    """The images as one grid PNG, nrow to a row; with captions, the columns are named."""
+    picture = pil_image(grid_image(images, nrow))
+    if captions is not None:
+        picture = captioned(picture, captions, images.shape[-1] + PADDING)
+    data = png_bytes(picture)
     atomic_write(path, lambda f: f.write(data))
 
 
 def save_progression(frames: torch.Tensor, labels, path) -> None:
-    """One picture of the walk: a row per image, its label on the left; the columns are the
-    kept x_t, from pure noise (left) to the result (right). frames: (N, F, C, S, S)."""
+    """One picture of the walk: a row per image, its label (a name) on the left; the columns
+    are the kept x_t, from pure noise (left) to the result (right). frames: (N, F, C, S, S)."""
     n, f, c, s, _ = frames.shape
     mosaic = pil_image(grid_image(frames.reshape(n * f, c, s, s), f))  # a row per image
-    margin, title = 24, 16
+    labels = [str(label) for label in labels]
+    measure = ImageDraw.Draw(mosaic)
+    margin = max([24] + [int(measure.textlength(label)) + 8 for label in labels])
+    title = 16
     page = Image.new("RGB", (mosaic.width + margin, mosaic.height + title), "white")
     page.paste(mosaic, (margin, title))
     draw = ImageDraw.Draw(page)
@@ -108,6 +139,7 @@ def save_gif(frames: torch.Tensor, path, nrow: int, scale: int = 2, ms_per_frame
 
 
 def save_npz(images: torch.Tensor, labels, path) -> None:
-    """images: uint8 (N, H, W) 0..255; labels: int64 (N,), for external evaluation."""
+    """images: uint8 (N, H, W) 0..255 ((N, H, W, 3) in RGB); labels: int64 (N,), for external
+    evaluation."""
     arrays = {"images": to_uint8(images), "labels": np.asarray(labels, dtype=np.int64)}
     atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import UserError, validate
+from .config import UserError, class_names, is_mnist_model, validate
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import NoiseSchedule
 from .lora import inject_lora, lora_state_dict
@@ -20,11 +20,17 @@ from .train import NonFiniteLoss, Run, Trainer, TrainState, make_lr_schedule
 from .unet import count_parameters
 
 
-def load_finetune_data(spec: str, img_size: int):
-    """'mnist' (the training set, as the reference did) or a folder of class sub-folders 0-9."""
+def load_finetune_data(spec: str, model_cfg):
+    """'mnist' (the training set, as the reference did), or a folder whose sub-folders are
+    named after classes the base knows (0-9 for an MNIST base); one class is enough."""
     if spec == "mnist":
-        return load_mnist(train=True, img_size=img_size)
-    return load_image_folder(spec, img_size)
+        if not is_mnist_model(model_cfg):
+            raise UserError("this base was not trained on MNIST's digits: fine-tune it on a "
+                            "folder of its own classes (--data DIR)")
+        return load_mnist(train=True, img_size=model_cfg.img_size)
+    data, _ = load_image_folder(spec, model_cfg.img_size, model_cfg.in_channels,
+                                known=class_names(model_cfg))
+    return data
 
 
 def load_base(base_path, lora: dict) -> tuple:
@@ -85,7 +91,7 @@ def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, da
     if cfg.lora.epochs == 0 and cfg.lora.max_steps == 0:
         raise UserError(f"--epochs 0 and no --max-steps: nothing to train; {out} was not written")
     if isinstance(data, str):
-        data = load_finetune_data(data, cfg.model.img_size)
+        data = load_finetune_data(data, cfg.model)
     if full:
         log(f"full fine-tune: all {sum(p.numel() for p in model.parameters()):,} parameters train")
     else:

@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config, TrainConfig, UserError
-from .dataset import MNISTData, epoch_batches, load_mnist
+from .config import Config, TrainConfig, UserError, class_names, validate
+from .dataset import MNISTData, epoch_batches, load_image_folder, load_mnist
 from .denoise import sample_digits
 from .diffusion import NoiseSchedule, sampler_for
 from .ema import EMA
@@ -161,16 +161,22 @@ class TrainState:
 
     def load_state_dict(self, ckpt: dict, where: str, restore_rng: bool = True) -> None:
         checkpoint.load_state(self.model, ckpt["model"], where)
-        if "optimizer" in ckpt:  # a converted legacy file has weights only
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        if "lr_schedule" in ckpt:
-            self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"] if "ema" in ckpt else self.model.state_dict())
+            checkpoint.load_state(self.ema.model, ckpt.get("ema", ckpt["model"]), f"{where} (EMA)")
         self.epoch, self.step, self.step_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
         self.train_seconds = ckpt.get("train_seconds", 0.0)
-        if restore_rng and "rng" in ckpt:
-            set_rng_state(self.generator, ckpt["rng"])
+        part = "optimizer"
+        try:  # torch checks little of these states: a damaged one fails anywhere inside
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            part = "learning-rate schedule"
+            if "lr_schedule" in ckpt:
+                self.lr_schedule.load_state_dict(ckpt["lr_schedule"])
+            part = "random number generator states"
+            if restore_rng and "rng" in ckpt:
+                set_rng_state(self.generator, ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise UserError(f"{where}: its {part} cannot be restored ({type(e).__name__}); the "
+                            f"file is damaged or was written by another version") from None
 
 
 def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int = 0) -> TrainState:
@@ -380,12 +386,33 @@ def open_resume(run: Run) -> dict:
     the command line says about those."""
     loaded = checkpoint.load_model_checkpoint(run.out)
     saved = checkpoint.config_of(loaded)
+    if "optimizer" not in loaded:
+        raise UserError(f"{run.out} holds sampling weights only (an export or a converted file: "
+                        f"no optimizer, no RNG states), so it cannot be resumed; train anew "
+                        f"with another --out, or fine-tune it with LoRA")
+    if class_names(saved.model) != class_names(run.cfg.model):
+        raise UserError(f"{run.cfg.train.data} holds the classes "
+                        f"{', '.join(class_names(run.cfg.model))}; {run.out} was trained on "
+                        f"{', '.join(class_names(saved.model))}; resume on the same classes")
     if saved.model != run.cfg.model or saved.diffusion != run.cfg.diffusion:
         raise UserError(f"{run.out} holds a model of another architecture or schedule (preset "
                         f"'{loaded.get('preset')}'); resume with the same preset and model "
                         f"settings, or write to another --out")
     run.cfg.train.seed, run.cfg.train.lr = saved.train.seed, saved.train.lr
     return loaded
+
+
+def training_data(cfg: Config, log=print) -> MNISTData | None:
+    """The images train.data names. MNIST: None here, loaded by prepare(). A folder: loaded
+    now, its class names (sorted) the labels 0, 1, ..., their number and names written into
+    cfg.model, so that the checkpoint carries them."""
+    if cfg.train.data == "mnist":
+        return None
+    data, names = load_image_folder(cfg.train.data, cfg.model.img_size, cfg.model.in_channels,
+                                    min_classes=2, log=log)
+    cfg.model.num_classes, cfg.model.class_names = len(names), tuple(names)
+    validate(cfg)
+    return data
 
 
 def saved_run_config(out) -> tuple:

@@ -41,8 +41,9 @@ def test_options_reach_the_sampler_and_seed_matters(tiny_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"digits": [10]}, "digits must be"), ({"digits": []}, "digits must be"),
-    ({"digits": ["3"]}, "digits must be"), ({"n": 0}, "n must be"),
+    ({"digits": [10]}, "no class of this model"), ({"digits": []}, "at least one class"),
+    ({"digits": ["three"]}, "no class"), ({"digits": [True]}, "no class"),
+    ({"digits": ["³"]}, "no class"), ({"n": 0}, "n must be"),
     ({"seed": -1}, "seed"), ({"steps": 0}, "sample.steps"),
     ({"guidance": float("nan")}, "sample.guidance"), ({"sampler": "euler"}, "sample.sampler"),
 ])

@@ -150,7 +150,7 @@ def test_q_and_k_adapters_do_nothing_with_one_token_but_act_with_several():
 
 
 def test_a_hand_edited_adapter_file_is_refused_with_the_field(tmp_path):
-    adapter = {"format": checkpoint.LORA_FORMAT, "lora": {}, "base_fingerprint": "x",
+    adapter = {"format": checkpoint.LORA_FORMAT, "lora": {}, "base_fingerprint": "0" * 64,
                "lora_config": {"r": 8, "alpha": float("nan"), "targets": ["w_q"]}}
     checkpoint.save(adapter, tmp_path / "a.pt")
     with pytest.raises(UserError, match=r"lora\.alpha must be a finite number"):

@@ -169,13 +169,20 @@ def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
 
 # sha256 of checkpoint.fingerprint() of the weights these runs trained before the redesign of
 # the loop (tests/test_train.py's recipe below, one thread): the loop must not change a bit.
-# Float sums depend on how they are split over threads, hence the one thread.
-TRAINED_DIGESTS = {
+# Float sums depend on how they are split over threads, hence the one thread, and on the CPU's
+# vector kernels: the first set came from the machine of the redesign, the second from an AMD
+# EPYC, where the code of that redesign (commit 8f39286) gives these very digests.
+TRAINED_DIGESTS = [{
     "tiny": "6c1114531f37c4f9a8a64069816186d75754e6a10560295c1ea080f7afb7de8f",
     "cpu16": "e6089a7e311ba6f1376fc8e6de678192ef20e4690ff45abceb84d3650aa0465d",
     "cpu16 ema": "7279425344359ebc335af951259f7bf376fdc56d33171f638ba55a16c8814652",
     "lora": "92ef2a04f3ed117bd1368d465de6890671dde0cf8c328980a23ac2e9aac00a2d",
-}
+}, {
+    "tiny": "e72c7e18780e20c58c1dbd6d8fff9b3d0925352f4966aacff68278a400226358",
+    "cpu16": "b657286c007cc877e8cfd39ba4baffc5ec982737b59e289d859034b4d85eff44",
+    "cpu16 ema": "ad1eab3a8630a7c2b58542c3a9ce303b870674deeea7eea851e532a291653638",
+    "lora": "2e44258a6f51f797852a8022b125999a2f6f16abdd64f085ce920f31fd81efc2",
+}]
 
 
 def _cpu16():
@@ -207,7 +214,7 @@ def test_training_and_lora_train_the_same_weights_bit_for_bit_as_before(tmp_path
         got["lora"] = checkpoint.fingerprint(adapter["lora"])
     finally:
         torch.set_num_threads(threads)
-    assert got == TRAINED_DIGESTS
+    assert got in TRAINED_DIGESTS
 
 
 def test_tensorboard_shows_loss_lr_config_and_the_last_grid(tmp_path, fake_data):
