@@ -6,12 +6,14 @@ the files saved before are byte-for-byte intact.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +37,95 @@ def run(script, *args, cwd, env=None):
     return proc.returncode, (lines[-1] if lines else ""), "Traceback" in proc.stderr
 
 
+def make_bad_inputs(d: Path) -> None:
+    """The image folders and files of FOLDER_CASES and FILE_CASES, beside model.pt."""
+    from PIL import Image
+    from safetensors.torch import save as safetensors_bytes
+    run("make_shapes", "--out", "shapes", "--n", "40", cwd=d)
+    run("train", "--preset", "tiny", "--data", "shapes", "--max-steps", "2", "--out", "shapes.pt",
+        "--logdir", "runs", cwd=d)
+    run("export_checkpoint", "model.pt", "model.safetensors", cwd=d)
+    run("export_checkpoint", "model.pt", "export.pt", cwd=d)
+    for name, classes in (("one", ["circle"]), ("gap", ["circle", "square"]),
+                          ("broken", ["circle", "square"]), ("tab", ["circle", "a\tb"]),
+                          ("unicode", ["3", "\u00b3"])):
+        for c in classes:
+            (d / name / c).mkdir(parents=True)
+            if not (name == "gap" and c == "square"):
+                Image.new("L", (8, 8)).save(d / name / c / "0.png")
+    (d / "gap" / "square" / "readme.md").write_text("no image")
+    (d / "broken" / "square" / "bad.png").write_bytes(b"not a png")
+    (d / "empty").mkdir()
+    for i in range(1001):
+        (d / "many" / f"c{i}").mkdir(parents=True)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (d / "header.safetensors").write_bytes(data[:8] + b"[" + data[9:])
+    ckpt = torch.load(d / "model.pt", weights_only=True)
+    weights, config = ckpt["ema"] if "ema" in ckpt else ckpt["model"], json.dumps(ckpt["config"])
+    meta = {"format": "diffusion101/model/1", "config": config, "epoch": "0", "step": "0",
+            "step_in_epoch": "0"}
+    files = {"noconfig": ({k: v for k, v in meta.items() if k != "config"}, weights),
+             "version": ({**meta, "format": "diffusion101/model/0"}, weights),
+             "dtype": (meta, {**weights, "output.bias": weights["output.bias"].half()}),
+             "nan": (meta, {**weights, "output.bias": weights["output.bias"] * float("nan")}),
+             "name": (meta, {**weights, "extra.weight": torch.ones(1)})}
+    for name, (metadata, tensors) in files.items():
+        (d / f"{name}.safetensors").write_bytes(safetensors_bytes(tensors, metadata))
+    lora = torch.load(d / "lora.pt", weights_only=True)
+    (d / "foreign.safetensors").write_bytes(safetensors_bytes(lora["lora"], {
+        "format": "diffusion101/lora/1", "lora_config": json.dumps(lora["lora_config"]),
+        "base_fingerprint": json.dumps("0" * 64), "config": config}))
+    for name, part in (("tensor", torch.zeros(3)), ("list", [1, 2]), ("text", "weights")):
+        torch.save({**ckpt, "model": part}, d / f"model_is_{name}.pt")
+    np.save(d / "samples.npy", np.zeros((10, 28, 28), dtype=np.uint8))
+    (d / "dir").mkdir()
+
+
+# Issue 25's image folders (made by make_bad_inputs): the base trains on them, LoRA reads them
+FOLDER_CASES = [
+    ("--data: a folder that does not exist", "train", ["--preset", "tiny", "--data", "absent", "--out", "f.pt"], None),
+    ("--data: a folder with no class sub-folder", "train", ["--preset", "tiny", "--data", "empty", "--out", "f.pt"], None),
+    ("--data: a single class", "train", ["--preset", "tiny", "--data", "one", "--out", "f.pt"], None),
+    ("--data: a class folder with no image", "train", ["--preset", "tiny", "--data", "gap", "--out", "f.pt"], None),
+    ("--data: a .png that is no image", "train", ["--preset", "tiny", "--data", "broken", "--out", "f.pt"], None),
+    ("--data: 1,001 classes", "train", ["--preset", "tiny", "--data", "many", "--out", "f.pt"], None),
+    ("--data: a class name with a tab", "train", ["--preset", "tiny", "--data", "tab", "--out", "f.pt"], None),
+    ("--data: '' (an empty path)", "train", ["--preset", "tiny", "--data", "", "--out", "f.pt"], None),
+    ("LoRA --data: a folder named with a Unicode digit", "lora_finetune", ["--base", "model.pt", "--data",
+     "unicode", "--out", "u.pt"], None),
+    ("LoRA --data: classes the base does not know", "lora_finetune", ["--base", "model.pt", "--data",
+     "shapes", "--out", "u.pt"], None),
+    ("--resume on a folder of other classes", "train", ["--resume", "--data", "shapes", "--out", "model.pt"], None),
+    ("evaluate a model of shapes", "evaluate", ["--ckpt", "shapes.pt", "--n", "10"], None),
+    ("sample a class the model does not have", "denoise", ["--ckpt", "shapes.pt", "--digits", "star",
+     "--out", "grid.png"], None),
+]
+# Issue 25's files: safetensors, parts of the wrong type, files of the wrong kind, paths
+FILE_CASES = [
+    ("truncated .safetensors", "denoise", ["--ckpt", "cut.safetensors", "--out", "grid.png"], None),
+    (".safetensors whose header is not JSON", "denoise", ["--ckpt", "header.safetensors", "--out", "grid.png"], None),
+    (".safetensors metadata without a config", "denoise", ["--ckpt", "noconfig.safetensors", "--out", "grid.png"], None),
+    (".safetensors of another format version", "denoise", ["--ckpt", "version.safetensors", "--out", "grid.png"], None),
+    (".safetensors with a float16 tensor", "denoise", ["--ckpt", "dtype.safetensors", "--out", "grid.png"], None),
+    (".safetensors with a NaN weight", "denoise", ["--ckpt", "nan.safetensors", "--out", "grid.png"], None),
+    (".safetensors with a tensor the model lacks", "denoise", ["--ckpt", "name.safetensors", "--out", "grid.png"], None),
+    (".safetensors adapter of another base", "denoise", ["--ckpt", "model.safetensors", "--lora",
+     "foreign.safetensors", "--out", "grid.png"], None),
+    ("training --out .safetensors", "train", ["--preset", "tiny", "--out", "model.safetensors"], None),
+    ("checkpoint whose model is a tensor", "denoise", ["--ckpt", "model_is_tensor.pt", "--out", "grid.png"], None),
+    ("checkpoint whose model is a list", "denoise", ["--ckpt", "model_is_list.pt", "--out", "grid.png"], None),
+    ("checkpoint whose model is a string", "denoise", ["--ckpt", "model_is_text.pt", "--out", "grid.png"], None),
+    ("--resume from a sampling-only export", "train", ["--resume", "--out", "export.pt"], None),
+    ("an .npy where an npz belongs", "evaluate", ["--npz", "samples.npy"], None),
+    ("--out '' (an empty path)", "denoise", ["--ckpt", "model.pt", "--out", ""], None),
+    ("--out dir/ (a folder)", "denoise", ["--ckpt", "model.pt", "--out", "dir/"], None),
+    ("--out new/ (a folder not made yet)", "train", ["--preset", "tiny", "--out", "new/"], None),
+    ("one adapter under two spellings", "denoise", ["--ckpt", "model.pt", "--lora", "lora.pt", "--lora",
+     "./lora.pt:0.5", "--out", "grid.png"], None),
+]
+
+
 def main():
     d = Path(tempfile.mkdtemp())
     run("train", "--preset", "tiny", "--max-steps", "6", "--save-every", "3", "--out", "model.pt",
@@ -51,6 +142,7 @@ def main():
         "import os, torch\nclass P:\n    def __reduce__(self):\n"
         f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': P()}}, 'evil.pt')\n")
     subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
+    make_bad_inputs(d)
     watched = ["model.pt", "lora.pt", "grid.png"]
     cases = [
         ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",
@@ -88,7 +180,8 @@ def main():
         ("--seed 2**70", "denoise", ["--ckpt", "model.pt", "--seed", str(2 ** 70), "--out", "grid.png"], None),
         ("--lr nan", "train", ["--preset", "tiny", "--lr", "nan", "--out", "model.pt"], None),
         ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
-        ("model.in_channels=3", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
+        ("model.in_channels=3 on MNIST", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
+        *FOLDER_CASES, *FILE_CASES,
     ]
     print("| fault or bad input | exit code | what it printed (stderr, last line) | traceback | files saved before |")
     print("|---|---|---|---|---|")

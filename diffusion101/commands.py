@@ -189,7 +189,7 @@ def evaluate(argv=None) -> None:
 def export(argv=None) -> None:
     """Write a small sampling-only copy of a checkpoint (EMA weights, config; no optimizer).
 
-      diffusion101-export model.pt diffusion101/weights/cpu.pt --set sample.guidance=3
+      diffusion101-export model.pt shipped.safetensors --set sample.guidance=3
     """
     p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=input_path)

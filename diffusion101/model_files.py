@@ -57,10 +57,12 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     log(f"wrote {new}: weights only, loadable with weights_only=True")
 
 
-SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.pt"
+# The `cpu` preset's export, as safetensors (the .pt it was first written as, converted by
+# export_checkpoint.py: the same tensors, so the same samples)
+SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.safetensors"
 # LoRA r = 8 on the shipped checkpoint's attention and feed-forward, trained on bold MNIST
 # (docs/EXPERIMENTS.md, "LoRA on the built-in bold target", has the commands)
-BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.pt")
+BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.safetensors")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
@@ -77,8 +79,9 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
         apply_override(cfg, assignment)
     validate(cfg)  # a NaN guidance must not reach the file
     counters = {k: ckpt[k] for k in ("epoch", "step", "step_in_epoch", "train_seconds") if k in ckpt}
+    from_ema = weights is not ckpt["model"] or ckpt.get("exported_from_ema", False)  # (re-export)
     out = model_file(cfg, ckpt.get("preset"), {"model": weights, **counters,
-                                               "exported_from_ema": weights is not ckpt["model"]})
+                                               "exported_from_ema": from_ema})
     save(out, dst)
     log(f"wrote {dst}: sampling weights only ({Path(dst).stat().st_size / 1e6:.1f} MB)")
     return out

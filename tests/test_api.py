@@ -77,3 +77,28 @@ def test_the_readme_example_runs():
     images = scope["images"]
     assert images.shape == (8, 28, 28) and 0 <= images.min() and images.max() <= 1
     assert images.mean() < 0.5  # digits: white strokes on a mostly black background
+
+
+def test_the_api_refuses_one_adapter_twice_and_an_empty_path(tmp_path, monkeypatch):
+    from diffusion101.model_files import BOLD_LORA_PATH
+    monkeypatch.chdir(BOLD_LORA_PATH.parent)
+    with pytest.raises(UserError, match="one file given twice"):
+        d.load(loras=[BOLD_LORA_PATH, ("./" + BOLD_LORA_PATH.name, 0.5)])
+    with pytest.raises(UserError, match="empty path"):
+        d.load("")
+
+
+def test_a_model_of_named_rgb_classes_samples_by_name(tmp_path):
+    from diffusion101.config import Config
+    cfg = Config.from_dict(tiny_checkpoint()["config"])
+    cfg.train.data, cfg.model.in_channels = "shapes", 3
+    cfg.model.num_classes, cfg.model.class_names = 3, ("circle", "square", "triangle")
+    from diffusion101.unet import UNet
+    torch.manual_seed(0)
+    checkpoint.save(checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict()}),
+                    tmp_path / "shapes.safetensors")
+    model = d.load(tmp_path / "shapes.safetensors")
+    images = d.sample(model, digits=["triangle", 0], n=2, seed=3)
+    assert images.shape == (4, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, d.sample(model, digits=[2, "circle"], n=2, seed=3))
+    assert d.sample(model, seed=3).shape == (3, 16, 16, 3)  # every class by default

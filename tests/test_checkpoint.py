@@ -111,3 +111,103 @@ def test_crash_between_write_and_replace_keeps_previous(tmp_path):
 def test_save_into_missing_folder_is_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.save(tiny_checkpoint(), tmp_path / "nope" / "model.pt")
+
+
+def _export(tmp_path, name="m.safetensors", **change) -> "Path":
+    """The tiny checkpoint exported as safetensors (through checkpoint.save), parts changed."""
+    ckpt = {**tiny_checkpoint(), **change}
+    checkpoint.save(ckpt, tmp_path / name)
+    return tmp_path / name
+
+
+def test_safetensors_round_trip_with_the_config_as_json_metadata(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    path = _export(tmp_path)
+    with safe_open(str(path), framework="pt") as f:  # what any safetensors reader sees
+        meta = f.metadata()
+        assert set(f.keys()) == set(tiny_checkpoint()["model"])
+    assert meta["format"] == checkpoint.MODEL_FORMAT
+    assert json.loads(meta["config"])["model"]["channels"] == [8, 16]
+    assert json.loads(meta["step"]) == 3 and json.loads(meta["preset"]) == "tiny"
+    back = checkpoint.load_model_checkpoint(path)
+    assert back["step"] == 3 and back["config"] == tiny_checkpoint()["config"]
+    for k, v in tiny_checkpoint()["model"].items():
+        assert torch.equal(back["model"][k], v) and back["model"][k].dtype == v.dtype
+    # the layout, not the name, says which reader: a safetensors file named .pt loads too
+    (tmp_path / "renamed.pt").write_bytes(path.read_bytes())
+    assert checkpoint.load_model_checkpoint(tmp_path / "renamed.pt")["step"] == 3
+    with pytest.raises(UserError, match="stays .pt"):
+        checkpoint.save({**tiny_checkpoint(), "optimizer": {}}, tmp_path / "t.safetensors")
+
+
+def test_bad_safetensors_files_are_refused_in_one_line(tmp_path):
+    import safetensors.torch
+    good = _export(tmp_path).read_bytes()
+    state = tiny_checkpoint()["model"]
+    meta = {"format": checkpoint.MODEL_FORMAT, "config": json_text(tiny_checkpoint()["config"]),
+            "epoch": "0", "step": "0", "step_in_epoch": "0"}
+
+    def written(name, tensors=state, metadata=meta):
+        (tmp_path / name).write_bytes(safetensors.torch.save(tensors, metadata))
+        return tmp_path / name
+
+    n = int.from_bytes(good[:8], "little")
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    (tmp_path / "header.safetensors").write_bytes(good[:8] + b"[" + good[9:])
+    cases = {
+        tmp_path / "cut.safetensors": "truncated or corrupt",
+        tmp_path / "header.safetensors": "truncated or corrupt",
+        written("noconfig.safetensors", metadata={k: v for k, v in meta.items() if k != "config"}):
+            "has no 'config'",
+        written("version.safetensors", metadata={**meta, "format": "diffusion101/model/0"}):
+            "not a Diffusion-101 file of this version",
+        written("nometa.safetensors", metadata=None): "not a Diffusion-101 file of this version",
+        written("badjson.safetensors", metadata={**meta, "step": "{oops"}): "'step' is not JSON",
+        written("oldconfig.safetensors", metadata={**meta, "config": '{"model": {"depth": 3}}'}):
+            "unknown config field 'model.depth'",
+        written("name.safetensors", tensors={**state, "extra.weight": torch.ones(2)}):
+            "does not fit this architecture",
+        written("shape.safetensors", tensors={**state, "output.bias": torch.ones(2)}):
+            "does not fit this architecture",
+        written("dtype.safetensors", tensors={**state, "output.bias": state["output.bias"].half()}):
+            "'output.bias' is torch.float16",
+        written("nan.safetensors", tensors={**state, "output.bias": state["output.bias"] * float("nan")}):
+            "'output.bias' holds NaN or inf",
+    }
+    assert n > 0
+    for path, match in cases.items():
+        with pytest.raises(UserError, match=match):
+            models.load_model(path)
+
+
+def json_text(value) -> str:
+    import json
+    return json.dumps(value)
+
+
+@pytest.mark.parametrize("part, value", [
+    ("model", torch.zeros(3)), ("model", [1, 2]), ("model", "weights"), ("model", {"a": [1.0]}),
+    ("config", [1]), ("config", {"model": "tiny"}), ("ema", torch.zeros(1)),
+    ("optimizer", torch.zeros(1)), ("rng", "seed"), ("epoch", "1"), ("step", -1),
+    ("step", True), ("train_seconds", float("nan")), ("preset", 3)])
+def test_a_part_of_the_wrong_type_is_refused_before_it_is_used(tmp_path, part, value):
+    checkpoint.save({**tiny_checkpoint(), part: value}, tmp_path / "m.pt")
+    with pytest.raises(UserError, match=f"its '{part}' must be"):
+        models.load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("part, value", [
+    ("lora", torch.zeros(2)), ("lora", ["a"]), ("lora_config", "r=8"),
+    ("lora_config", {"r": 8, "alpha": 1.0, "targets": "w_q"}), ("base_fingerprint", 12),
+    ("steps", "5")])
+def test_an_adapter_part_of_the_wrong_type_is_refused(tmp_path, part, value):
+    adapter = checkpoint.lora_file(get_preset("tiny"), {}, 4, 1.0, ["w_q"], "0" * 64, 5)
+    checkpoint.save({**adapter, part: value}, tmp_path / "a.pt")
+    with pytest.raises(UserError, match=f"its '{part}' must be"):
+        checkpoint.load_lora_file(tmp_path / "a.pt")
+    checkpoint.save({**adapter, "lora": {"x.lora_a": torch.full((2, 4), float("inf"))}},
+                    tmp_path / "inf.safetensors")
+    with pytest.raises(UserError, match="'x.lora_a' is not finite"):
+        checkpoint.load_lora_file(tmp_path / "inf.safetensors")

@@ -73,3 +73,68 @@ def test_an_image_too_large_to_decode_safely_is_a_user_error(tmp_path, monkeypat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(UserError, match="cannot read image .*big.png"):
         dataset.load_image_folder(tmp_path, 16)
+
+
+def _folder(root, spec: dict):
+    """An image folder: spec maps a class folder to a list of PIL images."""
+    for name, images in spec.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            img.save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_of_mixed_modes_becomes_labelled_uint8_in_the_models_channels(tmp_path):
+    red = Image.new("RGB", (20, 10), (255, 0, 0))
+    spec = {"b_rgb": [red, red.convert("RGBA")], "a_grey": [Image.new("L", (8, 8), 200)],
+            "c_modes": [red.convert("P"), Image.new("I;16", (5, 5), 300), red.convert("CMYK").convert("RGB")]}
+    root = _folder(tmp_path / "data", spec)
+    (root / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    (root / "a_grey" / "notes.txt").write_text("skipped")
+    (root / "b_rgb" / "._0.png").write_bytes(b"macOS metadata, not an image")  # hidden: skipped
+    logged = []
+    data, names = dataset.load_image_folder(root, 16, channels=3, log=logged.append)
+    assert names == ["a_grey", "b_rgb", "c_modes"]  # sorted: the labels 0, 1, 2
+    assert data.images.shape == (6, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.labels.tolist() == [0, 1, 1, 2, 2, 2]
+    assert data.images[0].float().mean() == 200 and data.images[1, 0].min() == 255
+    assert data.images[1, 1:].max() == 0  # pure red, resized, stays pure red
+    assert logged == [f"{root}: skipped 2 file(s) that are not images"]
+    grey, _ = dataset.load_image_folder(root, 16, channels=1, log=logged.append)
+    assert grey.images.shape == (6, 16, 16)
+    x, y = grey.batch(torch.tensor([0, 1]))
+    assert x.shape == (2, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+    x, _ = data.batch(torch.tensor([1]))
+    assert x.shape == (1, 3, 16, 16) and x[0, 0].min() == 1 and x[0, 1].max() == -1
+
+
+def test_a_folder_for_a_model_maps_its_class_names_to_the_models_labels(tmp_path):
+    digits = tuple("0123456789")
+    img = Image.new("L", (8, 8))
+    data, names = dataset.load_image_folder(_folder(tmp_path / "ok", {"7": [img], "3": [img, img]}),
+                                            16, known=digits)
+    assert names == ["3", "7"] and data.labels.tolist() == [3, 3, 7]
+    # Unicode digits that str.isdigit() accepts (int() refuses '³', reads '٣' as 3) are no
+    # names of the model: refused, never mapped to a label by accident
+    for odd in ("³", "٣", "03", "cat"):
+        root = _folder(tmp_path / f"odd{len(odd)}{ord(odd[0])}", {"1": [img], odd: [img]})
+        with pytest.raises(UserError, match=f"the model has no class '{odd}'"):
+            dataset.load_image_folder(root, 16, known=digits)
+
+
+def test_a_folder_of_too_many_classes_is_refused(tmp_path):
+    for i in range(1001):
+        (tmp_path / f"c{i}").mkdir()
+    with pytest.raises(UserError, match="1001 class sub-folders; at most 1000"):
+        dataset.load_image_folder(tmp_path, 16)
+
+
+def test_the_shapes_set_is_rgb_and_one_folder_per_shape(tmp_path):
+    dataset.write_shapes(tmp_path / "shapes", 8, size=28, seed=1)
+    data, names = dataset.load_image_folder(tmp_path / "shapes", 28, channels=3, log=print)
+    assert names == list(dataset.SHAPES) and data.labels.bincount().tolist() == [2, 2, 2, 2]
+    assert data.images.shape == (8, 3, 28, 28)
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no half-made folder left
+    # one bright shape on black: a good part of every picture is background
+    black = (data.images.amax(dim=1) < 16).float().mean(dim=(1, 2))
+    assert (black > 0.2).all() and (data.images.amax(dim=(1, 2, 3)) >= 64).all()

@@ -124,7 +124,7 @@ def test_evaluate_json_with_the_shipped_checkpoint(tmp_path):
                cwd=tmp_path)
     import json
     m = json.loads((tmp_path / "r.json").read_text())
-    assert m["ckpt"].endswith("cpu.pt") and m["n"] == 10 and m["timestep_spacing"] == "logsnr"
+    assert m["ckpt"].endswith("cpu.safetensors") and m["n"] == 10 and m["timestep_spacing"] == "logsnr"
 
 
 def test_generated_labels_follow_the_test_sets_proportions(test_digits):

@@ -170,6 +170,23 @@ def test_truncated_checkpoint_and_nan_loss_from_the_command_line(work, tmp_path,
     assert step == 3 and torch.load(tmp_path / "nan.pt", weights_only=True)["step"] == 3
 
 
+def _ran(capsys, name, *args) -> str:
+    """In-process (fast) run of scripts/<name>.py that must succeed; returns what it printed."""
+    import signal
+
+    from conftest import load_script
+    from diffusion101.cli import release_locks, run_cli
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code = run_cli(load_script(name).main, [str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        release_locks()
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    return out.out
+
+
 def _refused(capsys, name, *args, match):
     """In-process (fast) run of scripts/<name>.py: exit 2 and one 'error:' line naming `match`."""
     import signal
@@ -288,3 +305,120 @@ def test_interrupted_style_data_leaves_no_half_made_folder(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         script.main(["--out", str(tmp_path / "bold"), "--n", "20"])
     assert written and list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+
+
+def _shapes_folder(root, classes=("circle", "square", "triangle"), n=48):
+    """A small RGB folder of `classes` drawn by dataset.draw_shape, 16 px."""
+    import numpy as np_
+    from diffusion101.dataset import draw_shape
+    rng = np_.random.default_rng(0)
+    for i in range(n):
+        kind = classes[i % len(classes)]
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        draw_shape(kind, 16, rng).save(root / kind / f"{i:03d}.png")
+    return root
+
+
+def test_a_folder_of_three_classes_trains_samples_by_name_and_travels_as_safetensors(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = _shapes_folder(tmp_path / "shapes")
+    (data / "notes.txt").write_text("not an image: skipped")
+    out = _ran(capsys, "train", "--preset", "tiny", "--data", data, "--set", "model.in_channels=3",
+               "--max-steps", "3", "--out", "shapes.pt", "--logdir", "runs")
+    assert "48 training images" in out and "skipped 1 file" in out
+    saved = torch.load(tmp_path / "shapes.pt", weights_only=True)
+    assert saved["config"]["model"]["class_names"] == ["circle", "square", "triangle"]
+    assert saved["config"]["model"]["num_classes"] == 3
+    assert saved["model"]["cls_emb.weight"].shape[0] == 3
+    args = ["--digits", "triangle,circle", "--n-per-digit", "2", "--seed", "5"]
+    _ran(capsys, "denoise", "--ckpt", "shapes.pt", "--out", "pt.png", "--npz", "pt.npz", *args)
+    _ran(capsys, "export_checkpoint", "shapes.pt", "shapes.safetensors")
+    _ran(capsys, "denoise", "--ckpt", "shapes.safetensors", "--out", "st.png", "--npz", "st.npz",
+         *args)
+    a, b = np.load(tmp_path / "pt.npz"), np.load(tmp_path / "st.npz")
+    assert a["images"].shape == (4, 16, 16, 3) and a["labels"].tolist() == [2, 0, 2, 0]
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    for name in ("pt.png", "pt_progress.png"):
+        twin = name.replace("pt", "st", 1)
+        assert (tmp_path / name).read_bytes() == (tmp_path / twin).read_bytes(), name
+    # the grid carries a caption strip above its two columns of 16 px tiles
+    assert Image.open(tmp_path / "pt.png").size == (2 * 18 + 2, 2 * 18 + 2 + 14)
+
+
+def test_bad_image_folders_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one = _shapes_folder(tmp_path / "one", classes=("circle",), n=4)
+    empty_class = _shapes_folder(tmp_path / "gap", n=6)
+    (empty_class / "cross").mkdir()
+    (empty_class / "cross" / "readme.md").write_text("no image here")
+    broken = _shapes_folder(tmp_path / "broken", n=6)
+    (broken / "square" / "bad.png").write_bytes(b"not a png")
+    control = _shapes_folder(tmp_path / "control", n=6)
+    (control / "circle").rename(control / "new\tline")
+    cases = [(tmp_path / "absent", "image folder not found"), (tmp_path / "nothing", "holds 0 class"),
+             (one, "holds 1 class"), (empty_class, "cross holds no image file"),
+             (broken, "bad.png: cannot identify image file"), (control, "cannot be a caption")]
+    (tmp_path / "nothing").mkdir()
+    for folder, match in cases:
+        _refused(capsys, "train", "--preset", "tiny", "--data", folder, "--out", "m.pt",
+                 "--logdir", "runs", match=match)
+    _refused(capsys, "train", "--preset", "tiny", "--data", "", "--out", "m.pt", match="empty path")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "runs").exists()
+
+
+def test_resume_and_lora_refuse_classes_the_checkpoint_does_not_know(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = _shapes_folder(tmp_path / "shapes", n=24)
+    _ran(capsys, "train", "--preset", "tiny", "--data", data, "--max-steps", "2", "--out", "m.pt",
+         "--logdir", "runs", "--save-every", "1")
+    before = (tmp_path / "m.pt").read_bytes()
+    other = _shapes_folder(tmp_path / "other", classes=("circle", "cross", "square"), n=9)
+    _refused(capsys, "train", "--resume", "--data", other, "--out", "m.pt", "--max-steps", "4",
+             "--logdir", "runs", match="holds the classes circle, cross, square; m.pt was trained "
+                                       "on circle, square, triangle")
+    _refused(capsys, "lora_finetune", "--base", "m.pt", "--data", other, "--out", "l.pt",
+             match="the model has no class 'cross'")
+    _refused(capsys, "lora_finetune", "--base", "m.pt", "--out", "l.pt",
+             match="not trained on MNIST's digits")
+    _refused(capsys, "evaluate", "--ckpt", "m.pt", "--n", "10", match="need a classifier of that data")
+    # a subset of the base's classes is fine for LoRA: one class, by its name
+    subset = _shapes_folder(tmp_path / "subset", classes=("square",), n=8)
+    _ran(capsys, "lora_finetune", "--base", "m.pt", "--data", subset, "--out", "l.safetensors",
+         "--max-steps", "2")
+    _ran(capsys, "denoise", "--ckpt", "m.pt", "--lora", "l.safetensors:0.5", "--digits", "square",
+         "--out", "g.png")
+    assert (tmp_path / "m.pt").read_bytes() == before and not (tmp_path / "l.pt").exists()
+
+
+def test_files_of_the_wrong_kind_and_paths_that_name_folders_are_refused(work, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(work)
+    before = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
+    _ran(capsys, "export_checkpoint", "model.pt", tmp_path / "export.pt")
+    _refused(capsys, "train", "--resume", "--out", tmp_path / "export.pt", "--logdir", tmp_path / "r",
+             match="so it cannot be resumed")
+    _refused(capsys, "train", "--preset", "tiny", "--out", tmp_path / "m.safetensors",
+             match="a training checkpoint is a .pt file")
+    ckpt = torch.load(work / "model.pt", weights_only=True)
+    torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}},
+               tmp_path / "damaged.pt")
+    _refused(capsys, "train", "--resume", "--out", tmp_path / "damaged.pt", "--max-steps", "20",
+             "--logdir", tmp_path / "r", match="its optimizer cannot be restored")
+    np.save(tmp_path / "s.npy", np.zeros((10, 28, 28), dtype=np.uint8))
+    _refused(capsys, "evaluate", "--npz", tmp_path / "s.npy", match="no zip of arrays")
+    for flag, value, match in (("--out", "", "empty path"), ("--out", "new/", "names a folder"),
+                               ("--out", ".", "names a folder"), ("--npz", "x/", "names a folder"),
+                               ("--gif", "", "empty path"), ("--ckpt", "", "empty path")):
+        _refused(capsys, "denoise", "--ckpt", "model.pt", flag, value, match=match)
+    _refused(capsys, "train", "--preset", "tiny", "--out", "fresh/", match="names a folder")
+    _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "", match="empty path")
+    _refused(capsys, "export_checkpoint", "model.pt", "out/", match="names a folder")
+    assert not (work / "new").exists() and not (work / "fresh").exists()
+    # one adapter under two spellings, or through a link: refused, never applied twice
+    (tmp_path / "link.pt").symlink_to(work / "lora.pt")
+    for second in ("./lora.pt:0.5", str(tmp_path / "link.pt")):
+        _refused(capsys, "denoise", "--ckpt", "model.pt", "--lora", "lora.pt", "--lora", second,
+                 "--out", tmp_path / "g.png", match="one file given twice")
+    assert {p: (work / p).read_bytes() for p in before} == before
+    assert not (tmp_path / "g.png").exists()
