@@ -69,7 +69,8 @@ def make_bad_inputs(d: Path) -> None:
              "version": ({**meta, "format": "diffusion101/model/0"}, weights),
              "dtype": (meta, {**weights, "output.bias": weights["output.bias"].half()}),
              "nan": (meta, {**weights, "output.bias": weights["output.bias"] * float("nan")}),
-             "name": (meta, {**weights, "extra.weight": torch.ones(1)})}
+             "name": (meta, {**weights, "extra.weight": torch.ones(1)}),
+             "shape": (meta, {**weights, "output.bias": torch.ones(5)})}
     for name, (metadata, tensors) in files.items():
         (d / f"{name}.safetensors").write_bytes(safetensors_bytes(tensors, metadata))
     lora = torch.load(d / "lora.pt", weights_only=True)
@@ -110,6 +111,7 @@ FILE_CASES = [
     (".safetensors with a float16 tensor", "denoise", ["--ckpt", "dtype.safetensors", "--out", "grid.png"], None),
     (".safetensors with a NaN weight", "denoise", ["--ckpt", "nan.safetensors", "--out", "grid.png"], None),
     (".safetensors with a tensor the model lacks", "denoise", ["--ckpt", "name.safetensors", "--out", "grid.png"], None),
+    (".safetensors with a tensor of another shape", "denoise", ["--ckpt", "shape.safetensors", "--out", "grid.png"], None),
     (".safetensors adapter of another base", "denoise", ["--ckpt", "model.safetensors", "--lora",
      "foreign.safetensors", "--out", "grid.png"], None),
     ("training --out .safetensors", "train", ["--preset", "tiny", "--out", "model.safetensors"], None),

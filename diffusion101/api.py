@@ -47,7 +47,12 @@ def sample(model: Model, digits=None, n: int = 1, seed: int = 0, sampler: str | 
     options left at None keep the checkpoint's defaults (model.config.sample); `grid` is the
     old name of timestep_spacing."""
     names = class_names(model.config.model)
-    labels = list(range(len(names))) if digits is None else class_labels(list(digits), names)
+    if digits is None:
+        labels = list(range(len(names)))
+    else:  # one class ('circle', 3) or several
+        one = isinstance(digits, str) or getattr(digits, "ndim", 1) == 0 \
+            or not hasattr(digits, "__iter__")
+        labels = class_labels([digits] if one else list(digits), names)
     check_range("n", n, 1, 1_000_000, integer=True)
     check_range("seed", seed, 0, SEED_MAX, integer=True)
     sample_cfg = resolve_sampler(model.config, sampler=sampler, steps=steps, guidance=guidance,

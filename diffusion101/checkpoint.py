@@ -73,7 +73,8 @@ def save(obj: dict, path) -> None:
 
 
 def is_safetensors(path: Path) -> bool:
-    """Named .safetensors, or laid out as one: an 8-byte header length, then a JSON header."""
+    """Named .safetensors, or laid out as one whatever the name: an 8-byte header length, then
+    the JSON header's opening brace, the header inside the file. (A torch file is a zip: 'PK'.)"""
     if path.suffix == SAFETENSORS:
         return True
     with open(path, "rb") as f:
@@ -125,7 +126,8 @@ def load(path, what: str = "checkpoint") -> dict:
                         f"which could run code on load, so it is refused; {CONVERT_HINT}") from None
     except PermissionError:
         raise UserError(f"{what} {path} cannot be read (permission denied)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError):
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
+            safetensors.SafetensorError):  # (torch.load reads some files through safetensors)
         raise UserError(f"{what} {path} is truncated or corrupt and cannot be read") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} is not a Diffusion-101 file (no dict inside)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from dataclasses import dataclass, field
 
 
@@ -206,6 +207,8 @@ def _set_field(sub, section: str, name: str, value):
         raise UserError(f"unknown config field '{section}.{name}' (known: {', '.join(fields)})")
     default = getattr(type(sub)(), name)
     if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):  # tuple("abc") would be three names
+            raise UserError(f"{section}.{name} must be a list, not {value!r}")
         value = tuple(value)
     setattr(sub, name, value)
 
@@ -394,6 +397,16 @@ def check_class_name(name: str, where: str) -> None:
                         f"space")
 
 
+def _as_label(c) -> int:
+    """An integer of any kind as an int; -1 for anything else (True is no label)."""
+    if isinstance(c, (str, bool)):
+        return -1
+    try:
+        return operator.index(c)
+    except TypeError:
+        return -1
+
+
 def class_labels(classes, names: tuple, where: str = "digits") -> list:
     """The labels of `classes`, each a label (an int) or a class name; a name wins over a
     number, so a folder whose classes are '1', '2', '3' is sampled by those names."""
@@ -403,8 +416,8 @@ def class_labels(classes, names: tuple, where: str = "digits") -> list:
             labels.append(names.index(c))
         elif isinstance(c, str) and c.isascii() and c.isdecimal() and int(c) < len(names):
             labels.append(int(c))
-        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
-            labels.append(c)
+        elif 0 <= _as_label(c) < len(names):  # an int, a numpy or torch integer
+            labels.append(_as_label(c))
         else:
             shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
             raise UserError(f"{where}: {c!r} is no class of this model (labels 0-"

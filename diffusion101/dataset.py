@@ -185,7 +185,7 @@ def load_image_folder(root, img_size: int, channels: int = 1, known=None,
     is refused."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"image folder not found: {root}")
+        raise UserError(f"image folder {'is a file' if root.exists() else 'not found'}: {root}")
     names = _class_folders(root)
     if len(names) < min_classes:
         raise UserError(f"{root} holds {len(names)} class sub-folder(s) {names}; at least "

@@ -102,3 +102,6 @@ def test_a_model_of_named_rgb_classes_samples_by_name(tmp_path):
     assert images.shape == (4, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, d.sample(model, digits=[2, "circle"], n=2, seed=3))
     assert d.sample(model, seed=3).shape == (3, 16, 16, 3)  # every class by default
+    one = d.sample(model, digits="square", seed=3)  # one name is one class, not its letters
+    assert one.shape == (1, 16, 16, 3) and torch.equal(one, d.sample(model, digits=1, seed=3))
+    assert torch.equal(one, d.sample(model, digits=[torch.tensor(1)], seed=3))

@@ -72,7 +72,8 @@ def test_a_hand_edited_config_in_a_file_is_refused_with_the_field_name():
     for section, name, value in [("model", "num_classes", 0), ("model", "in_channels", 3),
                                  ("model", "cls_emb_dim", -1), ("model", "channels", ["a"]),
                                  ("train", "lr", float("nan")), ("sample", "guidance", "2"),
-                                 ("model", "null_class", "yes")]:
+                                 ("model", "null_class", "yes"), ("model", "channels", 8),
+                                 ("model", "class_names", "abc"), ("train", "data", 3)]:
         d = get_preset("tiny").to_dict()
         d[section][name] = value
         with pytest.raises(UserError, match=f"{section}.{name}"):

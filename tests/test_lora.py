@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
@@ -159,3 +160,21 @@ def test_a_hand_edited_adapter_file_is_refused_with_the_field(tmp_path):
     checkpoint.save(adapter, tmp_path / "a.pt")
     with pytest.raises(UserError, match=r"lora\.r must be an integer"):
         checkpoint.load_lora_file(tmp_path / "a.pt")
+
+
+def test_a_safetensors_adapter_round_trips_and_refuses_another_base(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    adapter = checkpoint.lora_file(get_preset("tiny"), {"a.lora_a": torch.ones(4, 2),
+                                                        "a.lora_b": torch.zeros(2, 3)},
+                                   2, 1.0, ["w_q"], "f" * 64, 7)
+    checkpoint.save(adapter, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["lora_config"]) == {"r": 2, "alpha": 1.0, "targets": ["w_q"]}
+    assert json.loads(meta["base_fingerprint"]) == "f" * 64 and meta["format"] == checkpoint.LORA_FORMAT
+    back = checkpoint.load_lora_file(tmp_path / "a.safetensors")
+    assert back["steps"] == 7 and torch.equal(back["lora"]["a.lora_a"], torch.ones(4, 2))
+    with pytest.raises(UserError, match="trained on another base model"):
+        apply_lora_file(nn.Linear(4, 3), back, "0" * 64, "a.safetensors")
