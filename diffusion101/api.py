@@ -14,10 +14,10 @@ from os import PathLike
 
 import torch
 
+from . import denoise
 from .config import SEED_MAX, UserError, check_range, check_strength, class_labels, class_names
-from .denoise import sample_digits
 from .diffusion import sampler_for
-from .generate import Model, load_for_sampling, resolve_sampler
+from .generate import Model, load_for_sampling, load_guide, resolve_sampler
 from .images import channels_last, to_unit
 from .model_files import default_checkpoint
 
@@ -40,12 +40,15 @@ def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) 
 def sample(model: Model, digits=None, n: int = 1, seed: int = 0, sampler: str | None = None,
            steps: int | None = None, guidance: float | None = None,
            guidance_rule: str | None = None, guidance_interval=None, eta: float | None = None,
-           timestep_spacing: str | None = None, grid: str | None = None) -> torch.Tensor:
+           timestep_spacing: str | None = None, grid: str | None = None, guide=None,
+           **rule_options) -> torch.Tensor:
     """n images of each class in `digits` (labels or class names; None: every class), float in
     [0, 1], (n * len(digits), S, S) grey or (n * len(digits), S, S, 3) RGB, ordered like the
     grid of scripts/denoise.py: repetition k of every class, then repetition k + 1. The sampler
     options left at None keep the checkpoint's defaults (model.config.sample); `grid` is the
-    old name of timestep_spacing."""
+    old name of timestep_spacing. guidance_rule="auto" takes `guide`, the guide checkpoint's
+    path; rule_options are the rules' other fields (apg_eta, apg_momentum,
+    apg_norm_threshold, guide_cfg)."""
     names = class_names(model.config.model)
     if digits is None:
         labels = list(range(len(names)))
@@ -57,7 +60,10 @@ def sample(model: Model, digits=None, n: int = 1, seed: int = 0, sampler: str | 
     check_range("seed", seed, 0, SEED_MAX, integer=True)
     sample_cfg = resolve_sampler(model.config, sampler=sampler, steps=steps, guidance=guidance,
                                  guidance_rule=guidance_rule, guidance_interval=guidance_interval,
-                                 eta=eta, timestep_spacing=timestep_spacing or grid)
+                                 eta=eta, timestep_spacing=timestep_spacing or grid,
+                                 guide=None if guide is None else str(guide), **rule_options)
     sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
-    images, _ = sample_digits(model.unet, sampler, sample_cfg, labels, n, seed, model.device)
+    images, _ = denoise.sample(model.unet, sampler, denoise.digit_labels(labels, n, model.device),
+                               sample_cfg, denoise.cpu_generator(seed),
+                               guide=load_guide(sample_cfg, model))
     return channels_last(to_unit(images))

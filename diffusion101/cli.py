@@ -187,7 +187,16 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale w")
     p.add_argument("--guidance-rule", default=None,
-                   help="how guidance combines the two predictions: cfg (guidance.RULES)")
+                   help="how guidance combines the predictions: cfg, apg or auto (guidance.py)")
+    p.add_argument("--apg-eta", type=float, default=None,
+                   help="apg: weight of the part parallel to the conditional x_0 (1: cfg)")
+    p.add_argument("--apg-momentum", type=float, default=None, help="apg: momentum, e.g. -0.5")
+    p.add_argument("--apg-threshold", type=float, default=None,
+                   help="apg: largest norm of the guidance term per image (0: none)")
+    p.add_argument("--guide", default=None, type=input_path,
+                   help="auto: the guide checkpoint, a weaker model of the same data")
+    p.add_argument("--guide-cfg", type=float, default=None,
+                   help="auto: scale of a classifier-free term beside it (1: none)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
@@ -200,7 +209,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 def sampler_options(a: argparse.Namespace) -> dict:
     """The flags of add_sampler_flags as options for generate.resolve_sampler."""
     return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
-            "guidance_rule": a.guidance_rule, "eta": a.eta,
+            "guidance_rule": a.guidance_rule, "apg_eta": a.apg_eta, "apg_momentum": a.apg_momentum,
+            "apg_norm_threshold": a.apg_threshold, "guide": a.guide, "guide_cfg": a.guide_cfg,
+            "eta": a.eta,
             "guidance_interval": parse_interval(a.guidance_interval),
             "timestep_spacing": a.timestep_spacing}
 

@@ -20,7 +20,7 @@ from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build
                   parse_digits, parse_lora_specs, resolve_device, run_cli, sampler_options)
 from .dataset import write_shapes, write_style_data
 from .files import atomic_write
-from .generate import Outputs, generate, load_for_sampling, resolve_sampler
+from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .train import Speed, saved_run_config, train as train_run, training_data
@@ -133,13 +133,15 @@ def sample(argv=None) -> None:
     device = resolve_device(a.device)
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
-    check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, **{f"--lora {p}": p for p, _ in loras}})
+    check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, "--guide": a.guide,
+                                             **{f"--lora {p}": p for p, _ in loras}})
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
     digits = parse_digits(a.digits, class_names(model.config.model))
     sample_cfg = resolve_sampler(model.config, **sampler_options(a))
+    guide = load_guide(sample_cfg, model)
     print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
           + (" (merged)" if loras and a.merge else ""))
-    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, outputs)
+    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, outputs, guide=guide)
 
 
 def evaluate(argv=None) -> None:
@@ -178,7 +180,8 @@ def evaluate(argv=None) -> None:
                                   False if a.no_ema else None)
         sample_cfg = resolve_sampler(model.config, **sampler_options(a))
         metrics = evaluation.evaluate_model(model.unet, model.config, a.n, model.device,
-                                            a.seed or 0, sample_cfg, a.batch_size)
+                                            a.seed or 0, sample_cfg, a.batch_size,
+                                            load_guide(sample_cfg, model))
         metrics["ckpt"], metrics["lora"] = str(ckpt), a.lora  # (the shipped one is a Path)
     print(evaluation.format_report(metrics))
     if a.json:

@@ -126,9 +126,19 @@ class SampleConfig:
     # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
     # interval"); elsewhere the conditional prediction alone, one forward instead of two.
     guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0)
-    # How the conditional and unconditional predictions combine (guidance.RULES): "cfg" is
-    # classifier-free guidance
-    guidance_rule: str = choice("cfg")
+    # How the predictions combine (guidance.RULES): "cfg" classifier-free guidance, "apg"
+    # adaptive projected guidance, "auto" autoguidance by a weaker guide network
+    guidance_rule: str = choice("cfg", "apg", "auto")
+    # apg: the weight of the guidance term's part parallel to the conditional x_0 (1: cfg),
+    # the momentum over the walk's guided steps (Sadat et al. use negative values), and the
+    # largest norm of the term per image (0: none)
+    apg_eta: float = num(0.0, 0.0, 1.0)
+    apg_momentum: float = num(0.0, -1.0, 1.0, above_lo=True, below_hi=True)
+    apg_norm_threshold: float = num(0.0, 0.0, 1e6)
+    # auto: the guide checkpoint (same image size, classes and noise schedule), and the scale
+    # of a classifier-free term beside it (1: none)
+    guide: str = field(default="", metadata={"text": "may be empty"})
+    guide_cfg: float = num(1.0, 0.0, 100.0)
     eta: float = num(0.0, 0.0, 1.0)  # DDIM noise: 0 deterministic, 1 DDPM-like
     # Which timesteps a few-step sampler visits: "uniform" in t down to t = 0, "logsnr" uniform
     # in log(alpha/sigma) (many small steps near the data), "trailing" uniform in t ending one
@@ -348,8 +358,8 @@ def check_field(section: str, f, value) -> None:
         if value not in f.metadata["choices"]:
             raise UserError(f"{name} must be one of {', '.join(f.metadata['choices'])}, "
                             f"not {value!r}")
-    elif "text" in f.metadata:  # a path or a name (train.data)
-        if not (isinstance(value, str) and value):
+    elif "text" in f.metadata:  # a path or a name (train.data, sample.guide)
+        if not (isinstance(value, str) and (value or f.default == "")):
             raise UserError(f"{name} must be a non-empty text, not {value!r}")
     elif "range" not in f.metadata:  # a tuple of names (lora.targets, model.class_names)
         empty_ok = "names" in f.metadata
@@ -464,6 +474,9 @@ def validate(cfg: Config) -> None:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
     if s.steps > d.timesteps:
         raise UserError(f"sample.steps must be in 1..{d.timesteps} (diffusion.timesteps)")
+    if s.guidance_rule == "auto" and not s.guide:
+        raise UserError("sample.guidance_rule=auto needs sample.guide, the guide checkpoint "
+                        "(--guide CKPT)")
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
 

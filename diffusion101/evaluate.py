@@ -111,7 +111,7 @@ def test_set_labels(n: int) -> torch.Tensor:
 
 
 def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
-                    batch_size: int = 0):
+                    batch_size: int = 0, guide=None):
     """n digits in the test set's proportions from a model in eval mode, in batches, with the
     sampler options `sample_cfg` (a config.SampleConfig; default the model's own, cfg.sample);
     returns (images, labels, seconds)."""
@@ -125,7 +125,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
     out = []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
-        images, _ = sample(model, sampler, chunk.to(device), sample_cfg, generator)
+        images, _ = sample(model, sampler, chunk.to(device), sample_cfg, generator, guide=guide)
         out.append(images.cpu())
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -134,7 +134,8 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
 
 # What the metrics record of the sampler (sample.use_ema is left out: --no-ema overrides it).
 SAMPLING_FIELDS = ("sampler", "steps", "guidance", "guidance_rule", "guidance_interval", "eta",
-                   "timestep_spacing")
+                   "timestep_spacing", "apg_eta", "apg_momentum", "apg_norm_threshold", "guide",
+                   "guide_cfg")
 
 
 def require_digits(cfg) -> None:
@@ -148,12 +149,13 @@ def require_digits(cfg) -> None:
 
 
 def evaluate_model(model, cfg, n: int, device, seed: int, sample_cfg=None,
-                   batch_size: int = 0) -> dict:
-    """Generate n digits with the sampler options `sample_cfg` (default cfg.sample) and score
-    them; the metrics carry those options too."""
+                   batch_size: int = 0, guide=None) -> dict:
+    """Generate n digits with the sampler options `sample_cfg` (default cfg.sample; `guide`:
+    the guide network of its rule auto) and score them; the metrics carry those options too."""
     require_digits(cfg)
     sample_cfg = sample_cfg or cfg.sample
-    images, labels, seconds = generate_images(model, cfg, n, device, seed, sample_cfg, batch_size)
+    images, labels, seconds = generate_images(model, cfg, n, device, seed, sample_cfg, batch_size,
+                                              guide)
     metrics = score(images, labels, device)
     sampling = {name: getattr(sample_cfg, name) for name in SAMPLING_FIELDS}
     metrics.update(sampling, guidance_interval=list(sample_cfg.guidance_interval),
@@ -197,8 +199,10 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
 
 def format_report(m: dict) -> str:
     spacing = m.get("timestep_spacing", "uniform")
+    rule = m.get("guidance_rule", "cfg")
     lines = [f"n = {m['n']}" + (f", sampler {m['sampler']}, {m['steps']} steps, guidance "
-                                f"{m['guidance']}" if "sampler" in m else "")
+                                f"{m['guidance']}" + (f" ({rule})" if rule != "cfg" else "")
+                                if "sampler" in m else "")
              + interval_text(m.get("guidance_interval", EVERY_STEP))
              + (f", {spacing} timestep spacing" if spacing != "uniform" and m.get("sampler") != "ddpm" else ""),
              f"conditional accuracy: {100 * m['accuracy']:.2f}%"

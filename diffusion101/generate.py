@@ -13,9 +13,9 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config, SampleConfig, UserError, class_names, interval_text, validate
-from .files import same_file
-from .denoise import sample_digits
+from .denoise import Guide, cpu_generator, digit_labels, sample
 from .diffusion import sampler_for
+from .files import same_file
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora
 from .model_files import load_model
@@ -71,6 +71,29 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     return Model(unet.to(device).eval(), cfg, device)  # eval: BatchNorm's running statistics
 
 
+def load_guide(sample_cfg: SampleConfig, model: Model) -> Guide | None:
+    """The guide network that sample_cfg's rule needs (autoguidance), loaded like the model
+    (EMA weights when its file has them) onto the model's device; None for the other rules. A
+    guide must draw what the model draws at the same noise levels: the same image size,
+    channels, classes and noise schedule (its prediction, eps or v, may differ)."""
+    if sample_cfg.guidance_rule != "auto":
+        return None
+    guide = load_for_sampling(sample_cfg.guide, model.device, log=lambda *a: None)
+    mine, its = model.config, guide.config
+    for what, a, b in (("image size", mine.model.img_size, its.model.img_size),
+                       ("channels", mine.model.in_channels, its.model.in_channels),
+                       ("classes", class_names(mine.model), class_names(its.model))):
+        if a != b:
+            raise UserError(f"guide {sample_cfg.guide} has another {what} ({b}) than the model "
+                            f"({a}); a guide must draw the same images")
+    schedule = ("timesteps", "schedule", "beta_start", "beta_end")
+    if any(getattr(mine.diffusion, k) != getattr(its.diffusion, k) for k in schedule):
+        raise UserError(f"guide {sample_cfg.guide} was trained on another noise schedule "
+                        f"({', '.join(f'{k}={getattr(its.diffusion, k)}' for k in schedule)}); "
+                        f"its x_t would mean other noise levels")
+    return Guide(guide.unet, its.diffusion.prediction)
+
+
 def resolve_sampler(cfg: Config, **options) -> SampleConfig:
     """The SampleConfig to sample with: the checkpoint's own (cfg.sample), with the options
     given (any SampleConfig field; None: keep). A sampler other than the checkpoint's gets all
@@ -81,24 +104,30 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
         chosen["steps"] = cfg.diffusion.timesteps if sampler == "ddpm" else 25
     if "guidance_interval" in chosen:
         chosen["guidance_interval"] = tuple(chosen["guidance_interval"])
+    known = {f.name for f in dataclasses.fields(SampleConfig)}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise UserError(f"unknown sampler option '{unknown[0]}' (known: {', '.join(sorted(known))})")
     result = dataclasses.replace(cfg.sample, **chosen)
     validate(dataclasses.replace(cfg, sample=result))
     return result
 
 
 def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: int, seed: int,
-             outputs: Outputs, log=print) -> torch.Tensor:
+             outputs: Outputs, log=print, guide: Guide | None = None) -> torch.Tensor:
     """Sample n_per_digit images of each of `digits` and write what `outputs` names: the grid
     (a column per digit, a row per repetition), the npz of samples, and the walk of the first
     row from noise to the result, as the progression figure and as the GIF. Returns the
     images, (N, C, S, S) in about [-1, 1]."""
     sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
+    rule = "" if sample_cfg.guidance_rule == "cfg" else f" ({sample_cfg.guidance_rule})"
     log(f"sampling {len(digits) * n_per_digit} images: {sample_cfg.sampler}, {sample_cfg.steps} "
-        f"steps, guidance {sample_cfg.guidance}{interval_text(sample_cfg.guidance_interval)} "
-        f"on {model.device}")
+        f"steps, guidance {sample_cfg.guidance}{rule}"
+        f"{interval_text(sample_cfg.guidance_interval)} on {model.device}")
     start = time.perf_counter()
-    images, frames = sample_digits(model.unet, sampler, sample_cfg, digits, n_per_digit, seed,
-                                   model.device, PROGRESS_FRAMES)
+    labels = digit_labels(digits, n_per_digit, model.device)
+    images, frames = sample(model.unet, sampler, labels, sample_cfg, cpu_generator(seed),
+                            PROGRESS_FRAMES, guide)
     log(f"sampled in {time.perf_counter() - start:.2f} s")
     paths = {flag: Path(p) for flag, p in outputs.by_flag().items() if p is not None}
     for path in paths.values():

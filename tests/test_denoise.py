@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from diffusion101.config import UserError, get_preset
-from diffusion101.denoise import guided, guided_at, sample, sample_digits
-from diffusion101.diffusion import DDPMScheduler, make_scheduler
+from diffusion101.config import SampleConfig, UserError, get_preset
+from diffusion101.denoise import (Guide, cpu_generator, digit_labels, guided, guided_at, sample,
+                                  sample_digits)
+from diffusion101.diffusion import DDPMScheduler, NoiseSchedule, make_scheduler
 from diffusion101.unet import UNet
 
 
@@ -83,9 +84,10 @@ def test_guidance_one_is_the_conditional_prediction(norm):
     with torch.no_grad():
         cond = model(x, t, y)
         uncond = model(x, t, torch.full_like(y, 10))
-        assert torch.allclose(guided(model, x, t, y, 1.0), cond, atol=1e-5)
-        assert torch.allclose(guided(model, x, t, y, 0.0), uncond, atol=1e-5)
-        assert torch.allclose(guided(model, x, t, y, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
+        schedule = NoiseSchedule(get_preset("tiny").diffusion)
+        for w, want in ((1.0, cond), (0.0, uncond), (3.0, uncond + 3 * (cond - uncond))):
+            out = guided(model, x, t, y, SampleConfig(guidance=w), schedule)
+            assert torch.allclose(out, want, atol=1e-5)
 
 
 def test_guidance_needs_a_null_class():
@@ -129,3 +131,23 @@ def test_empty_guidance_interval_is_the_conditional_sampler():
     full, _ = sample_digits(model, sched, _ddim10(guidance=3.0)[1], [1, 2, 3], 1, seed=0,
                             device="cpu")
     assert torch.equal(plain, none) and not torch.allclose(plain, full, atol=1e-3)
+
+
+def test_a_walk_guided_by_the_model_itself_is_the_conditional_walk():
+    model = _guided_model("group")
+    cfg = get_preset("tiny")
+    cfg.diffusion.prediction = "v"
+    sched = make_scheduler("ddim", cfg.diffusion, steps=10)
+    plain = SampleConfig(sampler="ddim", steps=10)
+    auto = dataclasses.replace(plain, guidance=3.0, guidance_rule="auto", guide="self")
+    a, _ = sample_digits(model, sched, plain, [1, 5], 1, seed=2, device="cpu")
+    b, _ = sample(model, sched, digit_labels([1, 5], 1, "cpu"), auto, cpu_generator(2),
+                  guide=Guide(model, "v"))
+    assert torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(UserError, match="needs a guide network"):
+        sample_digits(model, sched, auto, [1], 1, seed=2, device="cpu")
+    # apg's momentum lives for one walk: the same walk twice gives the same images
+    apg = dataclasses.replace(plain, guidance=3.0, guidance_rule="apg", apg_momentum=-0.5)
+    c, _ = sample_digits(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
+    d, _ = sample_digits(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
+    assert torch.equal(c, d) and not torch.allclose(a, c, atol=1e-3)

@@ -26,7 +26,12 @@ def test_options_left_at_none_keep_the_checkpoints_and_another_sampler_gets_its_
     assert resolve_sampler(cfg, sampler="ddpm").steps == cfg.diffusion.timesteps
     assert resolve_sampler(cfg, timestep_spacing="logsnr", guidance_rule="cfg").timestep_spacing == "logsnr"
     with pytest.raises(UserError, match="sample.guidance_rule"):
-        resolve_sampler(cfg, guidance_rule="apg")
+        resolve_sampler(cfg, guidance_rule="xyz")
+    assert resolve_sampler(cfg, guidance_rule="apg", apg_eta=0.5).apg_eta == 0.5
+    with pytest.raises(UserError, match="unknown sampler option 'apg_beta'"):
+        resolve_sampler(cfg, apg_beta=0.5)
+    with pytest.raises(UserError, match="needs sample.guide"):
+        resolve_sampler(cfg, guidance_rule="auto")
 
 
 def test_old_configs_with_sample_grid_read_as_timestep_spacing():
@@ -54,3 +59,35 @@ def test_the_shipped_checkpoints_grid_and_npz_are_byte_identical(tmp_path):
     assert images.shape == (10, 1, 28, 28)
     for name, digest in SHIPPED_OUTPUTS.items():
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
+
+
+def _tiny_file(path, **change):
+    """A tiny model file with fields of its config changed ('model.img_size': 32, ...)."""
+    from diffusion101 import checkpoint
+    from diffusion101.unet import UNet
+    cfg = get_preset("tiny")
+    for key, value in change.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    torch.manual_seed(0)
+    checkpoint.save(checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict()}), path)
+    return str(path)
+
+
+def test_a_guide_must_draw_the_same_images_at_the_same_noise_levels(tmp_path):
+    from diffusion101.generate import load_guide
+    model = load_for_sampling(_tiny_file(tmp_path / "m.pt"), "cpu", log=lambda *a: None)
+    v_guide = _tiny_file(tmp_path / "v.pt", **{"diffusion.prediction": "v"})
+    guide = load_guide(resolve_sampler(model.config, guidance_rule="auto", guide=v_guide), model)
+    assert guide.prediction == "v" and not guide.net.training  # another prediction is fine
+    assert load_guide(resolve_sampler(model.config, guidance_rule="apg"), model) is None
+    bad = {"size": ({"model.img_size": 32, "model.channels": (8, 16)}, "another image size"),
+           "classes": ({"model.num_classes": 12}, "another classes"),
+           "schedule": ({"diffusion.schedule": "cosine"}, "another noise schedule"),
+           "length": ({"diffusion.timesteps": 200}, "another noise schedule")}
+    for name, (change, match) in bad.items():
+        path = _tiny_file(tmp_path / f"{name}.pt", **change)
+        with pytest.raises(UserError, match=match):
+            load_guide(resolve_sampler(model.config, guidance_rule="auto", guide=path), model)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_guide(resolve_sampler(model.config, guidance_rule="auto", guide="absent.pt"), model)

@@ -422,3 +422,31 @@ def test_files_of_the_wrong_kind_and_paths_that_name_folders_are_refused(work, t
                  "--out", tmp_path / "g.png", match="one file given twice")
     assert {p: (work / p).read_bytes() for p in before} == before
     assert not (tmp_path / "g.png").exists()
+
+
+def test_guidance_rules_from_the_command_line_and_in_an_export(work, tmp_path, capsys,
+                                                              monkeypatch):
+    import json
+
+    from safetensors import safe_open
+    monkeypatch.chdir(work)
+    common = ["--ckpt", "model.pt", "--digits", "2,5", "--seed", "3", "--sampler", "ddim",
+              "--steps", "5"]
+    _ran(capsys, "denoise", *common, "--out", tmp_path / "plain.png", "--npz", tmp_path / "p.npz")
+    out = _ran(capsys, "denoise", *common, "--guidance-rule", "auto", "--guide", "model.pt",
+               "--guidance", "3", "--out", tmp_path / "auto.png", "--npz", tmp_path / "a.npz")
+    assert "guidance 3.0 (auto)" in out
+    a, b = np.load(tmp_path / "p.npz")["images"], np.load(tmp_path / "a.npz")["images"]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # guided by itself: unguided
+    _refused(capsys, "denoise", *common, "--guidance-rule", "auto", "--out", tmp_path / "x.png",
+             match="needs sample.guide")
+    _refused(capsys, "denoise", *common, "--apg-eta", "2", "--out", tmp_path / "x.png",
+             match="sample.apg_eta must be a finite number in [0, 1]")
+    _refused(capsys, "denoise", *common, "--guidance-rule", "apg", "--guidance", "2",
+             "--out", tmp_path / "x.png", match="needs a model trained with a null class")
+    _ran(capsys, "export_checkpoint", "model.pt", tmp_path / "e.safetensors", "--set",
+         "sample.guidance_rule=apg", "--set", "sample.apg_eta=0.25", "--set", "sample.apg_momentum=-0.5")
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
+        sample_section = json.loads(f.metadata()["config"])["sample"]
+    assert sample_section["guidance_rule"] == "apg" and sample_section["apg_eta"] == 0.25
+    assert sample_section["apg_momentum"] == -0.5
