@@ -1,6 +1,6 @@
 """The command-line programs: each reads its flags and calls the package. pyproject.toml
 declares them as commands (diffusion101-train, -finetune, -sample, -evaluate, -export,
--convert, -make-style-data, -make-shapes, -train-classifier); scripts/*.py run the same functions.
+-convert, -make-style-data, -make-shapes, -train-classifier, -posthoc-ema); scripts/*.py run the same functions.
 
 Each function takes argv (None: sys.argv) and raises UserError for bad input; the *_command
 entry points wrap them in cli.run_cli, which turns that into one line on stderr and exit 2.
@@ -23,6 +23,7 @@ from .files import atomic_write
 from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
+from .posthoc_ema import export_rebuilt, snapshot_folder
 from .train import Speed, saved_run_config, train as train_run, training_data
 
 
@@ -65,8 +66,9 @@ def train(argv=None) -> None:
                         f"optimizer and RNG states); export it as .safetensors afterwards")
     data = training_data(cfg)  # a folder's classes set the model's labels: before any file
     logdir = a.logdir or f"runs/{preset}"
+    snapshots = snapshot_folder(a.out) if cfg.train.snapshot_every else None
     check_outputs({"--out": a.out}, inputs={"--data": data_path(cfg.train.data)},
-                  folders={"--logdir": logdir})
+                  folders={"--logdir": logdir, "the snapshot folder": snapshots})
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
         lock_output(a.out)  # one run per checkpoint file, for the whole run
     train_run(cfg, preset, a.out, logdir, device, resume=a.resume, data=data)
@@ -286,6 +288,22 @@ def data_path(spec: str):
     return None if spec == "mnist" else spec
 
 
+def posthoc_ema(argv=None) -> None:
+    """Rebuild the EMA of any decay from a run's weight snapshots (train.snapshot_every), as a
+    sampling-only model file: the averaging length chosen after training (post-hoc EMA).
+
+      diffusion101-posthoc-ema model.snapshots ema.pt --decay 0.999
+    """
+    p = Parser(description=posthoc_ema.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("snapshots", type=input_path, help="the run's snapshot folder (<out>.snapshots)")
+    p.add_argument("out", type=file_name, help="the model file to write (.pt or .safetensors)")
+    p.add_argument("--decay", type=float, required=True, help="the EMA decay, in [0, 1)")
+    a = p.parse_args(argv)
+    check_number("--decay", a.decay, 0.0, 0.999999)
+    check_outputs({"out": a.out}, inputs={"snapshots": a.snapshots})
+    export_rebuilt(a.snapshots, a.decay, a.out)
+
+
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
 def _entry(main):
     def command() -> int:
@@ -303,3 +321,4 @@ convert_command = _entry(convert)
 make_style_data_command = _entry(make_style_data)
 make_shapes_command = _entry(make_shapes)
 train_classifier_command = _entry(train_evaluation_classifier)
+posthoc_ema_command = _entry(posthoc_ema)

@@ -96,6 +96,9 @@ class TrainConfig:
     # Past the reference (all off there):
     p_uncond: float = num(0.0, 0.0, 1.0, below_hi=True)  # label -> null class (CFG)
     ema_decay: float = num(0.0, 0.0, 1.0, below_hi=True)  # 0: no EMA
+    # Keep the raw weights at step 0 and every N steps in <out>.snapshots/, to rebuild the EMA
+    # of any decay afterwards (posthoc_ema.py) and to guide by an earlier point (0: none)
+    snapshot_every: int = num(0, 0, BIG)
     # Min-SNR-gamma loss weighting (Hang et al. 2023): each timestep's loss weighted so that
     # it counts as min(SNR, gamma) times the error in x_0; 0: unweighted
     snr_gamma: float = num(0.0, 0.0, 1e6)

@@ -4,7 +4,8 @@ shadow <- d * shadow + (1 - d) * weights after every optimizer step, with the wa
 d = min(decay, (1 + step) / (10 + step)): early on the weights move fast, and an average over
 a long window would keep mixing in the random initialisation, so a short run would sample
 from weights that are still mostly noise. Buffers (such as BatchNorm's running statistics) are
-copied, since averaging counters makes no sense.
+copied, since averaging counters makes no sense. The same average can be rebuilt after
+training, for any decay, from snapshots of the weights (posthoc_ema.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import copy
 
 import torch
 from torch import nn
+
+
+def decay_at(decay: float, step: int) -> float:
+    """The decay of update number `step` (0-based): `decay`, less during the warm-up."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 class EMA:
@@ -22,7 +28,7 @@ class EMA:
             p.requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return decay_at(self.decay, step)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:

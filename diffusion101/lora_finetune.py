@@ -80,7 +80,8 @@ def finetune_recipe(cfg, seed: int, steps_per_epoch: int):
     return dataclasses.replace(
         cfg.train, lr=lora_cfg.lr, lr_schedule="constant", grad_clip=0.0, ema_decay=0.0,
         batch_size=lora_cfg.batch_size, epochs=epochs, max_steps=lora_cfg.max_steps,
-        max_minutes=0.0, seed=seed, save_every=0, eval_every_steps=0, grid_every=0)
+        max_minutes=0.0, seed=seed, save_every=0, eval_every_steps=0, grid_every=0,
+        snapshot_every=0)
 
 
 def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, data="mnist",

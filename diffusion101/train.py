@@ -26,6 +26,7 @@ from .denoise import sample_digits
 from .diffusion import NoiseSchedule, sampler_for
 from .ema import EMA
 from .evaluate import evaluate_model
+from .posthoc_ema import save_snapshot, snapshot_folder
 from .images import grid_image
 from .rng import rng_state, seed_everything, set_rng_state
 from .unet import UNet, count_parameters
@@ -280,6 +281,8 @@ class Trainer:
                 self.log_loss(loss)
                 if every(recipe.save_every, state.step):
                     self.save()
+                if every(recipe.snapshot_every, state.step):
+                    self.snapshot()
                 if every(recipe.eval_every_steps, state.step):
                     self.evaluate()
                 stop = self.out_of_budget()
@@ -343,6 +346,14 @@ class Trainer:
         if run.main:
             checkpoint.save(self.saved, run.out)
         run.last_saved = state.step
+
+    def snapshot(self) -> None:
+        """The raw weights as they stand, into <out>.snapshots/ (the main process writes), for
+        post-hoc EMA and autoguidance."""
+        run = self.run
+        if run.main and run.out is not None:
+            save_snapshot(self.state.model, run.cfg, run.preset, self.state.step,
+                          snapshot_folder(run.out))
 
     def evaluate(self) -> None:
         """Accuracy and FID of a small sample into TensorBoard (the main process only), with
@@ -483,6 +494,8 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     if run.writer is not None:  # what differs between two runs, beside their curves
         run.writer.add_text("config", f"preset `{preset}`\n\n```\n{cfg}\n```", state.step)
     state.model.train()
+    if recipe.snapshot_every and state.step == 0:
+        trainer.snapshot()  # the first weights, where every EMA starts
     try:
         trainer.fit()
     except NonFiniteLoss as e:
