@@ -1,14 +1,22 @@
-"""Sampler sweeps for docs/EXPERIMENTS.md: conditional accuracy, FID and time for a range of
-guidance scales or step counts, each row measured with the evaluation of scripts/evaluate.py.
+"""Sampler sweeps for docs/EXPERIMENTS.md: conditional accuracy, FID, ink and time for a range of
+guidance scales, step counts, guidance rules and (from a run's snapshots) EMA decays, each row
+measured with the evaluation of scripts/evaluate.py.
 
   python benchmarks/sweep.py --ckpt model.pt --n 2000 --guidance 1,1.5,2,3,4
   python benchmarks/sweep.py --ckpt model.pt --n 2000 --sampler dpm --steps 10,25,50,100
   python benchmarks/sweep.py --ckpt model.pt --n 1000 --guidance 2,3 --intervals 0:1,0.1:0.7
+  # rule x w x EMA decay, the EMA rebuilt from the run's snapshots (train.snapshot_every):
+  python benchmarks/sweep.py --ckpt model.pt --snapshots model.snapshots --decays 0.99,0.999 \\
+      --rules cfg,apg --guidance 1.5,2,3 --apg 0:-0.5:0 --plot sweep.png
+  # autoguidance by an earlier snapshot of the same run (its step), with a cfg term:
+  python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 300,600 --guide-cfg 1,1.5
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -16,8 +24,79 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion101 import checkpoint  # noqa: E402
+from diffusion101.denoise import Guide  # noqa: E402
+from diffusion101.evaluate import generate_images, score  # noqa: E402
 from diffusion101.generate import load_for_sampling  # noqa: E402
-from diffusion101.evaluate import evaluate_model  # noqa: E402
+from diffusion101.images import to_unit  # noqa: E402
+from diffusion101.posthoc_ema import rebuild  # noqa: E402
+
+
+def floats(text, default):
+    return [float(v) for v in text.split(",")] if text else default
+
+
+def rule_settings(a) -> list:
+    """(label, sampler options) of every rule setting asked for."""
+    out = []
+    for rule in a.rules.split(","):
+        if rule == "apg":
+            for spec in a.apg.split(","):
+                eta, momentum, threshold = (float(v) for v in spec.split(":"))
+                out.append((f"apg eta {eta:g}, momentum {momentum:g}, r {threshold:g}",
+                            {"guidance_rule": "apg", "apg_eta": eta, "apg_momentum": momentum,
+                             "apg_norm_threshold": threshold}))
+        elif rule == "auto":
+            for step, w_cfg in itertools.product(a.guides.split(","), floats(a.guide_cfg, [1.0])):
+                out.append((f"auto, guide step {step}, cfg term {w_cfg:g}",
+                            {"guidance_rule": "auto", "guide": step, "guide_cfg": w_cfg}))
+        else:
+            out.append((rule, {"guidance_rule": rule}))
+    return out
+
+
+def weights_by_decay(a, model) -> list:
+    """(label, state dict) of the model's own weights, or of each EMA decay rebuilt."""
+    if not a.snapshots:
+        return [("as saved", model.state_dict())]
+    return [(f"{d:g}", rebuild(a.snapshots, d)[0]) for d in floats(a.decays, [])]
+
+
+def guide_for(options: dict, a):
+    """The guide network of an auto setting: the run's snapshot at that step (raw weights)."""
+    if options.get("guidance_rule") != "auto":
+        return None
+    folder = Path(a.snapshots or Path(a.ckpt).with_suffix(".snapshots"))
+    path = folder / f"step_{int(options['guide']):07d}.pt"
+    guide = load_for_sampling(path, "cpu", log=lambda *x: None)
+    return Guide(guide.unet, guide.config.diffusion.prediction)
+
+
+def measure(model, cfg, sc, a, guide) -> dict:
+    images, labels, seconds = generate_images(model, cfg, a.n, "cpu", a.seed, sc, 0, guide)
+    m = score(images, labels)
+    m.update(ink=float(to_unit(images).mean()), seconds=seconds)
+    return m
+
+
+def plot(rows: list, path: str) -> None:
+    """FID against accuracy, one curve (over w) per rule setting and EMA decay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, group in itertools.groupby(rows, key=lambda r: (r["rule"], r["decay"])):
+        group = sorted(group, key=lambda r: r["w"])
+        ax.plot([100 * r["accuracy"] for r in group], [r["fid"] for r in group], "o-",
+                label=f"{key[0]}; EMA {key[1]}")
+        for r in group:
+            ax.annotate(f"{r['w']:g}", (100 * r["accuracy"], r["fid"]), fontsize=7)
+    ax.set_xlabel("conditional accuracy (%)")
+    ax.set_ylabel("FID (classifier features)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -29,29 +108,46 @@ def main():
     p.add_argument("--guidance", default=None, help="comma list")
     p.add_argument("--intervals", default=None,
                    help="comma list of guidance intervals lo:hi in t/T (default: the checkpoint's)")
+    p.add_argument("--rules", default="cfg", help="comma list of cfg, apg, auto")
+    p.add_argument("--apg", default="0:0:0", help="comma list of eta:momentum:threshold")
+    p.add_argument("--guides", default="", help="auto: comma list of snapshot steps")
+    p.add_argument("--guide-cfg", default=None, help="auto: comma list of cfg-term scales")
+    p.add_argument("--snapshots", default=None, help="the run's snapshot folder")
+    p.add_argument("--decays", default=None, help="comma list of EMA decays to rebuild")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--plot", default=None, help="FID against accuracy, as a PNG")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     loaded = load_for_sampling(a.ckpt, "cpu")
     model, cfg = loaded.unet, loaded.config
-    sc = cfg.sample
-    sampler = a.sampler or sc.sampler
-    steps = [int(s) for s in a.steps.split(",")] if a.steps else [sc.steps]
-    guidance = [float(g) for g in a.guidance.split(",")] if a.guidance else [sc.guidance]
+    base = cfg.sample
+    steps = [int(s) for s in a.steps.split(",")] if a.steps else [base.steps]
     intervals = ([tuple(float(f) for f in i.split(":")) for i in a.intervals.split(",")]
-                 if a.intervals else [tuple(sc.guidance_interval)])
+                 if a.intervals else [tuple(base.guidance_interval)])
     print(f"{a.ckpt}, n = {a.n}, {torch.get_num_threads()} threads")
-    print("| sampler | steps | guidance | interval (t/T) | accuracy | FID | floor (n) | "
-          "s per 1000 images |")
-    print("|---|---|---|---|---|---|---|---|")
-    for s in steps:
-        for w in guidance:
-            for lo, hi in intervals:
-                sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=s, guidance=w,
-                                         guidance_interval=(lo, hi))
-                m = evaluate_model(model, cfg, a.n, "cpu", a.seed, sc)
-                print(f"| {sampler} | {s} | {w:g} | {lo:g}-{hi:g} | {100 * m['accuracy']:.2f}% | "
-                      f"{m['fid']:.3f} | {m['fid_floor_mean']:.3f} ({m['floor_n']}) | "
-                      f"{1000 * m['sample_seconds'] / a.n:.1f} |", flush=True)
+    print("| rule | EMA decay | sampler, steps | w | interval (t/T) | accuracy | FID | floor (n) "
+          "| ink | s per 1000 images |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for (decay, weights), (label, options) in itertools.product(weights_by_decay(a, model),
+                                                               rule_settings(a)):
+        checkpoint.load_state(model, weights, decay)
+        guide = guide_for(options, a)
+        if guide is not None:
+            options = {**options, "guide": "snapshot"}
+        for s, w, (lo, hi) in itertools.product(steps, floats(a.guidance, [base.guidance]), intervals):
+            sc = dataclasses.replace(base, sampler=a.sampler or base.sampler, steps=s, guidance=w,
+                                     guidance_interval=(lo, hi), **options)
+            m = measure(model, cfg, sc, a, guide)
+            rows.append({"rule": label, "decay": decay, "w": w, "steps": s, "accuracy": m["accuracy"],
+                         "fid": m["fid"], "ink": m["ink"], "floor": m["fid_floor_mean"]})
+            print(f"| {label} | {decay} | {sc.sampler}, {s} | {w:g} | {lo:g}-{hi:g} | "
+                  f"{100 * m['accuracy']:.2f}% | {m['fid']:.3f} | {m['fid_floor_mean']:.3f} "
+                  f"({m['floor_n']}) | {m['ink']:.4f} | {1000 * m['seconds'] / a.n:.1f} |", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.plot:
+        plot(rows, a.plot)
 
 
 if __name__ == "__main__":
