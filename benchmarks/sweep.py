@@ -29,7 +29,7 @@ from diffusion101.denoise import Guide  # noqa: E402
 from diffusion101.evaluate import generate_images, score  # noqa: E402
 from diffusion101.generate import load_for_sampling  # noqa: E402
 from diffusion101.images import to_unit  # noqa: E402
-from diffusion101.posthoc_ema import rebuild  # noqa: E402
+from diffusion101.posthoc_ema import rebuild, sigma_rel  # noqa: E402
 
 
 def floats(text, default):
@@ -59,7 +59,9 @@ def weights_by_decay(a, model) -> list:
     """(label, state dict) of the model's own weights, or of each EMA decay rebuilt."""
     if not a.snapshots:
         return [("as saved", model.state_dict())]
-    return [(f"{d:g}", rebuild(a.snapshots, d)[0]) for d in floats(a.decays, [])]
+    out = [(f"{d:g}", rebuild(a.snapshots, d)[0]) for d in floats(a.decays, [])]
+    return out + [(f"power {g:g} (sigma_rel {sigma_rel(g):.3f})", rebuild(a.snapshots, gamma=g)[0])
+                  for g in floats(a.gammas, [])]
 
 
 def guide_for(options: dict, a):
@@ -114,6 +116,7 @@ def main():
     p.add_argument("--guide-cfg", default=None, help="auto: comma list of cfg-term scales")
     p.add_argument("--snapshots", default=None, help="the run's snapshot folder")
     p.add_argument("--decays", default=None, help="comma list of EMA decays to rebuild")
+    p.add_argument("--gammas", default=None, help="comma list of power-EMA exponents to rebuild")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--plot", default=None, help="FID against accuracy, as a PNG")
     p.add_argument("--seed", type=int, default=0)

@@ -293,15 +293,22 @@ def posthoc_ema(argv=None) -> None:
     sampling-only model file: the averaging length chosen after training (post-hoc EMA).
 
       diffusion101-posthoc-ema model.snapshots ema.pt --decay 0.999
+      diffusion101-posthoc-ema model.snapshots ema.pt --gamma 17
     """
     p = Parser(description=posthoc_ema.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshots", type=input_path, help="the run's snapshot folder (<out>.snapshots)")
     p.add_argument("out", type=file_name, help="the model file to write (.pt or .safetensors)")
-    p.add_argument("--decay", type=float, required=True, help="the EMA decay, in [0, 1)")
+    p.add_argument("--decay", type=float, default=None,
+                   help="the EMA decay, in [0, 1), with training's warm-up")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="or a power-function EMA (EDM2) of this exponent, e.g. 17 (sigma_rel 0.05)")
     a = p.parse_args(argv)
+    if (a.decay is None) == (a.gamma is None):
+        raise UserError("give one of --decay and --gamma")
     check_number("--decay", a.decay, 0.0, 0.999999)
+    check_number("--gamma", a.gamma, 0.0, 1e6)
     check_outputs({"out": a.out}, inputs={"snapshots": a.snapshots})
-    export_rebuilt(a.snapshots, a.decay, a.out)
+    export_rebuilt(a.snapshots, a.decay or 0.0, a.out, gamma=a.gamma)
 
 
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.

@@ -53,17 +53,38 @@ def list_snapshots(folder) -> list:
     return snaps
 
 
-def combined_decay(decay: float, start: int, stop: int) -> float:
-    """The product of the per-update decays of updates start .. stop - 1 (ema.decay_at)."""
+def power_decay(gamma: float, step: int) -> float:
+    """The decay of update number `step` (0-based) of a power-function EMA (EDM2): after t
+    steps the average weighs the weights of step s by (s^(gamma+1) - (s-1)^(gamma+1)) /
+    t^(gamma+1), about (gamma + 1) s^gamma / t^(gamma+1), a profile of relative width
+    sigma_rel = sqrt(gamma + 1) / ((gamma + 2) sqrt(gamma + 3)), whatever the run's length.
+    (ema.decay_at's warm-up (1 + i) / (10 + i) is close to gamma = 8: until a run has taken
+    thousands of steps, it, not the decay, sets the length of training's own EMA.)"""
+    t = step + 1
+    return (1 - 1 / t) ** (gamma + 1)
+
+
+def sigma_rel(gamma: float) -> float:
+    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
+
+
+def combined_decay(decay: float, start: int, stop: int, gamma: float | None = None) -> float:
+    """The product of the per-update decays of updates start .. stop - 1: ema.decay_at's, or
+    with `gamma` the power function's."""
+    if gamma is not None:
+        return math.prod(power_decay(gamma, i) for i in range(start, stop))
     return math.prod(decay_at(decay, i) for i in range(start, stop))
 
 
 @torch.no_grad()
-def rebuild(folder, decay: float) -> tuple:
-    """(weights, last snapshot's file): the EMA of `decay` over the snapshots of `folder`.
-    Floating tensors are averaged; buffers such as BatchNorm's step counter are the last
-    snapshot's, as ema.py copies them."""
+def rebuild(folder, decay: float = 0.0, gamma: float | None = None) -> tuple:
+    """(weights, last snapshot's file): the EMA of `decay` (with training's warm-up), or the
+    power-function EMA of exponent `gamma`, over the snapshots of `folder`. Parameters are
+    averaged; buffers (BatchNorm's statistics and step counter) are the last snapshot's, as
+    ema.py copies them."""
     check_range("the EMA decay", decay, 0.0, 1.0, below_hi=True)
+    if gamma is not None:
+        check_range("the power EMA's gamma", gamma, 0.0, 1e6)
     snaps = list_snapshots(folder)
     first = checkpoint.load_model_checkpoint(snaps[0][1])
     config = first["config"]
@@ -74,7 +95,7 @@ def rebuild(folder, decay: float) -> tuple:
         last = checkpoint.load_model_checkpoint(path)
         if last["config"]["model"] != config["model"] or set(last["model"]) != set(ema):
             raise UserError(f"{path} holds another model than {snaps[0][1]}: one run per folder")
-        weight = 1.0 - combined_decay(decay, previous, step)
+        weight = 1.0 - combined_decay(decay, previous, step, gamma)
         for name, value in last["model"].items():
             if name not in buffers:
                 ema[name].lerp_(value, weight)
@@ -84,15 +105,18 @@ def rebuild(folder, decay: float) -> tuple:
     return ema, last
 
 
-def export_rebuilt(folder, decay: float, out, log=print) -> dict:
-    """The rebuilt EMA as a sampling-only model file (.pt or .safetensors) with the run's config,
-    its train.ema_decay set to `decay`."""
-    weights, last = rebuild(folder, decay)
+def export_rebuilt(folder, decay: float, out, log=print, gamma: float | None = None) -> dict:
+    """The rebuilt EMA as a sampling-only model file (.pt or .safetensors) with the run's config
+    (its train.ema_decay set to `decay` when that is the profile)."""
+    weights, last = rebuild(folder, decay, gamma)
     cfg = checkpoint.config_of(last)
-    cfg.train.ema_decay = decay
+    if gamma is None:
+        cfg.train.ema_decay = decay
     validate(cfg)
     saved = checkpoint.model_file(cfg, last.get("preset"), {"model": weights, "step": last["step"],
                                                             "exported_from_ema": True})
     checkpoint.save(saved, out)
-    log(f"wrote {out}: the EMA of decay {decay:g} over {folder} up to step {last['step']}")
+    profile = f"decay {decay:g}" if gamma is None else \
+        f"power gamma {gamma:g} (sigma_rel {sigma_rel(gamma):.3f})"
+    log(f"wrote {out}: the EMA of {profile} over {folder} up to step {last['step']}")
     return saved

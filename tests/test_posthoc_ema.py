@@ -64,3 +64,21 @@ def test_folders_that_cannot_be_rebuilt_are_refused(tmp_path, fake_data):
     checkpoint.save(other, folder / "step_0000008.pt")
     with pytest.raises(UserError, match="another model"):
         rebuild(folder, 0.9)
+
+
+def test_the_power_function_profile_weighs_step_s_as_s_to_the_gamma():
+    from diffusion101.posthoc_ema import combined_decay, power_decay, sigma_rel
+    # replaying the decays over steps 1..t on scalar 'weights' w_s = s: step s weighs
+    # (s^(g+1) - (s-1)^(g+1)) / t^(g+1), the discrete s^g profile
+    for gamma in (0.0, 3.0, 8.0):
+        ema = 0.0
+        for i in range(200):
+            ema += (1 - power_decay(gamma, i)) * ((i + 1) - ema)
+        s = torch.arange(1, 201, dtype=torch.float64)
+        weights = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / 200 ** (gamma + 1)
+        assert abs(weights.sum().item() - 1) < 1e-12
+        assert abs(ema - float((weights * s).sum())) < 1e-9
+    assert power_decay(5.0, 0) == 0.0  # the first weights are dropped as soon as there are others
+    assert abs(combined_decay(0.0, 3, 7, gamma=2.0)
+               - torch.tensor([power_decay(2.0, i) for i in range(3, 7)]).prod().item()) < 1e-12
+    assert abs(sigma_rel(16.97) - 0.05) < 1e-3 and abs(sigma_rel(6.94) - 0.10) < 1e-3
