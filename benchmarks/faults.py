@@ -33,7 +33,7 @@ def run(script, *args, cwd, env=None):
     proc = subprocess.run([sys.executable, *command, *map(str, args)],
                           cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
-    lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln and ln.strip()]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln and "s/it" not in ln and ln.strip()]
     return proc.returncode, (lines[-1] if lines else ""), "Traceback" in proc.stderr
 
 
