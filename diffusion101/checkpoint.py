@@ -211,6 +211,14 @@ def config_of(ckpt: dict) -> Config:
         raise UserError(f"checkpoint config cannot be used: {e}") from None
 
 
+def check_finite(tensors: dict, where) -> None:
+    """Every floating tensor of a file free of NaN and inf: such weights cannot sample or train."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{where}: tensor '{name}' holds NaN or inf; these weights cannot "
+                            f"sample or train")
+
+
 def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
     """load_state_dict(strict) with a mismatch reported as one line; a tensor of another dtype
     than the architecture's (load_state_dict would quietly convert it) or a weight that is NaN
@@ -220,9 +228,7 @@ def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
         if name in expected and t.dtype != expected[name].dtype:
             raise UserError(f"{where}: tensor '{name}' is {t.dtype}; this architecture keeps it "
                             f"as {expected[name].dtype}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{where}: tensor '{name}' holds NaN or inf; these weights cannot "
-                            f"sample or train")
+    check_finite(state, where)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -250,8 +256,9 @@ def load_lora_file(path) -> dict:
         raise UserError(f"{path} is not a Diffusion-101 LoRA adapter")
     check_parts(obj, LORA_PARTS, ("lora", "lora_config", "base_fingerprint"), path)
     for name, t in obj["lora"].items():
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise UserError(f"{path}: tensor '{name}' is not finite floating point")
+        if not t.is_floating_point():
+            raise UserError(f"{path}: tensor '{name}' is {t.dtype}, not floating point")
+    check_finite(obj["lora"], path)
     fields = {f.name: f for f in dataclasses.fields(LoRAConfig)}
     for name in ("r", "alpha"):
         try:

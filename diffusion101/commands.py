@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from . import evaluate as evaluation
+from . import checkpoint, evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .config import UserError, class_names
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
@@ -61,7 +61,7 @@ def train(argv=None) -> None:
         "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
     device = resolve_device(a.device)
     Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
-    if Path(a.out).suffix == ".safetensors":
+    if Path(a.out).suffix == checkpoint.SAFETENSORS:
         raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
                         f"optimizer and RNG states); export it as .safetensors afterwards")
     data = training_data(cfg)  # a folder's classes set the model's labels: before any file

@@ -43,6 +43,3 @@ class EMA:
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)

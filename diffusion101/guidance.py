@@ -2,11 +2,11 @@
 
 A rule is one function rule(p, sample_cfg, memory) -> the model output to step with,
 registered by name in RULES; sample.guidance_rule (flag --guidance-rule) picks it. `p` holds
-the predictions the rule asked for (NEEDS) and where they were made: the batch x_t, the
+the predictions the rule asks for (needs()) and where they were made: the batch x_t, the
 timestep t and the noise schedule, which moves between the network's output (eps or v) and
 the predicted clean image x_0. `memory` is a dict that lives for one reverse walk, for rules
-that remember earlier steps. A new rule is one function here, one entry in RULES, NEEDS and
-the config's choices, and one test.
+that remember earlier steps. A new rule is one function here, one entry in RULES and the
+config's choices (and in needs() if it asks for other predictions), and one test.
 
 - cfg: classifier-free guidance (Ho & Salimans 2022).
 - apg: adaptive projected guidance (Sadat et al. 2024): the guidance term split into the part
