@@ -10,6 +10,8 @@ measured with the evaluation of scripts/evaluate.py.
       --rules cfg,apg --guidance 1.5,2,3 --apg 0:-0.5:0 --plot sweep.png
   # autoguidance by an earlier snapshot of the same run (its step), with a cfg term:
   python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 300,600 --guide-cfg 1,1.5
+  # ... the guide being the run's own power EMA (gamma 17) at that step:
+  python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 600 --guide-gammas 17
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from diffusion101.denoise import Guide  # noqa: E402
 from diffusion101.evaluate import generate_images, score  # noqa: E402
 from diffusion101.generate import load_for_sampling  # noqa: E402
 from diffusion101.images import to_unit  # noqa: E402
-from diffusion101.posthoc_ema import rebuild, sigma_rel  # noqa: E402
+from diffusion101.posthoc_ema import rebuild, sigma_rel, snapshot_folder  # noqa: E402
 
 
 def floats(text, default):
@@ -47,9 +49,11 @@ def rule_settings(a) -> list:
                             {"guidance_rule": "apg", "apg_eta": eta, "apg_momentum": momentum,
                              "apg_norm_threshold": threshold}))
         elif rule == "auto":
-            for step, w_cfg in itertools.product(a.guides.split(","), floats(a.guide_cfg, [1.0])):
-                out.append((f"auto, guide step {step}, cfg term {w_cfg:g}",
-                            {"guidance_rule": "auto", "guide": step, "guide_cfg": w_cfg}))
+            for step, w_cfg, g in itertools.product(a.guides.split(","), floats(a.guide_cfg, [1.0]),
+                                                    floats(a.guide_gammas, [None])):
+                profile = "raw" if g is None else f"power {g:g} EMA"
+                out.append((f"auto, guide step {step} ({profile}), cfg term {w_cfg:g}",
+                            {"guidance_rule": "auto", "guide": (int(step), g), "guide_cfg": w_cfg}))
         else:
             out.append((rule, {"guidance_rule": rule}))
     return out
@@ -65,12 +69,15 @@ def weights_by_decay(a, model) -> list:
 
 
 def guide_for(options: dict, a):
-    """The guide network of an auto setting: the run's snapshot at that step (raw weights)."""
+    """The guide network of an auto setting: the run's snapshot at that step (raw weights), or
+    the power EMA of that exponent over the snapshots up to that step."""
     if options.get("guidance_rule") != "auto":
         return None
-    folder = Path(a.snapshots or Path(a.ckpt).with_suffix(".snapshots"))
-    path = folder / f"step_{int(options['guide']):07d}.pt"
-    guide = load_for_sampling(path, "cpu", log=lambda *x: None)
+    folder = Path(a.snapshots or snapshot_folder(a.ckpt))
+    step, gamma = options["guide"]
+    guide = load_for_sampling(folder / f"step_{step:07d}.pt", "cpu", log=lambda *x: None)
+    if gamma is not None:
+        checkpoint.load_state(guide.unet, rebuild(folder, gamma=gamma, until=step)[0], "the guide's EMA")
     return Guide(guide.unet, guide.config.diffusion.prediction)
 
 
@@ -114,6 +121,9 @@ def main():
     p.add_argument("--apg", default="0:0:0", help="comma list of eta:momentum:threshold")
     p.add_argument("--guides", default="", help="auto: comma list of snapshot steps")
     p.add_argument("--guide-cfg", default=None, help="auto: comma list of cfg-term scales")
+    p.add_argument("--guide-gammas", default=None,
+                   help="auto: comma list of power-EMA exponents for the guide, each averaged over the "
+                        "snapshots up to its step (default: the snapshot's raw weights)")
     p.add_argument("--snapshots", default=None, help="the run's snapshot folder")
     p.add_argument("--decays", default=None, help="comma list of EMA decays to rebuild")
     p.add_argument("--gammas", default=None, help="comma list of power-EMA exponents to rebuild")

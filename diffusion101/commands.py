@@ -294,6 +294,7 @@ def posthoc_ema(argv=None) -> None:
 
       diffusion101-posthoc-ema model.snapshots ema.pt --decay 0.999
       diffusion101-posthoc-ema model.snapshots ema.pt --gamma 17
+      diffusion101-posthoc-ema model.snapshots guide.pt --gamma 17 --until 600   # an earlier EMA
     """
     p = Parser(description=posthoc_ema.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshots", type=input_path, help="the run's snapshot folder (<out>.snapshots)")
@@ -302,13 +303,17 @@ def posthoc_ema(argv=None) -> None:
                    help="the EMA decay, in [0, 1), with training's warm-up")
     p.add_argument("--gamma", type=float, default=None,
                    help="or a power-function EMA (EDM2) of this exponent, e.g. 17 (sigma_rel 0.05)")
+    p.add_argument("--until", type=int, default=None,
+                   help="average only the snapshots up to this step (the EMA the run had then, "
+                        "e.g. a guide for --guidance-rule auto)")
     a = p.parse_args(argv)
     if (a.decay is None) == (a.gamma is None):
         raise UserError("give one of --decay and --gamma")
     check_number("--decay", a.decay, 0.0, 0.999999)
     check_number("--gamma", a.gamma, 0.0, 1e6)
+    check_number("--until", a.until, 1, 10 ** 12, integer=True)
     check_outputs({"out": a.out}, inputs={"snapshots": a.snapshots})
-    export_rebuilt(a.snapshots, a.decay or 0.0, a.out, gamma=a.gamma)
+    export_rebuilt(a.snapshots, a.decay or 0.0, a.out, gamma=a.gamma, until=a.until)
 
 
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.

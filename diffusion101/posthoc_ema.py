@@ -77,15 +77,20 @@ def combined_decay(decay: float, start: int, stop: int, gamma: float | None = No
 
 
 @torch.no_grad()
-def rebuild(folder, decay: float = 0.0, gamma: float | None = None) -> tuple:
+def rebuild(folder, decay: float = 0.0, gamma: float | None = None, until: int | None = None) -> tuple:
     """(weights, last snapshot's file): the EMA of `decay` (with training's warm-up), or the
-    power-function EMA of exponent `gamma`, over the snapshots of `folder`. Parameters are
-    averaged; buffers (BatchNorm's statistics and step counter) are the last snapshot's, as
+    power-function EMA of exponent `gamma`, over the snapshots of `folder` (only those up to
+    step `until` when given: the EMA the run had then, e.g. an autoguidance guide). Parameters
+    are averaged; buffers (BatchNorm's statistics and step counter) are the last snapshot's, as
     ema.py copies them."""
     check_range("the EMA decay", decay, 0.0, 1.0, below_hi=True)
     if gamma is not None:
         check_range("the power EMA's gamma", gamma, 0.0, 1e6)
     snaps = list_snapshots(folder)
+    if until is not None:
+        snaps = [(step, path) for step, path in snaps if step <= until]
+        if len(snaps) < 2:
+            raise UserError(f"{folder} holds no snapshot after step 0 up to step {until}")
     first = checkpoint.load_model_checkpoint(snaps[0][1])
     config = first["config"]
     buffers = {name for name, _ in UNet(checkpoint.config_of(first).model).named_buffers()}
@@ -105,10 +110,11 @@ def rebuild(folder, decay: float = 0.0, gamma: float | None = None) -> tuple:
     return ema, last
 
 
-def export_rebuilt(folder, decay: float, out, log=print, gamma: float | None = None) -> dict:
+def export_rebuilt(folder, decay: float, out, log=print, gamma: float | None = None,
+                   until: int | None = None) -> dict:
     """The rebuilt EMA as a sampling-only model file (.pt or .safetensors) with the run's config
     (its train.ema_decay set to `decay` when that is the profile)."""
-    weights, last = rebuild(folder, decay, gamma)
+    weights, last = rebuild(folder, decay, gamma, until)
     cfg = checkpoint.config_of(last)
     if gamma is None:
         cfg.train.ema_decay = decay

@@ -49,6 +49,15 @@ def test_sparser_snapshots_fold_each_stretch_into_one_update(tmp_path, fake_data
     diff = max((weights[k] - v).abs().max().item() for k, v in saved["ema"].items()
                if v.is_floating_point())
     assert 0 < diff < 0.05
+    # up to step 8 (an earlier EMA, e.g. a guide) is the rebuild of a folder that ends there
+    early, last = rebuild(folder, gamma=5.0, until=9)
+    assert last["step"] == 8
+    (folder / "step_0000012.pt").rename(tmp_path / "moved.pt")
+    alone, _ = rebuild(folder, gamma=5.0)
+    assert all(torch.equal(early[k], v) for k, v in alone.items())
+    assert not all(torch.equal(early[k], v) for k, v in weights.items())
+    with pytest.raises(UserError, match="no snapshot after step 0 up to step 3"):
+        rebuild(folder, 0.9, until=3)
 
 
 def test_folders_that_cannot_be_rebuilt_are_refused(tmp_path, fake_data):
@@ -83,3 +92,19 @@ def test_the_power_function_profile_weighs_step_s_as_s_to_the_gamma():
     assert power_decay(5.0, 0) == 0.0  # the first weights are dropped as soon as there are others
     assert combined_decay(0.0, 3, 7, gamma=2.0) == math.prod(power_decay(2.0, i) for i in range(3, 7))
     assert abs(sigma_rel(16.97) - 0.05) < 1e-3 and abs(sigma_rel(6.94) - 0.10) < 1e-3
+
+
+def test_the_command_writes_an_earlier_ema_and_refuses_bad_flags(tmp_path, fake_data):
+    from diffusion101.commands import posthoc_ema
+    _run(tmp_path, fake_data, every=4, steps=8)
+    folder = snapshot_folder(tmp_path / "m.pt")
+    posthoc_ema([str(folder), str(tmp_path / "guide.pt"), "--gamma", "5", "--until", "4"])
+    guide = checkpoint.load_model_checkpoint(tmp_path / "guide.pt")
+    expected, _ = rebuild(folder, gamma=5.0, until=4)
+    assert guide["step"] == 4 and all(torch.equal(guide["model"][k], v) for k, v in expected.items())
+    for flags, message in ((["--gamma", "5", "--until", "0"], "--until must be"),
+                           (["--gamma", "5", "--decay", "0.9"], "one of --decay and --gamma"),
+                           (["--decay", "0.9", "--until", "3"], "no snapshot after step 0 up to step 3")):
+        with pytest.raises(UserError, match=message):
+            posthoc_ema([str(folder), str(tmp_path / "other.pt"), *flags])
+    assert not (tmp_path / "other.pt").exists()
