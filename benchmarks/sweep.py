@@ -94,7 +94,10 @@ def plot(rows: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, group in itertools.groupby(rows, key=lambda r: (r["rule"], r["decay"])):
+    curves = {}
+    for r in rows:
+        curves.setdefault((r["rule"], r["decay"]), []).append(r)
+    for key, group in curves.items():
         group = sorted(group, key=lambda r: r["w"])
         ax.plot([100 * r["accuracy"] for r in group], [r["fid"] for r in group], "o-",
                 label=f"{key[0]}; EMA {key[1]}")
@@ -110,7 +113,7 @@ def plot(rows: list, path: str) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", default=None, help="comma list")
@@ -130,7 +133,14 @@ def main():
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--plot", default=None, help="FID against accuracy, as a PNG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", default=None,
+                   help="comma list of --json files of earlier sweeps: one plot of their rows, no sampling")
     a = p.parse_args()
+    if not (a.ckpt or a.replot and a.plot):
+        p.error("give --ckpt, or --replot with --plot")
+    if a.replot:
+        plot([r for f in a.replot.split(",") for r in json.loads(Path(f).read_text())], a.plot)
+        return
     loaded = load_for_sampling(a.ckpt, "cpu")
     model, cfg = loaded.unet, loaded.config
     base = cfg.sample
