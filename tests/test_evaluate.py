@@ -61,18 +61,26 @@ def test_npz_round_trip(tmp_path, test_digits):
         evaluate.evaluate_npz(path)
 
 
-def test_evaluate_script_end_to_end_on_tiny(tmp_path):
-    # at 28 px, where the test set's stored statistics apply (at tiny's own 16 px the script
-    # would first classify all 10,000 test digits resized: the 48 px test below covers that)
-    run_script("train", "--preset", "tiny", "--max-steps", "3", "--out", "m.pt", "--logdir", "r",
-               "--set", "model.img_size=28", cwd=tmp_path)
-    proc = run_script("evaluate", "--ckpt", "m.pt", "--n", "40", "--sampler", "ddim", "--steps", "5",
-                      "--json", "r.json", cwd=tmp_path)
+def test_the_evaluate_command_on_a_tiny_model(tmp_path, capsys):
+    # (in-process, an untrained tiny model; benchmarks/gpu_check.py's dry run, tested in
+    # test_gpu_check.py, runs the train and evaluate scripts one after the other.) At 28 px,
+    # where the test set's stored statistics apply (at tiny's own 16 px the command would first
+    # classify all 10,000 test digits resized: the 48 px test above covers that).
     import json
+    from diffusion101 import checkpoint
+    from diffusion101.commands import evaluate as evaluate_command
+    from diffusion101.config import get_preset
+    from diffusion101.unet import UNet
+    cfg = get_preset("tiny")
+    cfg.model.img_size = 28
+    checkpoint.save(checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict(),
+                                                        "step": 3}), tmp_path / "m.pt")
+    evaluate_command(["--ckpt", str(tmp_path / "m.pt"), "--n", "40", "--sampler", "ddim",
+                      "--steps", "5", "--json", str(tmp_path / "r.json")])
     m = json.loads((tmp_path / "r.json").read_text())
     assert m["n"] == 40 and 0 <= m["accuracy"] <= 1 and m["fid"] > 0 and m["images_per_second"] > 0
     assert sorted(m["per_digit_accuracy"]) == [str(d) for d in range(10)]
-    assert "conditional accuracy" in proc.stdout
+    assert "conditional accuracy" in capsys.readouterr().out
 
 
 def test_generation_batch_size_does_not_change_deterministic_samples():
