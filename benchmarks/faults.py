@@ -53,6 +53,10 @@ def make_bad_inputs(d: Path) -> None:
             (d / name / c).mkdir(parents=True)
             if not (name == "gap" and c == "square"):
                 Image.new("L", (8, 8)).save(d / name / c / "0.png")
+    for c in ("a", "b"):
+        (d / "loop" / c).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(d / "loop" / c / "0.png")
+    (d / "loop" / "a" / "up").symlink_to("..")
     (d / "gap" / "square" / "readme.md").write_text("no image")
     (d / "broken" / "square" / "bad.png").write_bytes(b"not a png")
     (d / "empty").mkdir()
@@ -92,6 +96,7 @@ FOLDER_CASES = [
     ("--data: a .png that is no image", "train", ["--preset", "tiny", "--data", "broken", "--out", "f.pt"], None),
     ("--data: 1,001 classes", "train", ["--preset", "tiny", "--data", "many", "--out", "f.pt"], None),
     ("--data: a class name with a tab", "train", ["--preset", "tiny", "--data", "tab", "--out", "f.pt"], None),
+    ("--data: a folder with a link back up to itself", "train", ["--preset", "tiny", "--data", "loop", "--out", "f.pt"], None),
     ("--data: '' (an empty path)", "train", ["--preset", "tiny", "--data", "", "--out", "f.pt"], None),
     ("LoRA --data: a folder named with a Unicode digit", "lora_finetune", ["--base", "model.pt", "--data",
      "unicode", "--out", "u.pt"], None),

@@ -144,6 +144,21 @@ def _class_folders(root: Path) -> list:
         raise UserError(f"image folder {root} cannot be read ({e.strerror})") from None
 
 
+def _files_once(root: Path) -> int:
+    """How many files the folder holds, following links as ImageFolder does; a link back to a
+    folder already listed (a loop, or one folder reached twice) is refused, since ImageFolder
+    would read its images again and again until the path grows too deep."""
+    seen, files = {}, 0
+    for folder, _, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UserError(f"{seen[real]} and {folder} are the same folder (a link loop, or a "
+                            f"second link to one folder): remove the link")
+        seen[real] = folder
+        files += len(names)
+    return files
+
+
 def _image_folder(root: Path, names: list):
     """torchvision's ImageFolder over the class folders `names`: it lists the files whose
     extension is an image's (others are skipped); an empty class is allowed here and refused
@@ -199,12 +214,13 @@ def load_image_folder(root, img_size: int, channels: int = 1, known=None,
         if unknown:
             raise UserError(f"{root}: the model has no class {unknown[0]!r} (its classes: "
                             f"{', '.join(known[:12])}{' ...' if len(known) > 12 else ''})")
+    n_files = _files_once(root)
     folder = _image_folder(root, names)
     counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.long), minlength=len(names))
     if int(counts.min()) == 0:
         raise UserError(f"{root / names[int(counts.argmin())]} holds no image file (.png, "
                         f".jpg, .bmp, ...; the extensions torchvision's ImageFolder reads)")
-    skipped = sum(len(files) for _, _, files in os.walk(root, followlinks=True)) - len(folder.samples)
+    skipped = n_files - len(folder.samples)
     if skipped:
         log(f"{root}: skipped {skipped} file(s) that are not images")
     images = torch.stack([read_folder_image(path, img_size, channels) for path, _ in folder.samples])

@@ -129,6 +129,21 @@ def test_a_folder_of_too_many_classes_is_refused(tmp_path):
         dataset.load_image_folder(tmp_path, 16)
 
 
+def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path):
+    img = Image.new("L", (8, 8), 200)
+    root = _folder(tmp_path / "data", {"a": [img], "b": [img]})
+    data, _ = dataset.load_image_folder(root, 16, log=lambda *a: None)
+    assert len(data.labels) == 2
+    # a link back up (ImageFolder would read the images once per level, dozens of times)
+    (root / "a" / "loop").symlink_to("..")
+    with pytest.raises(UserError, match="/data and .*/data/a/loop are the same folder"):
+        dataset.load_image_folder(root, 16)
+    (root / "a" / "loop").unlink()
+    (root / "b" / "again").symlink_to(root / "a")  # a's images a second time, as b's
+    with pytest.raises(UserError, match="are the same folder"):
+        dataset.load_image_folder(root, 16)
+
+
 def test_the_shapes_set_is_rgb_and_one_folder_per_shape(tmp_path):
     dataset.write_shapes(tmp_path / "shapes", 8, size=28, seed=1)
     data, names = dataset.load_image_folder(tmp_path / "shapes", 28, channels=3, log=print)
