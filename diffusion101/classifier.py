@@ -122,8 +122,9 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def classify(clf: DigitClassifier, images: torch.Tensor, batch_size: int = 1000):
-    """(predicted labels (N,), features (N, 128) float64) for images in [-1, 1]."""
+def classify(clf: DigitClassifier, images: torch.Tensor, batch_size: int = 100):
+    """(predicted labels (N,), features (N, 128) float64) for images in [-1, 1]. (Chunks of a
+    hundred keep the activations in a CPU's cache, which larger ones do not: docs/BENCHMARKS.md.)"""
     preds, feats = [], []
     for chunk in images.split(batch_size):
         logits, f = clf(to_classifier_input(chunk), return_features=True)
