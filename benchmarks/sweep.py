@@ -88,8 +88,10 @@ def measure(model, cfg, sc, a, guide) -> dict:
     return m
 
 
-def plot(rows: list, path: str) -> None:
-    """FID against accuracy, one curve (over w) per rule setting and EMA decay."""
+def plot(rows: list, path: str, goal: str | None = None) -> None:
+    """FID against accuracy, one curve (over w) per rule setting and EMA decay; with goal
+    "ACC:FID" (e.g. 99.5:0.94), dashed lines at that accuracy and FID (the goal's corner is
+    right of the one, below the other)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -103,6 +105,11 @@ def plot(rows: list, path: str) -> None:
                 label=f"{key[0]}; EMA {key[1]}")
         for r in group:
             ax.annotate(f"{r['w']:g}", (100 * r["accuracy"], r["fid"]), fontsize=7)
+    if goal:
+        acc, fid = (float(v) for v in goal.split(":"))
+        ax.axvline(acc, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(fid, color="grey", linestyle="--", linewidth=1)
+        ax.annotate("goal", (acc, fid), xytext=(4, -12), textcoords="offset points", fontsize=8)
     ax.set_xlabel("conditional accuracy (%)")
     ax.set_ylabel("FID (classifier features)")
     ax.legend(fontsize=7)
@@ -133,13 +140,14 @@ def main():
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--plot", default=None, help="FID against accuracy, as a PNG")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--goal", default=None, help="accuracy:FID of a goal to draw, e.g. 99.5:0.94")
     p.add_argument("--replot", default=None,
                    help="comma list of --json files of earlier sweeps: one plot of their rows, no sampling")
     a = p.parse_args()
     if not (a.ckpt or a.replot and a.plot):
         p.error("give --ckpt, or --replot with --plot")
     if a.replot:
-        plot([r for f in a.replot.split(",") for r in json.loads(Path(f).read_text())], a.plot)
+        plot([r for f in a.replot.split(",") for r in json.loads(Path(f).read_text())], a.plot, a.goal)
         return
     loaded = load_for_sampling(a.ckpt, "cpu")
     model, cfg = loaded.unet, loaded.config
@@ -170,7 +178,7 @@ def main():
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.plot:
-        plot(rows, a.plot)
+        plot(rows, a.plot, a.goal)
 
 
 if __name__ == "__main__":
