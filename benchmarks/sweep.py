@@ -10,8 +10,10 @@ measured with the evaluation of scripts/evaluate.py.
       --rules cfg,apg --guidance 1.5,2,3 --apg 0:-0.5:0 --plot sweep.png
   # autoguidance by an earlier snapshot of the same run (its step), with a cfg term:
   python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 300,600 --guide-cfg 1,1.5
-  # ... the guide being the run's own power EMA (gamma 17) at that step:
+  # ... the guide being the run's own power EMA (gamma 17) at that step, or another model file
+  # (a smaller network trained as long):
   python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 600 --guide-gammas 17
+  python benchmarks/sweep.py --ckpt model.pt --rules auto --guides small.pt --guide-cfg 1.75
 """
 from __future__ import annotations
 
@@ -49,11 +51,15 @@ def rule_settings(a) -> list:
                             {"guidance_rule": "apg", "apg_eta": eta, "apg_momentum": momentum,
                              "apg_norm_threshold": threshold}))
         elif rule == "auto":
-            for step, w_cfg, g in itertools.product(a.guides.split(","), floats(a.guide_cfg, [1.0]),
-                                                    floats(a.guide_gammas, [None])):
-                profile = "raw" if g is None else f"power {g:g} EMA"
-                out.append((f"auto, guide step {step} ({profile}), cfg term {w_cfg:g}",
-                            {"guidance_rule": "auto", "guide": (int(step), g), "guide_cfg": w_cfg}))
+            for guide, w_cfg in itertools.product(a.guides.split(","), floats(a.guide_cfg, [1.0])):
+                if not guide.isdecimal():  # a model file: used as it is
+                    out.append((f"auto, guide {Path(guide).name}, cfg term {w_cfg:g}",
+                                {"guidance_rule": "auto", "guide": (guide, None), "guide_cfg": w_cfg}))
+                    continue
+                for g in floats(a.guide_gammas, [None]):
+                    profile = "raw" if g is None else f"power {g:g} EMA"
+                    out.append((f"auto, guide step {guide} ({profile}), cfg term {w_cfg:g}",
+                                {"guidance_rule": "auto", "guide": (int(guide), g), "guide_cfg": w_cfg}))
         else:
             out.append((rule, {"guidance_rule": rule}))
     return out
@@ -69,13 +75,14 @@ def weights_by_decay(a, model) -> list:
 
 
 def guide_for(options: dict, a):
-    """The guide network of an auto setting: the run's snapshot at that step (raw weights), or
-    the power EMA of that exponent over the snapshots up to that step."""
+    """The guide network of an auto setting: a model file, the run's snapshot at that step (raw
+    weights), or the power EMA of that exponent over the snapshots up to that step."""
     if options.get("guidance_rule") != "auto":
         return None
     folder = Path(a.snapshots or snapshot_folder(a.ckpt))
     step, gamma = options["guide"]
-    guide = load_for_sampling(folder / f"step_{step:07d}.pt", "cpu", log=lambda *x: None)
+    path = Path(step) if isinstance(step, str) else folder / f"step_{step:07d}.pt"
+    guide = load_for_sampling(path, "cpu", log=lambda *x: None)
     if gamma is not None:
         checkpoint.load_state(guide.unet, rebuild(folder, gamma=gamma, until=step)[0], "the guide's EMA")
     return Guide(guide.unet, guide.config.diffusion.prediction)
@@ -129,7 +136,7 @@ def main():
                    help="comma list of guidance intervals lo:hi in t/T (default: the checkpoint's)")
     p.add_argument("--rules", default="cfg", help="comma list of cfg, apg, auto")
     p.add_argument("--apg", default="0:0:0", help="comma list of eta:momentum:threshold")
-    p.add_argument("--guides", default="", help="auto: comma list of snapshot steps")
+    p.add_argument("--guides", default="", help="auto: comma list of snapshot steps or model files")
     p.add_argument("--guide-cfg", default=None, help="auto: comma list of cfg-term scales")
     p.add_argument("--guide-gammas", default=None,
                    help="auto: comma list of power-EMA exponents for the guide, each averaged over the "
