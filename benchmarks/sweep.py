@@ -33,7 +33,7 @@ from diffusion101.denoise import Guide  # noqa: E402
 from diffusion101.evaluate import generate_images, score  # noqa: E402
 from diffusion101.generate import load_for_sampling  # noqa: E402
 from diffusion101.images import to_unit  # noqa: E402
-from diffusion101.posthoc_ema import rebuild, sigma_rel, snapshot_folder  # noqa: E402
+from diffusion101.posthoc_ema import rebuild, sigma_rel, snapshot_folder, snapshot_path  # noqa: E402
 
 
 def floats(text, default):
@@ -81,7 +81,7 @@ def guide_for(options: dict, a):
         return None
     folder = Path(a.snapshots or snapshot_folder(a.ckpt))
     step, gamma = options["guide"]
-    path = Path(step) if isinstance(step, str) else folder / f"step_{step:07d}.pt"
+    path = Path(step) if isinstance(step, str) else snapshot_path(folder, step)
     guide = load_for_sampling(path, "cpu", log=lambda *x: None)
     if gamma is not None:
         checkpoint.load_state(guide.unet, rebuild(folder, gamma=gamma, until=step)[0], "the guide's EMA")

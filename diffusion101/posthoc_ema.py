@@ -29,10 +29,15 @@ def snapshot_folder(out) -> Path:
     return out.with_name(out.stem + ".snapshots")
 
 
+def snapshot_path(folder, step: int) -> Path:
+    """The file of the snapshot after `step` optimizer steps: model.snapshots/step_0000600.pt."""
+    return Path(folder) / f"{SNAPSHOT_PREFIX}{step:07d}.pt"
+
+
 def save_snapshot(model: torch.nn.Module, cfg, preset, step: int, folder: Path) -> Path:
     """The raw weights after `step` optimizer steps, as a sampling-only model file."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{SNAPSHOT_PREFIX}{step:07d}.pt"
+    path = snapshot_path(folder, step)
     checkpoint.save(checkpoint.model_file(cfg, preset, {"model": model.state_dict(), "step": step}),
                     path)
     return path
