@@ -1,13 +1,16 @@
 """The sampling job (diffusion101/generate.py): sampler options resolved against the
-checkpoint's own, and what the job writes, byte for byte as before the redesign."""
-import hashlib
+checkpoint's own, and what the job writes: the digits it drew before the redesigns."""
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusion101.cli import parse_interval
 from diffusion101.config import Config, UserError, get_preset
 from diffusion101.generate import Outputs, generate, load_for_sampling, resolve_sampler
+from diffusion101.images import PADDING
 from diffusion101.model_files import SHIPPED_PATH
 
 
@@ -43,22 +46,26 @@ def test_old_configs_with_sample_grid_read_as_timestep_spacing():
     assert cfg.sample.timestep_spacing == "trailing" and cfg.sample.guidance_rule == "cfg"
 
 
-# sha256 of what `diffusion101-sample --seed 0 --npz g.npz` wrote from the shipped checkpoint
-# before the redesign (the grid PNG and the npz): sampling must not change a bit. (The
-# progression figure beside the grid is drawn as one picture since, so its bytes changed.)
-SHIPPED_OUTPUTS = {
-    "g.png": "5be9b0150955f301f5b1ecad3dfe844878f56614923817cc0d32f022e2ef3882",
-    "g.npz": "979519f76652c4071a7a58b561efe5389a2d4e472422b43de558401c7577b807",
-}
+# What `diffusion101-sample --seed 0 --npz g.npz` gave from the shipped checkpoint before the
+# redesigns (the npz's digits 0-9, uint8). Another CPU sums floats in another order, and a
+# 20-step walk carries such differences to the last bit of a pixel, so the check allows what
+# reordering does (a pixel one level off, rarely more) and not what a changed sampler does.
+REFERENCE = Path(__file__).parent / "data" / "shipped_seed0.npz"
 
 
-def test_the_shipped_checkpoints_grid_and_npz_are_byte_identical(tmp_path):
+def test_the_shipped_checkpoint_still_samples_its_reference_digits(tmp_path):
     model = load_for_sampling(SHIPPED_PATH, "cpu")
     images = generate(model, model.config.sample, list(range(10)), 1, 0,
                       Outputs(tmp_path / "g.png", npz=tmp_path / "g.npz"), log=lambda *a: None)
     assert images.shape == (10, 1, 28, 28)
-    for name, digest in SHIPPED_OUTPUTS.items():
-        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
+    got, want = np.load(tmp_path / "g.npz"), np.load(REFERENCE)
+    assert got["labels"].tolist() == want["labels"].tolist() == list(range(10))
+    off = np.abs(got["images"].astype(int) - want["images"].astype(int))
+    assert (off <= 1).mean() >= 0.999 and off.max() <= 8, (np.bincount(off.ravel()), off.max())
+    # the grid shows the npz's digits, bit for bit: one row of 28 px tiles, 2 px apart
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    tiles = [grid[PADDING:PADDING + 28, PADDING + 30 * i:PADDING + 30 * i + 28] for i in range(10)]
+    assert np.array_equal(np.stack(tiles), got["images"])
 
 
 def _tiny_file(path, **change):
