@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion101.config import get_preset  # noqa: E402
 from diffusion101.dataset import load_mnist  # noqa: E402
-from diffusion101.diffusion import NoiseSchedule, make_scheduler  # noqa: E402
-from diffusion101.train import diffusion_loss, make_optimizer  # noqa: E402
+from diffusion101.config import SampleConfig  # noqa: E402
+from diffusion101.diffusion import NoiseSchedule, make_sampler  # noqa: E402
+from diffusion101.train import diffusion_loss  # noqa: E402
+from diffusion101.train_state import make_optimizer  # noqa: E402
 from diffusion101.unet import UNet  # noqa: E402
 
 
@@ -148,15 +150,15 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
 
 @torch.inference_mode()
 def sample_rate(cfg, device, sampler: str, steps: int, guidance: float):
-    from diffusion101.denoise import sample_digits
+    from diffusion101.denoise import sample_classes
     torch.manual_seed(0)
     model = UNet(cfg.model).to(device).eval()
     sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps, guidance=guidance)
     warm = dataclasses.replace(sc, sampler="ddim", steps=2)
-    sample_digits(model, make_scheduler("ddim", cfg.diffusion, device, 2), warm, range(10), 1, 0,
+    sample_classes(model, make_sampler(SampleConfig(sampler="ddim", steps=2), cfg.diffusion, device), warm, range(10), 1, 0,
                   device)  # warm-up
     start = time.perf_counter()
-    sample_digits(model, make_scheduler(sampler, cfg.diffusion, device, steps), sc, range(10), 1,
+    sample_classes(model, make_sampler(SampleConfig(sampler=sampler, steps=steps), cfg.diffusion, device), sc, range(10), 1,
                   0, device)
     sync(device)
     seconds = time.perf_counter() - start

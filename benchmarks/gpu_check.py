@@ -116,9 +116,11 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
     `warmup` steps (which include torch.compile's compilation); returns (rate, warm-up seconds)."""
     import torch
 
-    from diffusion101.dataset import MNISTData, epoch_batches
+    from diffusion101.dataset import ImageData, epoch_batches
     from diffusion101.diffusion import NoiseSchedule
-    from diffusion101.train import Speed, build_state, compile_network, train_step
+    from diffusion101.speed import Speed
+    from diffusion101.train import train_step
+    from diffusion101.train_state import build_state
     tc = cfg.train
     for name, value in options.items():
         setattr(tc, name, value)
@@ -128,9 +130,9 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
     torch.backends.cuda.matmul.allow_tf32 = speed.tf32
     torch.manual_seed(0)
     state = build_state(cfg, device, speed, total_steps=warmup + steps)
-    state.net = compile_network(state.model, speed)
+    state.net = speed.network(state.model)
     if speed.data_on_device:
-        data = MNISTData(data.images.to(device), data.labels.to(device))
+        data = ImageData(data.images.to(device), data.labels.to(device))
     scheduler = NoiseSchedule(cfg.diffusion, device)
     batches = epoch_batches(len(data), tc.batch_size, 0, 0)
 
@@ -217,8 +219,9 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
 
     import dataclasses
 
-    from diffusion101.denoise import sample_digits
-    from diffusion101.diffusion import make_scheduler
+    from diffusion101.denoise import sample_classes
+    from diffusion101.config import SampleConfig
+    from diffusion101.diffusion import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.images import save_grid
     from diffusion101.model_files import SHIPPED_PATH
@@ -226,16 +229,16 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     model, cfg = loaded.unet, loaded.config
     w = cfg.sample.guidance
     warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2)
-    sample_digits(model, make_scheduler("dpm", cfg.diffusion, device, 2), warm, range(10), 1, 0,
+    sample_classes(model, make_sampler(SampleConfig(sampler="dpm", steps=2), cfg.diffusion, device), warm, range(10), 1, 0,
                   device)  # warm-up
     rows, results = [], {}
     # (the dry run swaps the DDPM for a 20-step DDIM: 1000 steps take ~40 s on a CPU)
     for sampler, steps in ((("ddim", 20) if dry else ("ddpm", 1000)), ("dpm", 20)):
-        scheduler = make_scheduler(sampler, cfg.diffusion, device, steps)
+        scheduler = make_sampler(SampleConfig(sampler=sampler, steps=steps), cfg.diffusion, device)
         sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
         sync(device)
         start = time.perf_counter()
-        images, _ = sample_digits(model, scheduler, sc, range(10), 1, 0, device)
+        images, _ = sample_classes(model, scheduler, sc, range(10), 1, 0, device)
         sync(device)
         results[f"shipped grid seconds, {sampler} {steps} steps, guidance {w}"] = \
             time.perf_counter() - start

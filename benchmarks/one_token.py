@@ -1,4 +1,4 @@
-"""The one-token shortcut of the cross-attention (cross_attn.CrossAttention.one_token_shortcut):
+"""The one-token shortcut of the cross-attention (speed.OneTokenAttention, train.one_token_shortcut):
 training-step time of the `reference` preset with it and without it, interleaved in one run.
 
   python benchmarks/one_token.py [--batch 8] [--steps 6] [--device cpu]
@@ -14,9 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from diffusion101.config import get_preset  # noqa: E402
-from diffusion101.cross_attn import CrossAttention  # noqa: E402
 from diffusion101.diffusion import NoiseSchedule  # noqa: E402
-from diffusion101.train import Speed, build_state, train_step  # noqa: E402
+from diffusion101.speed import Speed, use_one_token_shortcut  # noqa: E402
+from diffusion101.train import train_step  # noqa: E402
+from diffusion101.train_state import build_state  # noqa: E402
 
 
 def main():
@@ -30,7 +31,6 @@ def main():
     cfg.train.batch_size = a.batch
     torch.manual_seed(0)
     state = build_state(cfg, device, Speed(), total_steps=10 ** 6)
-    attention = [m for m in state.model.modules() if isinstance(m, CrossAttention)]
     schedule = NoiseSchedule(cfg.diffusion, device)
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(a.batch, 1, 48, 48, generator=g) * 2 - 1).to(device)
@@ -38,8 +38,7 @@ def main():
     seconds = {True: [], False: []}
     for i in range(2 * (a.steps + 1)):
         shortcut = i % 2 == 0
-        for m in attention:
-            m.one_token_shortcut = shortcut
+        use_one_token_shortcut(state.model, shortcut)
         start = time.perf_counter()
         train_step(state, schedule, x0, y, cfg.train, Speed())
         if device.type == "cuda":

@@ -2,11 +2,11 @@
 
     import diffusion101 as d
     model = d.load()  # the shipped checkpoint; d.load("model.pt") for one's own
-    images = d.sample(model, digits=[3, 7], n=4, steps=20, guidance=2.0, seed=0)
+    images = d.sample(model, classes=[3, 7], n=4, steps=20, guidance=2.0, seed=0)
     images.shape  # (8, 28, 28): float in [0, 1], digits 3, 7, 3, 7, ...
-    d.sample(d.load("shapes.pt"), digits=["circle", "square"])  # a folder's classes, by name
+    d.sample(d.load("shapes.pt"), classes=["circle", "square"])  # a folder's, by name
 
-The same seed and options give the same digits as scripts/denoise.py.
+The same seed and options give the same images as scripts/denoise.py.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from os import PathLike
 import torch
 
 from . import denoise
-from .config import SEED_MAX, UserError, check_range, check_strength, class_labels, class_names
-from .diffusion import sampler_for
+from .config import SEED_MAX, UserError
+from .diffusion import make_sampler
 from .generate import Model, load_for_sampling, load_guide, resolve_sampler
 from .images import channels_last, to_unit
 from .model_files import default_checkpoint
+from .settings import check_range, check_strength, class_labels, class_names
 
 __all__ = ["Model", "load", "sample"]
 
@@ -37,33 +38,31 @@ def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) 
                              use_ema, log=lambda *a: None)
 
 
-def sample(model: Model, digits=None, n: int = 1, seed: int = 0, sampler: str | None = None,
+def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str | None = None,
            steps: int | None = None, guidance: float | None = None,
            guidance_rule: str | None = None, guidance_interval=None, eta: float | None = None,
-           timestep_spacing: str | None = None, grid: str | None = None, guide=None,
-           **rule_options) -> torch.Tensor:
-    """n images of each class in `digits` (labels or class names; None: every class), float in
-    [0, 1], (n * len(digits), S, S) grey or (n * len(digits), S, S, 3) RGB, ordered like the
+           timestep_spacing: str | None = None, guide=None, **rule_options) -> torch.Tensor:
+    """n images of each of `classes` (labels or class names; None: every class), float in
+    [0, 1], (n * len(classes), S, S) grey or (n * len(classes), S, S, 3) RGB, ordered like the
     grid of scripts/denoise.py: repetition k of every class, then repetition k + 1. The sampler
-    options left at None keep the checkpoint's defaults (model.config.sample); `grid` is the
-    old name of timestep_spacing. guidance_rule="auto" takes `guide`, the guide checkpoint's
-    path; rule_options are the rules' other fields (apg_eta, apg_momentum,
-    apg_norm_threshold, guide_cfg)."""
+    options left at None keep the checkpoint's defaults (model.config.sample).
+    guidance_rule="auto" takes `guide`, the guide checkpoint's path; rule_options are the
+    rules' other fields (apg_eta, apg_momentum, apg_norm_threshold, guide_cfg)."""
     names = class_names(model.config.model)
-    if digits is None:
+    if classes is None:
         labels = list(range(len(names)))
     else:  # one class ('circle', 3) or several
-        one = isinstance(digits, str) or getattr(digits, "ndim", 1) == 0 \
-            or not hasattr(digits, "__iter__")
-        labels = class_labels([digits] if one else list(digits), names)
+        one = isinstance(classes, str) or getattr(classes, "ndim", 1) == 0 \
+            or not hasattr(classes, "__iter__")
+        labels = class_labels([classes] if one else list(classes), names, where="classes")
     check_range("n", n, 1, 1_000_000, integer=True)
     check_range("seed", seed, 0, SEED_MAX, integer=True)
     sample_cfg = resolve_sampler(model.config, sampler=sampler, steps=steps, guidance=guidance,
                                  guidance_rule=guidance_rule, guidance_interval=guidance_interval,
-                                 eta=eta, timestep_spacing=timestep_spacing or grid,
+                                 eta=eta, timestep_spacing=timestep_spacing,
                                  guide=None if guide is None else str(guide), **rule_options)
-    sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
-    images, _ = denoise.sample(model.unet, sampler, denoise.digit_labels(labels, n, model.device),
+    sampler = make_sampler(sample_cfg, model.config.diffusion, model.device)
+    images, _ = denoise.sample(model.unet, sampler, denoise.grid_labels(labels, n, model.device),
                                sample_cfg, denoise.cpu_generator(seed),
                                guide=load_guide(sample_cfg, model))
     return channels_last(to_unit(images))

@@ -23,8 +23,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .config import Config, LoRAConfig, UserError, check_field, validate
+from .config import Config, LoRAConfig, UserError
 from .files import atomic_write
+from .settings import check_field, validate
 
 MODEL_FORMAT = "diffusion101/model/1"
 LORA_FORMAT = "diffusion101/lora/1"
@@ -59,7 +60,7 @@ TRAINING_PARTS = ("optimizer", "lr_schedule", "ema", "rng")
 def save(obj: dict, path) -> None:
     """A model or adapter file: safetensors when the name ends in .safetensors, else a torch
     pickle of tensors and plain values."""
-    if Path(path).suffix != SAFETENSORS:
+    if Path(path).suffix.lower() != SAFETENSORS:  # .SAFETENSORS too
         atomic_write(path, lambda f: torch.save(obj, f))
         return
     if any(part in obj for part in TRAINING_PARTS):
@@ -75,7 +76,7 @@ def save(obj: dict, path) -> None:
 def is_safetensors(path: Path) -> bool:
     """Named .safetensors, or laid out as one whatever the name: an 8-byte header length, then
     the JSON header's opening brace, the header inside the file. (A torch file is a zip: 'PK'.)"""
-    if path.suffix == SAFETENSORS:
+    if path.suffix.lower() == SAFETENSORS:
         return True
     with open(path, "rb") as f:
         head = f.read(9)
@@ -279,3 +280,9 @@ def base_fingerprint(ckpt: dict) -> str:
     """What a LoRA adapter records of its base: the fingerprint of the weights it adapted,
     so an adapter trained on a full checkpoint also fits that checkpoint's export."""
     return fingerprint(sampling_weights(ckpt))
+
+
+def saved_run_config(out) -> tuple:
+    """(config, preset) of the run saved in `out`: what --resume continues by default."""
+    saved = load_model_checkpoint(out)
+    return config_of(saved), saved.get("preset", "reference")

@@ -1,5 +1,5 @@
 """What the commands share: their flags and how they are read (config overrides, sampler
-options, digits, adapters), output-path checks, the one-writer lock, the device, and one-line
+options, classes, adapters), output-path checks, the one-writer lock, the device, and one-line
 errors instead of tracebacks. The commands themselves are in commands.py."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import (SEED_MAX, Config, UserError, apply_override, check_range, check_strength,
-                     class_labels, get_preset, validate)
+from .config import SEED_MAX, Config, UserError, get_preset
 from .files import same_file
+from .settings import apply_override, check_range, check_strength, class_labels, validate
 
 
 class Terminated(BaseException):
@@ -47,7 +47,7 @@ def run_cli(main, argv=None) -> int:
 
 
 def check_number(flag: str, value, lo, hi, integer: bool = False):
-    """A command-line number that is no config field, through config.check_range; None (the
+    """A command-line number that is no config field, through settings.check_range; None (the
     flag not given) passes, and the default applies."""
     return value if value is None else check_range(flag, value, lo, hi, integer=integer)
 
@@ -187,7 +187,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale w")
     p.add_argument("--guidance-rule", default=None,
-                   help="how guidance combines the predictions: cfg, apg or auto (guidance.py)")
+                   help="how guidance combines the predictions: cfg, apg or auto (denoise.py)")
     p.add_argument("--apg-eta", type=float, default=None,
                    help="apg: weight of the part parallel to the conditional x_0 (1: cfg)")
     p.add_argument("--apg-momentum", type=float, default=None, help="apg: momentum, e.g. -0.5")
@@ -200,9 +200,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
-    p.add_argument("--timestep-spacing", "--grid", dest="timestep_spacing", default=None,
-                   help="timesteps of a few-step sampler: uniform, logsnr or trailing "
-                        "(--grid: its old name)")
+    p.add_argument("--timestep-spacing", default=None,
+                   help="timesteps of a few-step sampler: uniform, logsnr or trailing")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
 
 
@@ -210,8 +209,7 @@ def sampler_options(a: argparse.Namespace) -> dict:
     """The flags of add_sampler_flags as options for generate.resolve_sampler."""
     return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
             "guidance_rule": a.guidance_rule, "apg_eta": a.apg_eta, "apg_momentum": a.apg_momentum,
-            "apg_norm_threshold": a.apg_threshold, "guide": a.guide, "guide_cfg": a.guide_cfg,
-            "eta": a.eta,
+            "apg_norm_threshold": a.apg_threshold, "guide": a.guide, "guide_cfg": a.guide_cfg, "eta": a.eta,
             "guidance_interval": parse_interval(a.guidance_interval),
             "timestep_spacing": a.timestep_spacing}
 
@@ -227,12 +225,12 @@ def parse_interval(text):
     return lo, hi
 
 
-def parse_digits(text: str | None, names: tuple) -> list:
+def parse_classes(text: str | None, names: tuple) -> list:
     """'0,3,7' -> [0, 3, 7]; 'circle,square' -> their labels; None -> every class."""
     if text is None:
         return list(range(len(names)))
     return class_labels([s.strip() for s in text.split(",") if s.strip()], names,
-                        f"--digits '{text}'")
+                        f"--classes '{text}'")
 
 
 def parse_lora_specs(specs) -> list:

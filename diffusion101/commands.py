@@ -14,17 +14,19 @@ from pathlib import Path
 
 from . import checkpoint, evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
-from .config import UserError, class_names
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
                   check_number, check_outputs, check_seed, file_name, input_path, lock_output,
-                  parse_digits, parse_lora_specs, resolve_device, run_cli, sampler_options)
-from .dataset import write_shapes, write_style_data
+                  parse_classes, parse_lora_specs, resolve_device, run_cli, sampler_options)
+from .config import UserError
+from .dataset import training_data, write_shapes, write_style_data
 from .files import atomic_write
 from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .posthoc_ema import export_rebuilt, snapshot_folder
-from .train import Speed, saved_run_config, train as train_run, training_data
+from .settings import class_names
+from .speed import Speed
+from .train import train as train_run
 
 
 def train(argv=None) -> None:
@@ -53,7 +55,7 @@ def train(argv=None) -> None:
     check_seed(a.seed)
     base = preset = None
     if a.resume and a.preset is None:  # continue with the run's own configuration
-        base, preset = saved_run_config(a.out)
+        base, preset = checkpoint.saved_run_config(a.out)
     preset = preset or a.preset or "reference"
     cfg = build_config(preset, a.set, {
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
@@ -61,7 +63,7 @@ def train(argv=None) -> None:
         "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
     device = resolve_device(a.device)
     Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
-    if Path(a.out).suffix == checkpoint.SAFETENSORS:
+    if Path(a.out).suffix.lower() == checkpoint.SAFETENSORS:
         raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
                         f"optimizer and RNG states); export it as .safetensors afterwards")
     data = training_data(cfg)  # a folder's classes set the model's labels: before any file
@@ -120,9 +122,9 @@ def sample(argv=None) -> None:
     p.add_argument("--out", default="imgs/digits.png", type=file_name,
                    help="grid PNG; the progression figure "
                    "goes beside it as <name>_progress.png")
-    p.add_argument("--digits", default=None,
+    p.add_argument("--classes", "--digits", dest="classes", default=None,
                    help="classes to draw, by label or name: 3,7 or circle,square (default: all)")
-    p.add_argument("--n-per-digit", type=int, default=1)
+    p.add_argument("--n-per-class", "--n-per-digit", dest="n_per_class", type=int, default=1)
     p.add_argument("--npz", default=None, type=file_name,
                    help="also write images (uint8 N,H,W; N,H,W,3 in RGB) and labels here")
     p.add_argument("--gif", default=None, type=file_name, help="also write the first row's walk from noise to "
@@ -131,19 +133,19 @@ def sample(argv=None) -> None:
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
-    check_number("--n-per-digit", a.n_per_digit, 1, 10000, integer=True)
+    check_number("--n-per-class", a.n_per_class, 1, 10000, integer=True)
     device = resolve_device(a.device)
     ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
     check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, "--guide": a.guide,
                                              **{f"--lora {p}": p for p, _ in loras}})
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
-    digits = parse_digits(a.digits, class_names(model.config.model))
+    classes = parse_classes(a.classes, class_names(model.config.model))
     sample_cfg = resolve_sampler(model.config, **sampler_options(a))
     guide = load_guide(sample_cfg, model)
     print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
           + (" (merged)" if loras and a.merge else ""))
-    generate(model, sample_cfg, digits, a.n_per_digit, a.seed or 0, outputs, guide=guide)
+    generate(model, sample_cfg, classes, a.n_per_class, a.seed or 0, outputs, guide=guide)
 
 
 def evaluate(argv=None) -> None:

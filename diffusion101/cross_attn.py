@@ -25,18 +25,6 @@ class CrossAttention(nn.Module):
             nn.Linear(channels, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, channels))
         self.norm2 = nn.LayerNorm(channels)
 
-    # With one label token each pixel's softmax runs over one key and is exactly 1, so the
-    # per-pixel query projection, Q K^T and the softmax can be skipped: the weights are ones,
-    # and `ones @ v` is the very product the full computation takes (the same bits, forward and
-    # backward). False computes them anyway (the tests compare the two).
-    one_token_shortcut = True
-
-    def _query_key_sum(self, context: torch.Tensor) -> torch.Tensor:
-        """A scalar that depends on every weight of w_q and w_k (adapters included). Times 0 it
-        gives them the zero gradient the full computation gives them, and keeps them in the
-        graph, which DistributedDataParallel asks of every parameter."""
-        return sum(p.sum() for p in self.w_q.parameters()) + self.w_k(context).sum()
-
     def attention(self, pixels: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """How much each pixel attends to each label token: softmax(Q K^T / sqrt(q_dim)).
         pixels: (B, HW, C), one token per pixel; context: (B, L, cls_dim). Returns (B, HW, L),
@@ -45,17 +33,15 @@ class CrossAttention(nn.Module):
         k = self.w_k(context)  # (B, L, q)
         return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.q_dim), dim=-1)
 
+    def attend(self, pixels: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(q_dim)) V: what each pixel takes from the label tokens,
+        (B, HW, v_dim)."""
+        return self.attention(pixels, context) @ self.w_v(context)  # (B, HW, L) @ (B, L, v)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W) image features; context: (B, L, cls_dim) label tokens (L = 1 in reference)
         b, c, h, w = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C): one token per pixel
-        if context.shape[1] == 1 and self.one_token_shortcut:
-            attn = x.new_ones(b, h * w, 1)  # what the softmax over a single key gives
-            # (B, 1, v); times 0, w_q and w_k keep the zero gradient they get in full
-            v = self.w_v(context) + 0.0 * self._query_key_sum(context)
-        else:
-            attn = self.attention(x, context)  # (B, HW, L)
-            v = self.w_v(context)  # (B, L, v)
-        z = self.norm1(self.z_linear(attn @ v) + x)  # (B, HW, C)
+        z = self.norm1(self.z_linear(self.attend(x, context)) + x)  # back to C channels, residual
         out = self.norm2(self.feedforward(z) + z)
         return out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # back to (B, C, H, W)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import MAX_CLASSES, UserError, check_class_name
+from .config import UserError
+from .settings import MAX_CLASSES, check_class_name, validate
 
-# torchvision takes about 1.5 s to import, so its datasets and transforms are imported where
-# they are used.
+# torchvision (slow to import) is imported where it is used.
 
 DATA_DIR = Path(__file__).parent / "data" / "mnist"
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -46,12 +46,8 @@ def _expected_sums(data_dir: Path) -> dict:
     sums_file = data_dir / "SHA256SUMS"
     if not sums_file.is_file():
         raise UserError(f"MNIST checksum list missing: {sums_file}")
-    sums = {}
-    for line in sums_file.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split()
-            sums[name] = digest
-    return sums
+    lines = [line.split() for line in sums_file.read_text().splitlines() if line.strip()]
+    return {name: digest for digest, name in lines}
 
 
 def prepare_raw(data_dir: Path = DATA_DIR, root: Path | None = None) -> Path:
@@ -93,7 +89,7 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @dataclass
-class MNISTData:
+class ImageData:
     """Labelled images in memory: MNIST, or a folder of one's own."""
     images: torch.Tensor  # (N, S, S) uint8 grey, or (N, C, S, S) with C channels
     labels: torch.Tensor  # (N,) int64
@@ -109,11 +105,11 @@ class MNISTData:
         return x, self.labels[idx].to(device, non_blocking=True)
 
 
-def load_mnist(train: bool = True, img_size: int = 28) -> MNISTData:
+def load_mnist(train: bool = True, img_size: int = 28) -> ImageData:
     from torchvision.datasets import MNIST
     root = prepare_raw()
     ds = MNIST(str(root), train=train, download=False)
-    return MNISTData(resize_uint8(ds.data, img_size), ds.targets.long())
+    return ImageData(resize_uint8(ds.data, img_size), ds.targets.long())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -226,7 +222,7 @@ def load_image_folder(root, img_size: int, channels: int = 1, known=None,
     images = torch.stack([read_folder_image(path, img_size, channels) for path, _ in folder.samples])
     label_of = [known.index(n) if known is not None else i for i, n in enumerate(names)]
     labels = torch.tensor([label_of[i] for _, i in folder.samples], dtype=torch.long)
-    return MNISTData(images[:, 0] if channels == 1 else images, labels), names
+    return ImageData(images[:, 0] if channels == 1 else images, labels), names
 
 
 def bold(images: torch.Tensor) -> torch.Tensor:
@@ -254,7 +250,7 @@ def write_style_data(out, n: int, seed: int = 0) -> None:
     train = load_mnist(train=True, img_size=28)
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     write_folder_atomically(out, lambda tmp: write_image_folder(
-        MNISTData(bold(train.images[idx]), train.labels[idx]), tmp))
+        ImageData(bold(train.images[idx]), train.labels[idx]), tmp))
     print(f"wrote {n} bold digits to {out}/0..9")
 
 
@@ -298,7 +294,7 @@ def write_shapes(out, n: int, size: int = 28, seed: int = 0) -> None:
     print(f"wrote {n} pictures of {', '.join(SHAPES)} to {out}/")
 
 
-def write_image_folder(data: MNISTData, root, names=None) -> None:
+def write_image_folder(data: ImageData, root, names=None) -> None:
     """Write images as PNGs in the ImageFolder layout root/<name>/<index>.png (names: of each
     label; default the digits)."""
     root = Path(root)
@@ -308,3 +304,16 @@ def write_image_folder(data: MNISTData, root, names=None) -> None:
     for i, (img, label) in enumerate(zip(data.images, data.labels.tolist())):
         pixels = img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy()
         Image.fromarray(pixels).save(root / names[label] / f"{i:05d}.png")
+
+
+def training_data(cfg, log=print) -> ImageData | None:
+    """The images train.data names. MNIST: None here, loaded by prepare(). A folder: loaded
+    now, its class names (sorted) the labels 0, 1, ..., their number and names written into
+    cfg.model, so that the checkpoint carries them."""
+    if cfg.train.data == "mnist":
+        return None
+    data, names = load_image_folder(cfg.train.data, cfg.model.img_size, cfg.model.in_channels,
+                                    min_classes=2, log=log)
+    cfg.model.num_classes, cfg.model.class_names = len(names), tuple(names)
+    validate(cfg)
+    return data

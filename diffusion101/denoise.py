@@ -1,10 +1,10 @@
 """The reverse process: start from noise, predict, step, repeat, with guidance.
 
-The loop owns the walk: it calls the sampler's set_timesteps once, then for each timestep asks
-the network (twice, batched, where guidance is on: with the label and with the null label; or
-beside a guide network, for autoguidance), combines the predictions by the guidance rule, and
-hands the output to sampler.step. The job that loads a checkpoint and writes files around this
-loop is generate.py.
+sample() owns the walk: it calls the sampler's set_timesteps once, then for each timestep asks
+predict() for the network's output and hands it to sampler.step. predict() is where guidance
+happens: the network asked with the label and with the null label, batched, and the two
+combined (or, for the rules apg and auto, the predicted x_0 mixed: guidance.py). The job that
+loads a checkpoint and writes files around this loop is generate.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import guidance
 from .config import SampleConfig, UserError
 from .diffusion import Sampler
-from .guidance import RULES, Predictions, is_guided, needs
 
 
 @dataclass
@@ -27,50 +27,57 @@ class Guide:
     prediction: str
 
 
-def guided_at(sample_cfg: SampleConfig, t: int, num_train_timesteps: int) -> bool:
-    """Whether step t is guided: a rule that changes anything (guidance.is_guided), and t / T
-    inside sample.guidance_interval (Kynkaeaenniemi et al. 2024: guidance only over an
-    interval of noise levels)."""
-    lo, hi = sample_cfg.guidance_interval
-    return is_guided(sample_cfg) and lo * num_train_timesteps <= t <= hi * num_train_timesteps
+def is_guided(sample_cfg: SampleConfig) -> bool:
+    """Whether guidance changes anything: a scale other than 1 (or auto's classifier-free term)."""
+    return sample_cfg.guidance != 1.0 or (sample_cfg.guidance_rule == "auto"
+                                          and sample_cfg.guide_cfg != 1.0)
 
 
-def guided(model, x, t, labels, sample_cfg: SampleConfig, schedule, guide: Guide | None = None,
-           memory: dict | None = None) -> torch.Tensor:
-    """The guided prediction at the timesteps t (one for the whole batch): the predictions the
-    rule needs (guidance.needs), the conditional and the unconditional (null-label) passes
-    batched into one forward, then combined by the rule sample_cfg.guidance_rule."""
-    wanted = needs(sample_cfg)
-    if "uncond" in wanted:
-        null = torch.full_like(labels, model.null_label)
-        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-    else:
-        cond, uncond = model(x, t, labels), None
-    extra = {}
-    if "guide" in wanted:
-        extra = {"guide": guide.net(x, t, labels), "guide_prediction": guide.prediction}
-    p = Predictions(x, int(t[0]), schedule, cond, uncond, **extra)
-    return RULES[sample_cfg.guidance_rule](p, sample_cfg, {} if memory is None else memory)
+def needs_uncond(sample_cfg: SampleConfig) -> bool:
+    """Whether a guided step asks the network without the label too: always, but for
+    autoguidance without its classifier-free term."""
+    return sample_cfg.guidance_rule != "auto" or sample_cfg.guide_cfg != 1.0
 
 
 def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig,
             guide: Guide | None = None, memory: dict | None = None) -> torch.Tensor:
-    """The network's output at timestep t for the batch x: guided where sample_cfg guides
-    step t, else the conditional prediction alone (one forward instead of two)."""
+    """The network's output at timestep t for the batch x, guided where sample_cfg guides.
+
+    Classifier-free guidance (Ho & Salimans 2022): the network asked with the labels (cond)
+    and with the null label (uncond), in one batched forward pass, and pushed away from the
+    unconditional answer: uncond + w (cond - uncond). w = 1 is the conditional model. Steps
+    outside sample.guidance_interval (in t / T; Kynkaeaenniemi et al. 2024) take the
+    conditional prediction alone, one forward instead of two. The rules apg and auto
+    (guidance.py) mix predicted x_0 instead, from the same predictions."""
     t_batch = torch.full((labels.shape[0],), t, device=labels.device, dtype=torch.long)
-    if guided_at(sample_cfg, t, sampler.num_train_timesteps):
-        return guided(model, x, t_batch, labels, sample_cfg, sampler, guide, memory)
-    return model(x, t_batch, labels)
+    lo, hi = sample_cfg.guidance_interval
+    T = sampler.num_train_timesteps
+    if not (is_guided(sample_cfg) and lo * T <= t <= hi * T):
+        return model(x, t_batch, labels)
+    if needs_uncond(sample_cfg):
+        null = torch.full_like(labels, model.null_label)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                             torch.cat([labels, null])).chunk(2)
+    else:
+        cond, uncond = model(x, t_batch, labels), None
+    w = sample_cfg.guidance
+    if sample_cfg.guidance_rule == "cfg":
+        return uncond + w * (cond - uncond)
+    if sample_cfg.guidance_rule == "apg":
+        return guidance.apg(sampler, x, t, cond, uncond, sample_cfg, {} if memory is None else memory)
+    guided_by = guide.net(x, t_batch, labels)
+    return guidance.auto(sampler, x, t, cond, uncond, guided_by, guide.prediction, sample_cfg)
 
 
 def check_guidance(model, sample_cfg: SampleConfig, guide: Guide | None) -> None:
-    """What the rule needs, before the walk: a null class for the unconditional pass, a guide
+    """What guidance needs, before the walk: a null class for the unconditional pass, a guide
     network for autoguidance."""
-    wanted = needs(sample_cfg) if is_guided(sample_cfg) else set()
-    if "uncond" in wanted and getattr(model, "null_label", None) is None:
+    if not is_guided(sample_cfg):
+        return
+    if needs_uncond(sample_cfg) and getattr(model, "null_label", None) is None:
         raise UserError("guidance needs a model trained with a null class "
                         "(model.null_class=true, train.p_uncond > 0)")
-    if "guide" in wanted and guide is None:
+    if sample_cfg.guidance_rule == "auto" and guide is None:
         raise UserError("the auto guidance rule needs a guide network (--guide CKPT)")
 
 
@@ -107,10 +114,10 @@ def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConf
     return x, (torch.stack(frames, dim=1) if frames else None)
 
 
-def digit_labels(digits, n_per_digit: int, device) -> torch.Tensor:
-    """The labels of `digits` repeated n_per_digit times: row k of a grid holds repetition k
-    of every digit."""
-    return torch.tensor(list(digits) * n_per_digit, dtype=torch.long, device=device)
+def grid_labels(classes, n_per_class: int, device) -> torch.Tensor:
+    """The labels of `classes` repeated n_per_class times: row k of a grid holds repetition k
+    of every class."""
+    return torch.tensor(list(classes) * n_per_class, dtype=torch.long, device=device)
 
 
 def cpu_generator(seed: int) -> torch.Generator:
@@ -118,9 +125,9 @@ def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def sample_digits(model, sampler: Sampler, sample_cfg: SampleConfig, digits, n_per_digit: int,
-                  seed: int, device, n_frames: int = 0):
-    """Images for `digits`, repeated n_per_digit times (digit_labels), from the seed's CPU
-    generator. (With a guide network: sample() on the same labels and generator.)"""
-    labels = digit_labels(digits, n_per_digit, device)
+def sample_classes(model, sampler: Sampler, sample_cfg: SampleConfig, classes, n_per_class: int,
+                   seed: int, device, n_frames: int = 0):
+    """Images of `classes` (labels), repeated n_per_class times (grid_labels), from the seed's
+    CPU generator. (With a guide network: sample() on the same labels and generator.)"""
+    labels = grid_labels(classes, n_per_class, device)
     return sample(model, sampler, labels, sample_cfg, cpu_generator(seed), n_frames)

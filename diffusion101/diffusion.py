@@ -1,9 +1,11 @@
 """Noise schedules and samplers, as objects apart from the network (the diffusers pattern).
 
-NoiseSchedule knows the betas and nothing about the UNet; training uses it alone:
-- ``add_noise(x0, noise, t)``: the closed-form forward process q(x_t | x_0);
-- ``target(x0, noise, t)``: what the network learns to predict (eps or v);
-- ``predict_x0_eps(model_out, t, x_t)``: the (x0_hat, eps_hat) that a network output implies.
+NoiseSchedule is the objective: it knows the betas and nothing about the UNet, and training
+uses it alone. ``sample_timesteps(n, generator)`` draws training timesteps, ``add_noise(x0,
+noise, t)`` is the closed-form forward process q(x_t | x_0), ``target(x0, noise, t)`` what the
+network learns to predict (eps or v); ``predict_x0_eps`` (clipped as diffusion.clip says),
+``to_x0`` and ``from_x0`` are the one place that turns a prediction into x_0 and back. A
+second objective is another such class with its samplers.
 
 A sampler is a NoiseSchedule with a reverse step, and every sampler keeps one contract:
 ``set_timesteps(n)`` chooses the n timesteps of the walk (``timesteps``, from T-1 down) and
@@ -74,6 +76,12 @@ class NoiseSchedule:
             setattr(self, name, value.to(dtype=torch.float32, device=device))
         self._alpha_bar64 = alpha_bar  # float64 copy for the samplers' coefficients
 
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """A training timestep for each of n images, uniform over 0..T-1, drawn on the
+        generator's device."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
+                             device=generator.device)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, with t of shape (B,)."""
         return (extract(self.sqrt_alpha_bar, t, x0.shape) * x0
@@ -115,6 +123,21 @@ class NoiseSchedule:
             eps = (x_t - a * x0) / s  # keep the pair consistent with x_t
         return x0, eps
 
+    def to_x0(self, out: torch.Tensor, t: int, x_t: torch.Tensor,
+              prediction: str | None = None) -> torch.Tensor:
+        """The x_0 a network output implies at (x_t, t), unclipped; `prediction` is the
+        output's kind (default the schedule's own), so that a guide network predicting eps can
+        be read beside a model predicting v."""
+        a, s = self.sqrt_alpha_bar[t], self.sqrt_one_minus_alpha_bar[t]
+        if (prediction or self.prediction) == "eps":
+            return (x_t - s * out) / a
+        return a * x_t - s * out  # v = a eps - s x_0 and x_t = a x_0 + s eps
+
+    def from_x0(self, x0: torch.Tensor, t: int, x_t: torch.Tensor) -> torch.Tensor:
+        """The output of the schedule's kind (eps or v) that implies x0 at (x_t, t)."""
+        a, s = self.sqrt_alpha_bar[t], self.sqrt_one_minus_alpha_bar[t]
+        eps = (x_t - a * x0) / s
+        return eps if self.prediction == "eps" else a * eps - s * x0
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -168,7 +191,7 @@ class Sampler(NoiseSchedule):
         return torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
 
 
-class DDPMScheduler(Sampler):
+class DDPMSampler(Sampler):
     """Ancestral sampling (Ho et al. 2020): every training step, posterior variance beta-tilde."""
 
     name = "ddpm"
@@ -197,7 +220,7 @@ class DDPMScheduler(Sampler):
         return StepOutput(mean, x0)
 
 
-class DDIMScheduler(Sampler):
+class DDIMSampler(Sampler):
     """Song et al. (2021): any subsequence of timesteps; eta = 0 deterministic, eta = 1 is DDPM's
     posterior on that subsequence."""
 
@@ -231,7 +254,7 @@ class DDIMScheduler(Sampler):
         return StepOutput(x_prev, x0)
 
 
-class DPMSolverScheduler(Sampler):
+class DPMSolverSampler(Sampler):
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep, first order on the first
     and last steps. With lambda = log(alpha / sigma) and h = lambda_t - lambda_s:
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, where D is x0_hat (first order) or
@@ -274,25 +297,20 @@ class DPMSolverScheduler(Sampler):
         return StepOutput((s_t / s_s) * x_t - a_t * math.expm1(-h) * d, x0)
 
 
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverScheduler}
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
 
 
-def make_scheduler(name: str, cfg: DiffusionConfig, device="cpu", steps: int | None = None,
-                   eta: float = 0.0, timestep_spacing: str = "uniform") -> Sampler:
-    """A sampler by name, with its timesteps set (all of them when steps is None): a bad name
-    or step count is a UserError."""
+def make_sampler(sample_cfg, cfg: DiffusionConfig, device="cpu") -> Sampler:
+    """The sampler a config.SampleConfig names (sample.sampler), its timesteps set to
+    sample.steps on sample.timestep_spacing (and DDIM's eta): a bad name or step count is a
+    UserError."""
+    name = sample_cfg.sampler
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
-    extra = {"eta": eta} if name == "ddim" else {}
-    sampler = SAMPLERS[name](cfg, device, timestep_spacing, **extra)
+    extra = {"eta": sample_cfg.eta} if name == "ddim" else {}
+    sampler = SAMPLERS[name](cfg, device, sample_cfg.timestep_spacing, **extra)
     try:
-        sampler.set_timesteps(steps if steps is not None else cfg.timesteps)
+        sampler.set_timesteps(sample_cfg.steps)
     except ValueError as e:
         raise UserError(str(e)) from None
     return sampler
-
-
-def sampler_for(sample_cfg, cfg: DiffusionConfig, device="cpu") -> Sampler:
-    """The sampler a config.SampleConfig asks for (sampler, steps, eta, timestep_spacing)."""
-    return make_scheduler(sample_cfg.sampler, cfg, device, sample_cfg.steps, sample_cfg.eta,
-                          sample_cfg.timestep_spacing)

@@ -9,6 +9,7 @@ the real-data floors ship in ``diffusion101/weights/classifier.pt``.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zipfile
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 
 from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
-from .config import EVERY_STEP, UserError, class_names, interval_text, is_mnist_model
+from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
 from .denoise import sample
-from .diffusion import sampler_for
+from .diffusion import make_sampler
 from .fid import feature_stats, frechet_distance
+from .settings import class_names, interval_text, is_mnist_model
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
     sample_cfg = sample_cfg or cfg.sample
     labels = test_set_labels(n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    sampler = sampler_for(sample_cfg, cfg.diffusion, device)
+    sampler = make_sampler(sample_cfg, cfg.diffusion, device)
     out = []
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
@@ -133,9 +135,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
 
 
 # What the metrics record of the sampler (sample.use_ema is left out: --no-ema overrides it).
-SAMPLING_FIELDS = ("sampler", "steps", "guidance", "guidance_rule", "guidance_interval", "eta",
-                   "timestep_spacing", "apg_eta", "apg_momentum", "apg_norm_threshold", "guide",
-                   "guide_cfg")
+SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SampleConfig) if f.name != "use_ema"]
 
 
 def require_digits(cfg) -> None:

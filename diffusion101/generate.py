@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import Config, SampleConfig, UserError, class_names, interval_text, validate
-from .denoise import Guide, cpu_generator, digit_labels, sample
-from .diffusion import sampler_for
+from .config import Config, SampleConfig, UserError
+from .denoise import Guide, cpu_generator, grid_labels, sample
+from .diffusion import make_sampler
 from .files import same_file
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora
 from .model_files import load_model
+from .settings import class_names, interval_text, validate
 
 PROGRESS_FRAMES = 20  # columns of the progression figure: x_t from noise to the result
 
@@ -113,33 +114,33 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
     return result
 
 
-def generate(model: Model, sample_cfg: SampleConfig, digits: list, n_per_digit: int, seed: int,
+def generate(model: Model, sample_cfg: SampleConfig, classes: list, n_per_class: int, seed: int,
              outputs: Outputs, log=print, guide: Guide | None = None) -> torch.Tensor:
-    """Sample n_per_digit images of each of `digits` and write what `outputs` names: the grid
-    (a column per digit, a row per repetition), the npz of samples, and the walk of the first
+    """Sample n_per_class images of each of `classes` (labels) and write what `outputs` names:
+    the grid (a column per class, a row per repetition), the npz of samples, and the walk of the first
     row from noise to the result, as the progression figure and as the GIF. Returns the
     images, (N, C, S, S) in about [-1, 1]."""
-    sampler = sampler_for(sample_cfg, model.config.diffusion, model.device)
+    sampler = make_sampler(sample_cfg, model.config.diffusion, model.device)
     rule = "" if sample_cfg.guidance_rule == "cfg" else f" ({sample_cfg.guidance_rule})"
-    log(f"sampling {len(digits) * n_per_digit} images: {sample_cfg.sampler}, {sample_cfg.steps} "
+    log(f"sampling {len(classes) * n_per_class} images: {sample_cfg.sampler}, {sample_cfg.steps} "
         f"steps, guidance {sample_cfg.guidance}{rule}"
         f"{interval_text(sample_cfg.guidance_interval)} on {model.device}")
     start = time.perf_counter()
-    labels = digit_labels(digits, n_per_digit, model.device)
+    labels = grid_labels(classes, n_per_class, model.device)
     images, frames = sample(model.unet, sampler, labels, sample_cfg, cpu_generator(seed),
                             PROGRESS_FRAMES, guide)
     log(f"sampled in {time.perf_counter() - start:.2f} s")
     paths = {flag: Path(p) for flag, p in outputs.by_flag().items() if p is not None}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    names = [class_names(model.config.model)[d] for d in digits]
-    # MNIST's digits need no caption; a folder's classes are named above their column
-    save_grid(images, outputs.grid, nrow=len(digits),
+    names = [class_names(model.config.model)[c] for c in classes]
+    # MNIST's classes need no caption; a folder's classes are named above their column
+    save_grid(images, outputs.grid, nrow=len(classes),
               captions=names if model.config.model.class_names else None)
-    save_progression(frames[:len(digits)], names, progress_path(outputs.grid))
+    save_progression(frames[:len(classes)], names, progress_path(outputs.grid))
     if outputs.npz is not None:
-        save_npz(images, digits * n_per_digit, outputs.npz)
+        save_npz(images, classes * n_per_class, outputs.npz)
     if outputs.gif is not None:
-        save_gif(frames[:len(digits)], outputs.gif, nrow=len(digits))
+        save_gif(frames[:len(classes)], outputs.gif, nrow=len(classes))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return images

@@ -1,6 +1,6 @@
 """LoRA fine-tuning: freeze the base, train only the adapters (by default on the cross-attention
-Q/K/V projections), on MNIST or on a folder of the user's own digits. The loop is training's
-own (train.Trainer), run with a recipe made from the lora section."""
+Q/K/V projections), on MNIST or on a folder of the user's own images. The loop is training's
+own (train.fit), handed a recipe of its own (finetune_recipe)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import UserError, class_names, is_mnist_model, validate
+from .config import TrainConfig, UserError
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .diffusion import NoiseSchedule
 from .lora import inject_lora, lora_state_dict
 from .model_files import load_model
-from .train import NonFiniteLoss, Run, Trainer, TrainState, make_lr_schedule
+from .settings import class_names, is_mnist_model, validate
+from .train import NonFiniteLoss, Run, fit
+from .train_state import TrainState, make_lr_schedule
 from .unet import count_parameters
 
 
@@ -68,20 +70,19 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def finetune_recipe(cfg, seed: int, steps_per_epoch: int):
-    """The training recipe of a fine-tune: the base's loss and label dropout, and the
-    reference's plain recipe for the adapters (constant Adam, no clipping, no EMA, fp32),
-    with the lora section's batch size, learning rate and budget; no checkpoints, evaluations
-    or grids on the way. A step budget wins over the epoch count, however small the data."""
-    lora_cfg = cfg.lora
+def finetune_recipe(cfg, seed: int, steps_per_epoch: int) -> TrainConfig:
+    """The recipe fit() follows for a fine-tune: the base's loss and label dropout (its
+    objective), the lora section's batch size, rate and budget, and for everything else the
+    reference's plain recipe, the dataclass's defaults (constant Adam, no clipping, no EMA,
+    fp32, no checkpoints or evaluations on the way), but no grids. A step budget wins over the
+    epoch count, however small the data."""
+    lora_cfg, base = cfg.lora, cfg.train
     epochs = lora_cfg.epochs
     if lora_cfg.max_steps:
         epochs = math.ceil(lora_cfg.max_steps / steps_per_epoch)
-    return dataclasses.replace(
-        cfg.train, lr=lora_cfg.lr, lr_schedule="constant", grad_clip=0.0, ema_decay=0.0,
-        batch_size=lora_cfg.batch_size, epochs=epochs, max_steps=lora_cfg.max_steps,
-        max_minutes=0.0, seed=seed, save_every=0, eval_every_steps=0, grid_every=0,
-        snapshot_every=0)
+    return TrainConfig(epochs=epochs, batch_size=lora_cfg.batch_size, lr=lora_cfg.lr,
+                       max_steps=lora_cfg.max_steps, seed=seed, loss=base.loss,
+                       p_uncond=base.p_uncond, snr_gamma=base.snr_gamma, grid_every=0)
 
 
 def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, data="mnist",
@@ -105,7 +106,7 @@ def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, da
                        torch.Generator(device="cpu").manual_seed(seed))
     run = Run(dataclasses.replace(cfg, train=recipe), None, None, torch.device(device))
     try:
-        Trainer(run, state, data, NoiseSchedule(cfg.diffusion, device), desc="lora epoch").fit()
+        fit(run, state, data, NoiseSchedule(cfg.diffusion, device), desc="lora epoch")
     except NonFiniteLoss as e:
         raise UserError(f"loss is {e} at LoRA step {state.step + 1}; stopped, nothing saved") from None
     if state.step == 0:

@@ -8,7 +8,8 @@ import torch
 
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
-from .config import UserError, apply_override, get_preset, validate
+from .config import UserError, get_preset
+from .settings import apply_override, validate
 from .unet import UNet
 
 

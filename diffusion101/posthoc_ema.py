@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import UserError, check_range, validate
+from .config import UserError
 from .ema import decay_at
+from .settings import check_range, validate
 from .unet import UNet
 
 SNAPSHOT_PREFIX = "step_"

@@ -22,9 +22,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import diffusion101 as d
 from diffusion101.config import DiffusionConfig, get_preset
-from diffusion101.dataset import MNISTData, load_mnist
+from diffusion101.dataset import ImageData, load_mnist
 from diffusion101.denoise import predict
-from diffusion101.diffusion import NoiseSchedule, sampler_for
+from diffusion101.diffusion import NoiseSchedule, make_sampler
 from diffusion101.evaluate import score
 from diffusion101.model_files import BOLD_LORA_PATH
 from diffusion101.train import train
@@ -121,7 +121,7 @@ save(fig, "schedules")
 
 # %%
 sample_cfg = model.config.sample  # DPM-Solver++, 20 steps, guidance 1.75
-sampler = sampler_for(sample_cfg, model.config.diffusion)
+sampler = make_sampler(sample_cfg, model.config.diffusion)
 labels = torch.tensor([0, 3, 7, 9])
 generator = torch.Generator().manual_seed(0)
 x = torch.randn((len(labels), 1, 28, 28), generator=generator)
@@ -163,7 +163,7 @@ if QUICK:
 fig, axes = plt.subplots(len(samplers), 10, figsize=(10, 1.3 * len(samplers)))
 for row, (name, n_steps) in enumerate(samplers):
     start = time.perf_counter()
-    images = d.sample(model, digits=range(10), seed=0, sampler=name, steps=n_steps)
+    images = d.sample(model, classes=range(10), seed=0, sampler=name, steps=n_steps)
     seconds = time.perf_counter() - start
     show_row(axes[row], images)
     axes[row, 0].set_ylabel(f"{name} {n_steps}\n{seconds:.1f} s", fontsize=8, rotation=0,
@@ -186,7 +186,7 @@ scales = [0.0, 1.0, 1.5, 2.0, 3.0, 5.0]
 per_digit = 1 if QUICK else 10  # digits 0-9 this many times: the accuracy is over ten times that
 fig, axes = plt.subplots(len(scales), 10, figsize=(10, 1.3 * len(scales)))
 for row, w in enumerate(scales):
-    images = d.sample(model, digits=range(10), n=per_digit, seed=0, guidance=w)
+    images = d.sample(model, classes=range(10), n=per_digit, seed=0, guidance=w)
     asked = torch.arange(10).repeat(per_digit)
     accuracy = score(images[:, None] * 2 - 1, asked)["accuracy"]
     show_row(axes[row], images[:10])
@@ -259,9 +259,9 @@ save(fig, "lora")
 # ## 8. Training, in a few hundred steps
 #
 # The loop that trains every preset, here on the `tiny` preset (16 px, 100 timesteps, a
-# few thousand parameters) and a slice of MNIST: `train()` runs `Trainer.fit()`, which takes a
-# batch, makes one optimizer step, logs the loss to TensorBoard, and saves. The loss falls
-# fast, and the samples go from noise to smooth blobs of about a digit's ink; digits take a
+# few thousand parameters) and a slice of MNIST: `train()` runs `fit()`, which, for each epoch
+# and each batch, makes one optimizer step, logs the loss to TensorBoard, and saves. The loss
+# falls fast, and the samples go from noise to smooth blobs of about a digit's ink; digits take a
 # bigger network and more steps (the shipped checkpoint: sixty times the parameters, ten times
 # the steps, on all of MNIST).
 #
@@ -271,7 +271,7 @@ save(fig, "lora")
 cfg = get_preset("tiny")
 cfg.train.epochs, cfg.train.max_steps = 2, (40 if QUICK else 600)
 mnist = load_mnist(train=True, img_size=16)
-data = MNISTData(mnist.images[:8000], mnist.labels[:8000])
+data = ImageData(mnist.images[:8000], mnist.labels[:8000])
 work = Path(tempfile.mkdtemp())
 torch.manual_seed(cfg.train.seed)
 untrained = d.Model(UNet(cfg.model).eval(), cfg, torch.device("cpu"))  # train()'s first weights

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from diffusion101.dataset import MNISTData  # noqa: E402
+from diffusion101.dataset import ImageData  # noqa: E402
 
 
 def load_script(name: str):
@@ -53,16 +53,14 @@ def one_token_unet_output_and_grads(shortcut: bool, device) -> list:
     every parameter's gradient of a squared loss, with the attention's one-token shortcut on
     or off."""
     from diffusion101.config import get_preset
-    from diffusion101.cross_attn import CrossAttention
+    from diffusion101.speed import use_one_token_shortcut
     from diffusion101.unet import UNet
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 16, 16, generator=g).to(device)
     t, y = torch.tensor([1, 30, 60, 99], device=device), torch.arange(4, device=device)
     torch.manual_seed(0)
     model = UNet(get_preset("tiny").model).to(device)
-    for module in model.modules():
-        if isinstance(module, CrossAttention):
-            module.one_token_shortcut = shortcut
+    use_one_token_shortcut(model, shortcut)
     out = model(x, t, y)
     out.square().mean().backward()
     return [out.detach(), *(p.grad.clone() for p in model.parameters())]
@@ -73,7 +71,7 @@ def fake_data():
     """256 random 16x16 'digits' with labels: enough for a few tiny training steps, no MNIST load."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 16, 16), generator=g, dtype=torch.uint8)
-    return MNISTData(images, torch.arange(256) % 10)
+    return ImageData(images, torch.arange(256) % 10)
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +79,14 @@ def _seeded():
     """Every test starts from the same global RNG state, so a float32 tolerance that holds
     once holds on every run (an unseeded closed-form check failed 1 run in ~25)."""
     torch.manual_seed(0)
+
+
+def sampler_by_name(name: str, cfg, steps=None, eta: float = 0.0, timestep_spacing="uniform",
+                    device="cpu"):
+    """diffusion.make_sampler from a sampler's name and settings (every timestep when steps
+    is None)."""
+    from diffusion101.config import SampleConfig
+    from diffusion101.diffusion import make_sampler
+    sample_cfg = SampleConfig(sampler=name, steps=cfg.timesteps if steps is None else steps,
+                              eta=eta, timestep_spacing=timestep_spacing)
+    return make_sampler(sample_cfg, cfg, device)

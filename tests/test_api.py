@@ -24,7 +24,7 @@ def tiny_path(tmp_path):
 @pytest.mark.parametrize("options", [{}, {"sampler": "ddim", "steps": 5, "eta": 0.5}])
 def test_sample_equals_the_denoise_job(tiny_path, tmp_path, options):
     model = d.load(tiny_path)
-    images = d.sample(model, digits=[3, 7, 0], n=2, seed=11, **options)
+    images = d.sample(model, classes=[3, 7, 0], n=2, seed=11, **options)
     loaded = load_for_sampling(tiny_path, "cpu")
     job = generate(loaded, resolve_sampler(loaded.config, **options), [3, 7, 0], 2, 11,
                    Outputs(tmp_path / "grid.png"), log=lambda *a: None)
@@ -34,16 +34,16 @@ def test_sample_equals_the_denoise_job(tiny_path, tmp_path, options):
 
 def test_options_reach_the_sampler_and_seed_matters(tiny_path):
     model = d.load(tiny_path)
-    base = d.sample(model, digits=[5], seed=0)
-    assert torch.equal(base, d.sample(model, digits=[5], seed=0))
-    assert not torch.equal(base, d.sample(model, digits=[5], seed=1))
-    assert not torch.equal(base, d.sample(model, digits=[5], seed=0, sampler="ddim", steps=4))
+    base = d.sample(model, classes=[5], seed=0)
+    assert torch.equal(base, d.sample(model, classes=[5], seed=0))
+    assert not torch.equal(base, d.sample(model, classes=[5], seed=1))
+    assert not torch.equal(base, d.sample(model, classes=[5], seed=0, sampler="ddim", steps=4))
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"digits": [10]}, "no class of this model"), ({"digits": []}, "at least one class"),
-    ({"digits": ["three"]}, "no class"), ({"digits": [True]}, "no class"),
-    ({"digits": ["³"]}, "no class"), ({"n": 0}, "n must be"),
+    ({"classes": [10]}, "no class of this model"), ({"classes": []}, "at least one class"),
+    ({"classes": ["three"]}, "no class"), ({"classes": [True]}, "no class"),
+    ({"classes": ["³"]}, "no class"), ({"n": 0}, "n must be"),
     ({"seed": -1}, "seed"), ({"steps": 0}, "sample.steps"),
     ({"guidance": float("nan")}, "sample.guidance"), ({"sampler": "euler"}, "sample.sampler"),
 ])
@@ -58,7 +58,7 @@ def test_adapters_without_a_path_go_onto_the_default_checkpoint(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # no model.pt here: the shipped checkpoint
     base, bold = d.load(), d.load(loras=[BOLD_LORA_PATH])
     assert bold.config == base.config == d.load(SHIPPED_PATH).config
-    assert not torch.equal(d.sample(base, digits=[3]), d.sample(bold, digits=[3]))
+    assert not torch.equal(d.sample(base, classes=[3]), d.sample(bold, classes=[3]))
 
 
 def test_bad_lora_strength_and_missing_file_are_refused(tiny_path, tmp_path):
@@ -98,10 +98,10 @@ def test_a_model_of_named_rgb_classes_samples_by_name(tmp_path):
     checkpoint.save(checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict()}),
                     tmp_path / "shapes.safetensors")
     model = d.load(tmp_path / "shapes.safetensors")
-    images = d.sample(model, digits=["triangle", 0], n=2, seed=3)
+    images = d.sample(model, classes=["triangle", 0], n=2, seed=3)
     assert images.shape == (4, 16, 16, 3) and 0 <= images.min() and images.max() <= 1
-    assert torch.equal(images, d.sample(model, digits=[2, "circle"], n=2, seed=3))
+    assert torch.equal(images, d.sample(model, classes=[2, "circle"], n=2, seed=3))
     assert d.sample(model, seed=3).shape == (3, 16, 16, 3)  # every class by default
-    one = d.sample(model, digits="square", seed=3)  # one name is one class, not its letters
-    assert one.shape == (1, 16, 16, 3) and torch.equal(one, d.sample(model, digits=1, seed=3))
-    assert torch.equal(one, d.sample(model, digits=[torch.tensor(1)], seed=3))
+    one = d.sample(model, classes="square", seed=3)  # one name is one class, not its letters
+    assert one.shape == (1, 16, 16, 3) and torch.equal(one, d.sample(model, classes=1, seed=3))
+    assert torch.equal(one, d.sample(model, classes=[torch.tensor(1)], seed=3))

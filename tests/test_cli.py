@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from diffusion101.cli import (check_number, check_outputs, check_seed, lock_output, parse_digits,
+from diffusion101.cli import (check_number, check_outputs, check_seed, lock_output, parse_classes,
                               parse_lora_specs, release_locks)
 from diffusion101.config import UserError
 
@@ -94,16 +94,16 @@ DIGITS = tuple("0123456789")
 @pytest.mark.parametrize("bad", ["10", "-1", "a,b", "", "1,,x", "³", "٣", "circle"])
 def test_bad_digits(bad):
     with pytest.raises(UserError, match="no class|at least one"):
-        parse_digits(bad, DIGITS)
+        parse_classes(bad, DIGITS)
 
 
 def test_digits_by_label_or_by_name():
-    assert parse_digits("0, 3,7", DIGITS) == [0, 3, 7]
-    assert parse_digits(None, DIGITS) == list(range(10))
+    assert parse_classes("0, 3,7", DIGITS) == [0, 3, 7]
+    assert parse_classes(None, DIGITS) == list(range(10))
     shapes = ("circle", "cross", "square")
-    assert parse_digits("square,0,circle", shapes) == [2, 0, 0]
+    assert parse_classes("square,0,circle", shapes) == [2, 0, 0]
     # a name wins over a label: a folder of classes '1', '2', '3' is sampled by its names
-    assert parse_digits("3,1", ("1", "2", "3")) == [2, 0]
+    assert parse_classes("3,1", ("1", "2", "3")) == [2, 0]
 
 
 def test_lora_specs_and_their_strengths(tmp_path):

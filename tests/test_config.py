@@ -1,6 +1,8 @@
 import pytest
 
-from diffusion101.config import Config, UserError, apply_override, get_preset, validate
+from diffusion101.config import Config, UserError, get_preset
+
+from diffusion101.settings import apply_override, validate
 
 
 def test_reference_preset_is_spec():
@@ -90,19 +92,15 @@ def test_attention_must_remain_somewhere():
         validate(cfg)
 
 
-def test_older_configs_with_eval_every_in_epochs_are_read_in_steps():
+def test_a_field_this_version_does_not_know_is_refused_by_name():
     old = get_preset("cpu").to_dict()
-    del old["train"]["eval_every_steps"]
-    old["train"].update(batch_size=128, eval_every=2)  # 2 epochs of 469 steps at batch 128
-    assert Config.from_dict(old).train.eval_every_steps == 938
-    old["train"]["eval_every_steps"] = 300  # both set: the step count was the finer knob
-    assert Config.from_dict(old).train.eval_every_steps == 300
-    old["train"].update(eval_every=0, eval_every_steps=0)
-    assert Config.from_dict(old).train.eval_every_steps == 0
+    old["train"]["eval_every"] = 2  # a field of an early version, never in a shipped file
+    with pytest.raises(UserError, match="unknown config field 'train.eval_every'"):
+        Config.from_dict(old)
 
 
 def _folder_model(**model):
-    """The tiny preset as a folder of shapes sets it up (train.training_data)."""
+    """The tiny preset as a folder of shapes sets it up (dataset.training_data)."""
     cfg = get_preset("tiny")
     cfg.train.data = "shapes"
     cfg.model.num_classes, cfg.model.class_names = 3, ("circle", "square", "triangle")
@@ -130,7 +128,7 @@ def test_a_folder_models_classes_are_checked(change, match):
 
 
 def test_mnist_means_ten_grey_digits_and_only_they_are_scored():
-    from diffusion101.config import class_names, is_mnist_model
+    from diffusion101.settings import class_names, is_mnist_model
     for change in ({"num_classes": 3}, {"in_channels": 3}, {"class_names": tuple("0123456789")}):
         cfg = get_preset("tiny")
         for name, value in change.items():

@@ -13,9 +13,11 @@ import torch
 
 from conftest import ROOT, run_script
 from diffusion101.config import get_preset
-from diffusion101.dataset import MNISTData
+from diffusion101.dataset import ImageData
 from diffusion101.diffusion import NoiseSchedule
-from diffusion101.train import Speed, build_state, compile_network, train_step
+from diffusion101.speed import Speed
+from diffusion101.train import train_step
+from diffusion101.train_state import build_state
 
 # DIFFUSION101_TEST_DEVICE=cpu runs these on the CPU, to check the tests themselves before a
 # GPU is lent (slow: bf16 and torch.compile on a CPU); on the CPU they prove nothing about CUDA.
@@ -41,14 +43,14 @@ def _report(name: str, value) -> None:
 _BASELINE = {}
 
 
-def _fp32_losses(data: MNISTData, steps: int) -> list:
+def _fp32_losses(data: ImageData, steps: int) -> list:
     """The all-off (fp32 eager) losses, computed once per length."""
     if steps not in _BASELINE:
         _BASELINE[steps] = _losses({}, data, steps)
     return _BASELINE[steps]
 
 
-def _losses(options: dict, data: MNISTData, steps: int) -> list:
+def _losses(options: dict, data: ImageData, steps: int) -> list:
     """Losses of `steps` training steps on one fixed batch, with the speed options given."""
     cfg = get_preset("tiny")
     for name, value in {**ALL_OFF, **options}.items():
@@ -56,9 +58,9 @@ def _losses(options: dict, data: MNISTData, steps: int) -> list:
     speed = Speed.for_device(cfg.train, CUDA)
     torch.manual_seed(0)  # the same initial weights for every combination
     state = build_state(cfg, CUDA, speed, total_steps=steps)
-    state.net = compile_network(state.model, speed)
+    state.net = speed.network(state.model)
     if speed.data_on_device:
-        data = MNISTData(data.images.to(CUDA), data.labels.to(CUDA))
+        data = ImageData(data.images.to(CUDA), data.labels.to(CUDA))
     scheduler = NoiseSchedule(cfg.diffusion, CUDA)
     x0, y = data.batch(torch.arange(16), CUDA)
     return [train_step(state, scheduler, x0, y, cfg.train, speed) for _ in range(steps)]
@@ -90,17 +92,17 @@ def test_all_speed_options_together_train_like_fp32(fake_data):
 
 
 def test_same_seed_same_digits_on_cuda():
-    from diffusion101.denoise import sample_digits
-    from diffusion101.diffusion import sampler_for
+    from diffusion101.denoise import sample_classes
+    from diffusion101.diffusion import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.model_files import SHIPPED_PATH
     model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
     sc, diffusion = model.config.sample, model.config.diffusion
-    runs = [sample_digits(model.unet, sampler_for(sc, diffusion, CUDA), sc, range(10), 2, 7, CUDA)[0]
+    runs = [sample_classes(model.unet, make_sampler(sc, diffusion, CUDA), sc, range(10), 2, 7, CUDA)[0]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     model_cpu = load_for_sampling(SHIPPED_PATH, "cpu", log=lambda *a: None)
-    on_cpu, _ = sample_digits(model_cpu.unet, sampler_for(sc, diffusion, "cpu"), sc, range(10), 2,
+    on_cpu, _ = sample_classes(model_cpu.unet, make_sampler(sc, diffusion, "cpu"), sc, range(10), 2,
                               7, "cpu")
     gap = (runs[0].cpu() - on_cpu).abs().mean().item()
     _report("shipped checkpoint, same seed: mean |CUDA - CPU| pixel difference in [-1, 1]", gap)

@@ -28,7 +28,7 @@ def test_batched_resize_matches_torchvision_pil_path():
         pil = TFv1.resize(Image.fromarray(test.images[i].numpy()), [48, 48])
         ref = torch.from_numpy(np.array(pil))
         assert (ours[i].int() - ref.int()).abs().max().item() <= 1  # rounding only
-    x, y = dataset.MNISTData(ours, test.labels[:64]).batch(torch.arange(4))
+    x, y = dataset.ImageData(ours, test.labels[:64]).batch(torch.arange(4))
     assert x.shape == (4, 1, 48, 48) and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.int64
 
 

@@ -4,28 +4,28 @@ import pytest
 import torch
 
 from diffusion101.config import SampleConfig, UserError, get_preset
-from diffusion101.denoise import (Guide, cpu_generator, digit_labels, guided, guided_at, sample,
-                                  sample_digits)
-from diffusion101.diffusion import DDPMScheduler, NoiseSchedule, make_scheduler
+from conftest import sampler_by_name
+from diffusion101.denoise import Guide, cpu_generator, grid_labels, predict, sample, sample_classes
+from diffusion101.diffusion import DDPMSampler
 from diffusion101.unet import UNet
 
 
 def _model():
     torch.manual_seed(0)
     cfg = get_preset("tiny")
-    return UNet(cfg.model).eval(), DDPMScheduler(cfg.diffusion), cfg.sample
+    return UNet(cfg.model).eval(), DDPMSampler(cfg.diffusion), cfg.sample
 
 
 def _ddim10(**changes):
     """DDIM over the tiny preset's 100 timesteps, ten steps (99, 88, ..., 0) unless changed."""
     cfg = get_preset("tiny")
     sc = dataclasses.replace(cfg.sample, **{"sampler": "ddim", "steps": 10, **changes})
-    return make_scheduler("ddim", cfg.diffusion, steps=sc.steps), sc
+    return sampler_by_name("ddim", cfg.diffusion, steps=sc.steps), sc
 
 
 def test_sample_shapes_frames_and_range():
     model, sched, sc = _model()
-    images, frames = sample_digits(model, sched, sc, [0, 3, 7], 2, seed=1, device="cpu", n_frames=20)
+    images, frames = sample_classes(model, sched, sc, [0, 3, 7], 2, seed=1, device="cpu", n_frames=20)
     assert images.shape == (6, 1, 16, 16) and frames.shape == (6, 20, 1, 16, 16)
     assert images.min() >= -1 and images.max() <= 1  # the reference's per-step clamp
     assert torch.equal(frames[:, -1], images)  # the last frame is the result
@@ -33,9 +33,9 @@ def test_sample_shapes_frames_and_range():
 
 def test_same_seed_same_images_other_seed_other_images():
     model, sched, sc = _model()
-    a, _ = sample_digits(model, sched, sc, range(10), 1, seed=4, device="cpu")
-    b, _ = sample_digits(model, sched, sc, range(10), 1, seed=4, device="cpu")
-    c, _ = sample_digits(model, sched, sc, range(10), 1, seed=5, device="cpu")
+    a, _ = sample_classes(model, sched, sc, range(10), 1, seed=4, device="cpu")
+    b, _ = sample_classes(model, sched, sc, range(10), 1, seed=4, device="cpu")
+    c, _ = sample_classes(model, sched, sc, range(10), 1, seed=5, device="cpu")
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -80,20 +80,21 @@ def _guided_model(norm="group", tokens=1):
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_guidance_one_is_the_conditional_prediction(norm):
     model = _guided_model(norm)
-    x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([5, 50, 70, 99]), torch.tensor([0, 4, 8, 9])
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 4, 8, 9])
+    sampler = DDPMSampler(get_preset("tiny").diffusion)
     with torch.no_grad():
-        cond = model(x, t, y)
-        uncond = model(x, t, torch.full_like(y, 10))
-        schedule = NoiseSchedule(get_preset("tiny").diffusion)
-        for w, want in ((1.0, cond), (0.0, uncond), (3.0, uncond + 3 * (cond - uncond))):
-            out = guided(model, x, t, y, SampleConfig(guidance=w), schedule)
-            assert torch.allclose(out, want, atol=1e-5)
+        for t in (5, 50, 99):
+            t_batch = torch.full((4,), t)
+            cond, uncond = model(x, t_batch, y), model(x, t_batch, torch.full_like(y, 10))
+            for w, want in ((1.0, cond), (0.0, uncond), (3.0, uncond + 3 * (cond - uncond))):
+                out = predict(model, sampler, x, t, y, SampleConfig(guidance=w))
+                assert torch.allclose(out, want, atol=1e-5)
 
 
 def test_guidance_needs_a_null_class():
     model, sched, sc = _model()
     with pytest.raises(UserError, match="null class"):
-        sample_digits(model, sched, dataclasses.replace(sc, guidance=2.0), [1], 1, seed=0,
+        sample_classes(model, sched, dataclasses.replace(sc, guidance=2.0), [1], 1, seed=0,
                       device="cpu")
 
 
@@ -117,18 +118,17 @@ def test_guidance_interval_guides_only_the_steps_inside_it():
     sched, sc = _ddim10(guidance=2.0, guidance_interval=(0.25, 0.65))
     assert sched.timesteps.tolist() == list(range(99, -1, -11))
     counter = Count()
-    sample_digits(counter, sched, sc, [1, 2, 3], 1, seed=0, device="cpu")
+    sample_classes(counter, sched, sc, [1, 2, 3], 1, seed=0, device="cpu")
     assert counter.guided_t == [55, 44, 33]
-    assert [t for t in range(100) if guided_at(sc, t, 100)] == list(range(25, 66))
 
 
 def test_empty_guidance_interval_is_the_conditional_sampler():
     model = _guided_model()
     sched, plain_sc = _ddim10()
-    plain, _ = sample_digits(model, sched, plain_sc, [1, 2, 3], 1, seed=0, device="cpu")
-    none, _ = sample_digits(model, sched, _ddim10(guidance=3.0, guidance_interval=(1.0, 1.0))[1],
+    plain, _ = sample_classes(model, sched, plain_sc, [1, 2, 3], 1, seed=0, device="cpu")
+    none, _ = sample_classes(model, sched, _ddim10(guidance=3.0, guidance_interval=(1.0, 1.0))[1],
                             [1, 2, 3], 1, seed=0, device="cpu")  # t/T < 1 for every step
-    full, _ = sample_digits(model, sched, _ddim10(guidance=3.0)[1], [1, 2, 3], 1, seed=0,
+    full, _ = sample_classes(model, sched, _ddim10(guidance=3.0)[1], [1, 2, 3], 1, seed=0,
                             device="cpu")
     assert torch.equal(plain, none) and not torch.allclose(plain, full, atol=1e-3)
 
@@ -137,17 +137,17 @@ def test_a_walk_guided_by_the_model_itself_is_the_conditional_walk():
     model = _guided_model("group")
     cfg = get_preset("tiny")
     cfg.diffusion.prediction = "v"
-    sched = make_scheduler("ddim", cfg.diffusion, steps=10)
+    sched = sampler_by_name("ddim", cfg.diffusion, steps=10)
     plain = SampleConfig(sampler="ddim", steps=10)
     auto = dataclasses.replace(plain, guidance=3.0, guidance_rule="auto", guide="self")
-    a, _ = sample_digits(model, sched, plain, [1, 5], 1, seed=2, device="cpu")
-    b, _ = sample(model, sched, digit_labels([1, 5], 1, "cpu"), auto, cpu_generator(2),
+    a, _ = sample_classes(model, sched, plain, [1, 5], 1, seed=2, device="cpu")
+    b, _ = sample(model, sched, grid_labels([1, 5], 1, "cpu"), auto, cpu_generator(2),
                   guide=Guide(model, "v"))
     assert torch.allclose(a, b, atol=1e-4)
     with pytest.raises(UserError, match="needs a guide network"):
-        sample_digits(model, sched, auto, [1], 1, seed=2, device="cpu")
+        sample_classes(model, sched, auto, [1], 1, seed=2, device="cpu")
     # apg's momentum lives for one walk: the same walk twice gives the same images
     apg = dataclasses.replace(plain, guidance=3.0, guidance_rule="apg", apg_momentum=-0.5)
-    c, _ = sample_digits(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
-    d, _ = sample_digits(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
+    c, _ = sample_classes(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
+    d, _ = sample_classes(model, sched, apg, [1, 5], 1, seed=2, device="cpu")
     assert torch.equal(c, d) and not torch.allclose(a, c, atol=1e-3)

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from diffusion101.config import DiffusionConfig, get_preset
-from diffusion101.diffusion import (SAMPLERS, DDPMScheduler, NoiseSchedule, StepOutput, extract,
-                                    make_scheduler)
+from conftest import sampler_by_name
+from diffusion101.diffusion import SAMPLERS, DDPMSampler, NoiseSchedule, StepOutput, extract
 
 
 def test_schedule_closed_forms():
-    s = DDPMScheduler(DiffusionConfig())
+    s = DDPMSampler(DiffusionConfig())
     betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
     prod = 1.0
     for t, b in enumerate(betas):
@@ -24,7 +24,7 @@ def test_schedule_closed_forms():
 
 
 def test_add_noise_closed_form_and_extract():
-    s = DDPMScheduler(DiffusionConfig())
+    s = DDPMSampler(DiffusionConfig())
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([0, 400, 999])
     xt = s.add_noise(x0, eps, t)
@@ -36,7 +36,7 @@ def test_add_noise_closed_form_and_extract():
 
 def test_step_matches_formula_and_is_deterministic():
     cfg = DiffusionConfig(clip="none")
-    s = DDPMScheduler(cfg)
+    s = DDPMSampler(cfg)
     x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     t = 700
     a, ab, var = s.alphas[t].item(), s.alpha_bar[t].item(), s.posterior_var[t].item()
@@ -53,7 +53,7 @@ def test_step_matches_formula_and_is_deterministic():
 
 
 def test_reference_clamps_every_step():
-    s = DDPMScheduler(DiffusionConfig())  # clip = "x_t", as the reference
+    s = DDPMSampler(DiffusionConfig())  # clip = "x_t", as the reference
     out = s.step(torch.full((1, 1, 2, 2), -50.0), 10, torch.zeros(1, 1, 2, 2)).prev_sample
     assert out.max().item() <= 1.0 and out.min().item() >= -1.0
 
@@ -62,7 +62,7 @@ def test_reference_clamps_every_step():
 
 def test_ddim_eta1_all_steps_is_the_ddpm_posterior():
     cfg = DiffusionConfig(clip="none")
-    ddpm, ddim = make_scheduler("ddpm", cfg), make_scheduler("ddim", cfg, steps=1000, eta=1.0)
+    ddpm, ddim = sampler_by_name("ddpm", cfg), sampler_by_name("ddim", cfg, steps=1000, eta=1.0)
     assert torch.equal(ddpm.timesteps, ddim.timesteps)
     x, eps = torch.randn(4096, 1, 1, 1), torch.randn(4096, 1, 1, 1)
     for t in (999, 500, 37, 1):
@@ -80,7 +80,7 @@ def test_ddim_eta1_all_steps_is_the_ddpm_posterior():
 
 
 def test_ddim_eta0_is_deterministic_and_ignores_generator():
-    s = make_scheduler("ddim", DiffusionConfig(clip="x0"), steps=10, eta=0.0)
+    s = sampler_by_name("ddim", DiffusionConfig(clip="x0"), steps=10, eta=0.0)
     assert len(s.timesteps) == 10 and s.timesteps[0] == 999 and s.timesteps[-1] == 0
     x, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     a = s.step(eps, 999, x, generator=torch.Generator().manual_seed(1)).prev_sample
@@ -89,7 +89,7 @@ def test_ddim_eta0_is_deterministic_and_ignores_generator():
 
 
 def test_v_prediction_round_trip():
-    s = make_scheduler("ddim", DiffusionConfig(prediction="v", clip="none"), steps=10)
+    s = sampler_by_name("ddim", DiffusionConfig(prediction="v", clip="none"), steps=10)
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([900, 900, 900])
     xt = s.add_noise(x0, eps, t)
@@ -98,7 +98,7 @@ def test_v_prediction_round_trip():
 
 
 def test_cosine_schedule_closed_form():
-    s = make_scheduler("ddim", DiffusionConfig(schedule="cosine"), steps=10)
+    s = sampler_by_name("ddim", DiffusionConfig(schedule="cosine"), steps=10)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     for t in (0, 250, 500, 900):
         assert math.isclose(s.alpha_bar[t].item(), f(t + 1) / f(0), rel_tol=1e-4)
@@ -110,7 +110,7 @@ def test_samplers_recover_x0_with_an_oracle():
     cfg = DiffusionConfig(clip="none")
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
     for name, steps in (("ddim", 10), ("dpm", 10), ("ddpm", 1000)):
-        s = make_scheduler(name, cfg, steps=steps)
+        s = sampler_by_name(name, cfg, steps=steps)
         x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(1)
         for t in s.timesteps.tolist():
@@ -122,11 +122,11 @@ def test_samplers_recover_x0_with_an_oracle():
 def test_unknown_sampler_and_bad_steps():
     from diffusion101.config import UserError
     with pytest.raises(UserError):
-        make_scheduler("euler", DiffusionConfig())
+        sampler_by_name("euler", DiffusionConfig())
     with pytest.raises(UserError):
-        make_scheduler("ddpm", DiffusionConfig(), steps=50)
+        sampler_by_name("ddpm", DiffusionConfig(), steps=50)
     with pytest.raises(UserError):
-        make_scheduler("ddim", DiffusionConfig(), steps=0)
+        sampler_by_name("ddim", DiffusionConfig(), steps=0)
 
 
 def _gaussian_gain_error(name: str, steps: int, spacing: str = "uniform", s: float = 0.5,
@@ -137,7 +137,7 @@ def _gaussian_gain_error(name: str, steps: int, spacing: str = "uniform", s: flo
     is a solver of that ODE: its relative error in this gain is the solver's own error, step
     by step (an oracle that knows x_0 would hide every intermediate update)."""
     cfg = DiffusionConfig(clip="none", prediction=prediction, schedule=schedule)
-    sched = make_scheduler(name, cfg, steps=steps, timestep_spacing=spacing)
+    sched = sampler_by_name(name, cfg, steps=steps, timestep_spacing=spacing)
     ab = sched.alpha_bar.double()
     x = torch.ones(1, 1, 1, 1)
     for t in sched.timesteps.tolist():
@@ -182,7 +182,7 @@ def test_solver_error_falls_with_its_order_as_steps_double(prediction, schedule)
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr", "trailing"])
 def test_timestep_spacings_start_at_the_top_fall_strictly_and_end_where_they_say(spacing):
     for n in (1, 2, 5, 15, 20, 30, 50, 200, 1000):
-        steps = make_scheduler("dpm", DiffusionConfig(), steps=n, timestep_spacing=spacing).timesteps.tolist()
+        steps = sampler_by_name("dpm", DiffusionConfig(), steps=n, timestep_spacing=spacing).timesteps.tolist()
         assert len(steps) == n and steps[0] == 999 and all(a > b for a, b in zip(steps, steps[1:]))
         if n > 1:
             # uniform and logsnr visit t = 0; trailing stops one spacing above it
@@ -190,7 +190,7 @@ def test_timestep_spacings_start_at_the_top_fall_strictly_and_end_where_they_say
     if spacing == "logsnr":
         # equal steps in lambda = log(alpha/sigma) before rounding: the early (noisy) steps
         # are long in t, the late ones short
-        steps = make_scheduler("dpm", DiffusionConfig(), steps=20, timestep_spacing=spacing).timesteps.tolist()
+        steps = sampler_by_name("dpm", DiffusionConfig(), steps=20, timestep_spacing=spacing).timesteps.tolist()
         assert steps[0] - steps[1] > 40 and steps[-2] - steps[-1] <= 2
 
 
@@ -256,7 +256,7 @@ def _walk(sched, model, x, seed):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_every_sampler_keeps_the_contract(name, steps, eta, prediction):
     cfg = DiffusionConfig(timesteps=100, beta_end=0.2, prediction=prediction, clip="none")
-    sched = make_scheduler(name, cfg, steps=steps, eta=eta)
+    sched = sampler_by_name(name, cfg, steps=steps, eta=eta)
     assert sched.name == name and len(sched.timesteps) == steps
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1
@@ -283,7 +283,7 @@ def test_every_sampler_keeps_the_contract(name, steps, eta, prediction):
     assert torch.equal(a[-1], c) == (name == "dpm" or (name == "ddim" and eta == 0))
     # set_timesteps forgets the last walk: after a walk with another model, a walk equals the
     # one a fresh sampler takes
-    fresh = make_scheduler(name, cfg, steps=steps, eta=eta)
+    fresh = sampler_by_name(name, cfg, steps=steps, eta=eta)
     _walk(sched, exact, x_T, seed=3)
     again = _walk(sched, rough, x_T, seed=7)[-1].prev_sample
     assert torch.equal(again, _walk(fresh, rough, x_T, seed=7)[-1].prev_sample)

@@ -128,7 +128,7 @@ def test_npz_that_cannot_be_scored_is_refused_with_one_line(tmp_path, test_digit
 
 def test_evaluate_json_with_the_shipped_checkpoint(tmp_path):
     # no --ckpt and no model.pt: the shipped checkpoint, whose path must still go into the JSON
-    run_script("evaluate", "--n", "10", "--steps", "2", "--grid", "logsnr", "--json", "r.json",
+    run_script("evaluate", "--n", "10", "--steps", "2", "--timestep-spacing", "logsnr", "--json", "r.json",
                cwd=tmp_path)
     import json
     m = json.loads((tmp_path / "r.json").read_text())

@@ -37,15 +37,6 @@ def test_options_left_at_none_keep_the_checkpoints_and_another_sampler_gets_its_
         resolve_sampler(cfg, guidance_rule="auto")
 
 
-def test_old_configs_with_sample_grid_read_as_timestep_spacing():
-    old = get_preset("cpu").to_dict()
-    del old["sample"]["timestep_spacing"]
-    old["sample"]["grid"] = "trailing"
-    del old["sample"]["guidance_rule"]  # older files have no rule: the default, cfg
-    cfg = Config.from_dict(old)
-    assert cfg.sample.timestep_spacing == "trailing" and cfg.sample.guidance_rule == "cfg"
-
-
 # What `diffusion101-sample --seed 0 --npz g.npz` gave from the shipped checkpoint before the
 # redesigns (the npz's digits 0-9, uint8). Another CPU sums floats in another order, and a
 # 20-step walk carries such differences to the last bit of a pixel, so the check allows what

@@ -43,8 +43,8 @@ def test_default_checkpoint_prefers_the_working_folder(tmp_path, monkeypatch):
 def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path):
     # The reference's files: a bare state dict, or the whole pickled module, with its names
     # (the same as the package's but for the timestep buffer, `half_emb` there).
-    from diffusion101.denoise import sample_digits
-    from diffusion101.diffusion import make_scheduler
+    from diffusion101.denoise import sample_classes
+    from conftest import sampler_by_name
     torch.manual_seed(0)
     cfg = get_preset("tiny")
     model = UNet(cfg.model)
@@ -60,6 +60,6 @@ def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path)
         converted, _, ccfg = models.load_model(tmp_path / f"{name}_new.pt")
         for k, v in converted.state_dict().items():
             assert torch.equal(v, ours[k]), (name, k)
-        images, _ = sample_digits(converted.eval(), make_scheduler("ddpm", ccfg.diffusion),
+        images, _ = sample_classes(converted.eval(), sampler_by_name("ddpm", ccfg.diffusion),
                                   ccfg.sample, range(10), 1, 0, "cpu")
         assert images.shape == (10, 1, 16, 16) and torch.isfinite(images).all()

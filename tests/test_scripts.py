@@ -134,11 +134,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
 
 
 def test_lora_on_an_image_folder_and_stacked_adapters(work, tmp_path, capsys, monkeypatch):
-    from diffusion101.dataset import MNISTData, write_image_folder
+    from diffusion101.dataset import ImageData, write_image_folder
     # a tiny ImageFolder of 40 RGB 20x20 'digits', to check the conversion to 1 channel, 16 px
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 20, 20), generator=g, dtype=torch.uint8)
-    write_image_folder(MNISTData(images, torch.arange(40) % 10), tmp_path / "folder")
+    write_image_folder(ImageData(images, torch.arange(40) % 10), tmp_path / "folder")
     Image.open(tmp_path / "folder" / "3" / "00003.png").convert("RGB").save(
         tmp_path / "folder" / "3" / "00003.png")
     proc = run_script("lora_finetune", "--base", "model.pt", "--data", tmp_path / "folder",

@@ -35,9 +35,11 @@ def test_tiny_overfits_one_fixed_batch():
     ["train.snr_gamma=5", "train.loss=mse"], ["train.snr_gamma=5", "diffusion.prediction=v"],
 ], ids=lambda o: ",".join(o))
 def test_options_learn_one_fixed_batch_through_train_step(overrides):
-    from diffusion101.config import apply_override
+    from diffusion101.settings import apply_override
     from diffusion101.diffusion import NoiseSchedule
-    from diffusion101.train import Speed, build_state, train_step
+    from diffusion101.speed import Speed
+    from diffusion101.train import train_step
+    from diffusion101.train_state import build_state
     cfg = get_preset("tiny")
     for o in overrides:
         apply_override(cfg, o)
@@ -133,19 +135,8 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     assert len(list((tmp_path / "runs").glob("events.out.tfevents.*"))) == 1
 
 
-def test_speed_options_auto_is_cuda_only_and_reference_keeps_fp32():
-    from diffusion101.train import Speed
-    recipe = get_preset("cpu").train
-    on_cuda = Speed.for_device(recipe, torch.device("cuda"))
-    # every setting but CUDA graphs, which only train.compile=graphs turns on
-    assert on_cuda.enabled() == [name for name in vars(Speed()) if name != "cuda_graphs"]
-    assert Speed.for_device(recipe, torch.device("cpu")) == Speed()  # all off: plain fp32
-    ref_cuda = Speed.for_device(get_preset("reference").train, torch.device("cuda"))
-    assert not ref_cuda.bf16 and not ref_cuda.tf32 and ref_cuda.channels_last
-
-
 def test_cuda_graphs_are_refused_off_cuda_in_one_line_and_nothing_is_written(tmp_path, fake_data):
-    from diffusion101.train import Speed
+    from diffusion101.speed import Speed
     cfg = _cfg(3)
     cfg.train.compile = "graphs"
     assert Speed.for_device(cfg.train, torch.device("cuda")).cuda_graphs
