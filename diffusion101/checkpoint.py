@@ -36,7 +36,7 @@ CONVERT_HINT = ("if you trust the file, convert it once with "
 def model_file(cfg: Config, preset, state: dict) -> dict:
     """A model.pt's contents, built here only. `state` holds "model" (the weights) and what
     else there is to keep: counters, and for a run that can resume, "optimizer", "lr_schedule",
-    "ema", "rng" (train.TrainState.state_dict())."""
+    "ema", "rng" (train_state.TrainState.state_dict())."""
     counters = {"epoch": 0, "step": 0, "step_in_epoch": 0}
     return {"format": MODEL_FORMAT, "preset": preset, "config": cfg.to_dict(), **counters, **state}
 

@@ -1,4 +1,4 @@
-"""The CUDA path every GPU user gets by default (the speed settings of train.Speed).
+"""The CUDA path every GPU user gets by default (the speed settings of speed.Speed).
 
 Skipped without CUDA: CI has no GPU. benchmarks/gpu_check.py runs this file as its stage 1 on a
 GPU machine. The model is `tiny` on a fixed batch, so each test is seconds after compilation.
@@ -25,7 +25,7 @@ CUDA = torch.device(os.environ.get("DIFFUSION101_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(),
                                 reason="needs a CUDA device")
 ALL_OFF = {"precision": "fp32", "channels_last": "off", "compile": "off",
-           "fused_optimizer": "off", "data_on_device": "off"}
+           "fused_optimizer": "off", "data_on_device": "off", "one_token_shortcut": "off"}
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-8); a loss is a mean over many such
 # products, and three Adam steps let the weights drift apart a little: a relative 3e-2 covers
 # that with room, and is far below what a wrong layout or a broken fused update would give.
@@ -69,7 +69,8 @@ def _losses(options: dict, data: ImageData, steps: int) -> list:
 @pytest.mark.parametrize("option", [{"precision": "bf16"}, {"channels_last": "on"},
                                     {"compile": "on"}, {"compile": "graphs"},
                                     {"fused_optimizer": "on"},
-                                    {"data_on_device": "on"}], ids=lambda o: next(iter(o)))
+                                    {"data_on_device": "on"}, {"one_token_shortcut": "on"}],
+                         ids=lambda o: next(iter(o)))
 def test_each_speed_option_matches_fp32(option, fake_data):
     if option.get("compile") == "graphs" and CUDA.type != "cuda":
         pytest.skip("CUDA graphs are refused off CUDA (tests/test_train.py checks the refusal)")
