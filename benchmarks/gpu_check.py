@@ -1,19 +1,22 @@
-"""Everything this package needs to show on a GPU, in one call, in stages.
+"""Everything this package needs to show on a GPU, in one call of at most 7 minutes, in stages.
 
-  python benchmarks/gpu_check.py --out gpu_results            # on a CUDA machine, about 8 min
-  python benchmarks/gpu_check.py --out /tmp/dry --dry-run     # every stage on the CPU, ~1 min
+  python benchmarks/gpu_check.py --out gpu_results            # on a CUDA machine: 7 min at most
+  python benchmarks/gpu_check.py --out /tmp/dry --dry-run     # every stage on the CPU, ~2 min
   python benchmarks/gpu_check.py --out gpu_results --stages 3 # rerun one stage
 
-Stages (each a separate process with its own time limit; each writes what it measured into
---out as soon as it has it, so a stage that fails or runs out of time loses nothing else):
-  1 tests   tests/test_cuda.py: every speed option against fp32, determinism, kill/resume,
-            torchrun with NCCL
-  2 bench   training images/s of `reference` (batch 400) and `cpu`, fp32 eager vs `auto`,
-            FLOP/s against the measured bf16 matmul rate, a kernel profile; the shipped
-            checkpoint's grid with the 1000-step DDPM and with DPM-Solver++ 20
-  3 reference  the `reference` preset as it is, for a fixed training-time budget; its grid
-            (its own 1000-step DDPM) and scripts/evaluate.py on 1,000 digits
-  4 wide    a wider `cpu` recipe for a fixed budget, exported for sampling (scored on a CPU later)
+Stages (each a separate process with a time limit it cannot overrun, the limits drawn from one
+deadline; each writes what it measured into --out as soon as it has it, so a stage that fails
+or runs out of time loses nothing else):
+  1 tests      tests/test_cuda.py: every speed option against fp32, the one-token shortcut and
+               CUDA graphs (training and sampling), determinism, kill/resume, torchrun with NCCL
+  2 bench      the shipped checkpoint's 1000-step DDPM grid, eager and with the network call
+               replayed as a CUDA graph (--cuda-graph); then the `reference` training step
+               (batch 400) in one run: train.compile=graphs and `auto`, each with and without
+               the one-token shortcut, as many rows as the stage's time allows
+  3 reference  the `reference` recipe in the fastest setting stage 2 measured, for every second
+               the deadline leaves after the grid and the evaluation; its 10x10 grid and
+               scripts/evaluate.py on 1,000 digits (its own 1000-step DDPM, graph replayed)
+  4 wide       only with a minute or more left: a wider `cpu` recipe, exported for sampling
 
 Output (at most 8 files, as the device tool brings back): summary.json (every stage's status,
 seconds and numbers), log.txt (every stage's output), shipped_grids.png, reference_grid.png,
@@ -34,13 +37,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# Seconds per stage on one H200 (the whole script must fit in 8 minutes), and on the CPU for
-# the dry run. Stage 3's and 4's training budgets are inside their limits.
-LIMITS = {"gpu": {1: 130, 2: 140, 3: 260, 4: 130}, "dry": {1: 60, 2: 60, 3: 60, 4: 60}}
-REFERENCE_TRAIN_MINUTES = 2.5
-WIDE_TRAIN_MINUTES = 1.5
+# The whole script's seconds, and each stage's at most (None: what the deadline leaves), on one
+# H200 and on the CPU for the dry run. Stage 3 trains for its limit less RESERVE (start-up,
+# compiling from the cache stage 2 filled, the grid, the evaluation); stage 4 runs only when
+# the deadline leaves it WIDE_MIN seconds.
+TOTAL = {"gpu": 420, "dry": 200}
+LIMITS = {"gpu": {1: 60, 2: 90, 3: None, 4: None}, "dry": {1: 40, 2: 50, 3: 60, 4: None}}
+RESERVE = {"gpu": 130, "dry": 45}
+# (What 7 minutes hold, from the last H200 run: compiling the reference network took 46-60 s,
+# the 1,000-digit evaluation with its 1000-step DDPM 60 s, an epoch 6.4-7.4 s in `auto`. So
+# 40 epochs fit only if the fastest setting trains an epoch in about 3.5 s: stage 3 gets what
+# stages 1 and 2 leave, and says how many epochs that was.)
+WIDE_MIN = {"gpu": 60, "dry": 20}
 # Set from the command line (for a rerun of part of a stage): both empty means everything.
 PYTEST_K = ""
+STAGE_SECONDS = 0.0  # this stage's limit, set by main() in the stage's own process
 BENCH_ROWS = []
 NO_GRIDS = False
 WIDE = ["--preset", "cpu", "--batch-size", "250", "--set", "model.channels=48,96,192",
@@ -82,7 +93,7 @@ def stage_tests(out: Path, work: Path, dry: bool) -> dict:
     report = work / "cuda_report.jsonl"
     report.unlink(missing_ok=True)
     rc = run([sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
-              "tests/test_cuda.py"] + (["-k", PYTEST_K] if PYTEST_K else []), out, timeout=LIMITS["dry" if dry else "gpu"][1] - 5,
+              "tests/test_cuda.py"] + (["-k", PYTEST_K] if PYTEST_K else []), out, timeout=STAGE_SECONDS - 5,
              env_extra={"DIFFUSION101_CUDA_REPORT": str(report)})
     lines = report.read_text().splitlines() if report.exists() else []
     return {"pytest_exit_code": rc, "measured": [json.loads(line) for line in lines]}
@@ -160,6 +171,7 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
 
 
 def stage_bench(out: Path, work: Path, dry: bool) -> dict:
+    """The grids first (cheap), then the training rows, each written as soon as measured."""
     import torch
 
     from bench import flop_per_image
@@ -169,79 +181,86 @@ def stage_bench(out: Path, work: Path, dry: bool) -> dict:
     device = torch.device("cpu" if dry else "cuda")
     results = {"device": "CPU (dry run)" if dry else torch.cuda.get_device_name(),
                "torch": torch.__version__}
-    peak = matmul_rate(device, dry)
-    results["matmul_peak_tflops"] = peak / 1e12
-    write_results(out, 2, results)
-    eager = {"precision": "fp32", "channels_last": "off", "compile": "off",
-             "fused_optimizer": "off", "data_on_device": "off"}
-    auto = {name: "auto" for name in eager}
-    steps, warmup = (3, 1) if dry else (20, 10)
-    wide_cfg = get_preset("cpu")
-    wide_cfg.model.channels, wide_cfg.train.batch_size = (48, 96, 192), 250
-    rows = [("reference", None, 400, eager), ("reference", None, 400, auto),
-            ("cpu", None, 128, eager), ("cpu", None, 128, auto), ("cpu wide", wide_cfg, 250, auto)]
-    if dry:
-        tiny_wide = get_preset("tiny")
-        tiny_wide.model.channels = (16, 32)
-        rows = [("tiny", None, 16, eager), ("tiny", None, 16, auto), ("tiny wide", tiny_wide, 16, auto)]
-    data_by_size = {}
-    for name, cfg, batch, options in rows:
-        mode = "fp32 eager" if options is eager else "auto"
-        if BENCH_ROWS and f"{name}, {mode}" not in BENCH_ROWS:
-            continue
-        cfg = cfg or get_preset(name)
-        cfg.train.batch_size = batch
-        size = cfg.model.img_size
-        if size not in data_by_size:
-            data_by_size[size] = load_mnist(train=True, img_size=size)
-        profile = None
-        if name == ("tiny" if dry else "reference") and options is auto:
-            profile = lambda table: log_to(out, f"profile, {name} {mode}, 5 steps:\n{table}")  # noqa: E731
-        rate, warm = train_rate(cfg, device, dict(options), data_by_size[size], steps, warmup,
-                                profile)
-        flop = 3 * flop_per_image(UNet(cfg.model).to(device), cfg, device)  # fwd + bwd ~ 3 fwd
-        row = {"batch": batch, "images_per_s": rate, "seconds_per_60k_epoch": 60000 / rate,
-               "train_tflops": flop * rate / 1e12, "share_of_matmul_peak": flop * rate / peak,
-               "warmup_seconds": warm, "train_gflop_per_image": flop / 1e9}
-        results[f"train {name}, {mode}"] = row
-        write_results(out, 2, results)
-        log_to(out, f"train {name}, {mode}: {json.dumps(row)}")
     if not NO_GRIDS:
         results.update(shipped_grids(out, device, dry))
         write_results(out, 2, results)
+    peak = matmul_rate(device, dry)
+    results["matmul_peak_tflops"] = peak / 1e12
+    write_results(out, 2, results)
+    steps, warmup = (3, 1) if dry else (20, 10)
+    preset, batch = ("tiny", 16) if dry else ("reference", 400)
+    data = load_mnist(train=True, img_size=get_preset(preset).model.img_size)
+    for mode, options in training_modes(dry):
+        if BENCH_ROWS and f"{preset}, {mode}" not in BENCH_ROWS:
+            continue
+        cfg = get_preset(preset)
+        cfg.train.batch_size = batch
+        rate, warm = train_rate(cfg, device, dict(options), data, steps, warmup)
+        flop = 3 * flop_per_image(UNet(cfg.model).to(device), cfg, device)  # fwd + bwd ~ 3 fwd
+        row = {"batch": batch, "options": options, "images_per_s": rate,
+               "seconds_per_60k_epoch": 60000 / rate, "train_tflops": flop * rate / 1e12,
+               "share_of_matmul_peak": flop * rate / peak, "warmup_seconds": warm,
+               "train_gflop_per_image": flop / 1e9}
+        results[f"train {preset}, {mode}"] = row
+        write_results(out, 2, results)
+        log_to(out, f"train {preset}, {mode}: {json.dumps(row)}")
     return results
 
 
-def shipped_grids(out: Path, device, dry: bool) -> dict:
-    """The shipped checkpoint's digits 0-9 with the 1000-step DDPM (row 1) and DPM-Solver++ 20
-    (row 2), each timed after a warm-up."""
-    import torch
+def training_modes(dry: bool) -> list:
+    """(name, train.* settings) of the rows stage 2 times, the likely fastest first: CUDA graphs
+    (torch.compile's reduce-overhead) and `auto`, each with the one-token shortcut on and off.
+    (The dry run does not compile: a CPU refuses graphs, and compiling takes most of its time.)"""
+    auto = {"precision": "auto", "channels_last": "auto", "fused_optimizer": "auto",
+            "data_on_device": "auto"}
+    graphs = "off" if dry else "graphs"
+    return [("graphs, one-token on", {**auto, "compile": graphs, "one_token_shortcut": "on"}),
+            ("graphs, one-token off", {**auto, "compile": graphs, "one_token_shortcut": "off"}),
+            ("auto, one-token on", {**auto, "compile": "auto", "one_token_shortcut": "on"}),
+            ("auto, one-token off", {**auto, "compile": "auto", "one_token_shortcut": "off"})]
 
+
+def fastest_setting(out: Path, dry: bool) -> tuple:
+    """(name, train.* settings) of the fastest training row stage 2 measured; without one, the
+    first of training_modes()."""
+    summary = out / "summary.json"
+    bench = json.loads(summary.read_text()).get("stage2", {}) if summary.exists() else {}
+    rows = {k: v for k, v in bench.items() if k.startswith("train ")}
+    if not rows:
+        return training_modes(dry)[0]
+    name = max(rows, key=lambda k: rows[k]["images_per_s"])
+    return name.split(", ", 1)[1], rows[name]["options"]
+
+
+def shipped_grids(out: Path, device, dry: bool) -> dict:
+    """The shipped checkpoint's digits 0-9 with the 1000-step DDPM, eagerly (row 1) and with
+    the network call replayed as a CUDA graph (row 2), each timed after a warm-up. (The dry run
+    walks a 20-step DDIM, and eagerly twice: a CPU has no CUDA graphs.)"""
     import dataclasses
 
+    import torch
+
     from diffusion101.denoise import sample_classes
-    from diffusion101.config import SampleConfig
     from diffusion101.diffusion import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.images import save_grid
     from diffusion101.model_files import SHIPPED_PATH
-    loaded = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None)
-    model, cfg = loaded.unet, loaded.config
-    w = cfg.sample.guidance
-    warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2)
-    sample_classes(model, make_sampler(SampleConfig(sampler="dpm", steps=2), cfg.diffusion, device), warm, range(10), 1, 0,
-                  device)  # warm-up
     rows, results = [], {}
-    # (the dry run swaps the DDPM for a 20-step DDIM: 1000 steps take ~40 s on a CPU)
-    for sampler, steps in ((("ddim", 20) if dry else ("ddpm", 1000)), ("dpm", 20)):
-        scheduler = make_sampler(SampleConfig(sampler=sampler, steps=steps), cfg.diffusion, device)
+    sampler, steps = ("ddim", 20) if dry else ("ddpm", 1000)
+    for graph in (False, not dry):
+        loaded = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None, cuda_graph=graph)
+        model, cfg = loaded.unet, loaded.config
+        warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2)
+        sample_classes(model, make_sampler(warm, cfg.diffusion, device), warm, range(10), 1, 0,
+                       device)  # warm-up (and the graph's capture)
         sc = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
         sync(device)
         start = time.perf_counter()
-        images, _ = sample_classes(model, scheduler, sc, range(10), 1, 0, device)
+        images, _ = sample_classes(model, make_sampler(sc, cfg.diffusion, device), sc, range(10),
+                                   1, 0, device)
         sync(device)
-        results[f"shipped grid seconds, {sampler} {steps} steps, guidance {w}"] = \
-            time.perf_counter() - start
+        results[f"shipped grid seconds, {sampler} {steps} steps, guidance {cfg.sample.guidance}"
+                f"{', graph replayed' if graph else ', eager'}"] = time.perf_counter() - start
         rows.append(images.cpu())
     save_grid(torch.cat(rows), out / "shipped_grids.png", nrow=10)
     return results
@@ -252,36 +271,45 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
 def stage_reference(out: Path, work: Path, dry: bool) -> dict:
     ckpt = work / "reference.pt"
     ckpt.unlink(missing_ok=True)
-    minutes = 0.03 if dry else REFERENCE_TRAIN_MINUTES
+    mode, options = fastest_setting(out, dry)
+    seconds = STAGE_SECONDS - RESERVE["dry" if dry else "gpu"]
     preset, device, n = ("tiny", "cpu", 20) if dry else ("reference", "cuda", 1000)
     logdir = out / "runs_reference"
     shutil.rmtree(logdir, ignore_errors=True)
-    results = {"train_minutes_budget": minutes}
+    results = {"setting": mode, "options": options, "train_seconds_budget": seconds}
+    write_results(out, 3, results)
+    if seconds < 10:
+        return results
     # (the dry run's tiny model at 28 px: at its own 16 px the evaluation would first classify
     # all 10,000 test digits resized, which takes most of a CPU test's time)
+    sets = [f"train.{k}={v}" for k, v in options.items()] + [f"train.max_minutes={seconds / 60}"]
+    sets += ["model.img_size=28"] if dry else []
     results["train_exit_code"] = run(
-        [sys.executable, "scripts/train.py", "--preset", preset, "--device", device,
-         "--out", ckpt, "--logdir", logdir, "--set", f"train.max_minutes={minutes}"]
-        + (["--set", "model.img_size=28"] if dry else []), out, timeout=60 * minutes + 90)
+        [sys.executable, "scripts/train.py", "--preset", preset, "--device", device, "--out", ckpt,
+         "--logdir", logdir, *[x for kv in sets for x in ("--set", kv)]], out, timeout=seconds + 60)
     write_results(out, 3, results)
     if not ckpt.exists():
         return results
     import torch
     saved = torch.load(ckpt, weights_only=True, map_location="cpu")
-    results.update(steps=saved["step"], epoch=saved["epoch"],
-                   step_in_epoch=saved["step_in_epoch"], train_seconds=saved["train_seconds"])
+    epochs = saved["epoch"] + saved["step_in_epoch"] / -(-60000 // saved["config"]["train"]["batch_size"])
+    results.update(steps=saved["step"], epochs=epochs, epoch=saved["epoch"],
+                   step_in_epoch=saved["step_in_epoch"], train_seconds=saved["train_seconds"],
+                   seconds_per_epoch=saved["train_seconds"] / max(epochs, 1e-9))
     write_results(out, 3, results)
+    graph = [] if dry else ["--cuda-graph"]
     grid = work / "reference_grid.png"
     start = time.perf_counter()
-    results["grid_exit_code"] = run([sys.executable, "scripts/denoise.py", "--ckpt", ckpt,
-                                     "--out", grid, "--device", device, "--seed", "0"], out, 60)
+    results["grid_exit_code"] = run([sys.executable, "scripts/denoise.py", "--ckpt", ckpt, "--out",
+                                     grid, "--n-per-class", "10", "--device", device, "--seed", "0",
+                                     *graph], out, 30)
     results["grid_seconds_with_start"] = time.perf_counter() - start
     if grid.exists():
         shutil.copy(grid, out / "reference_grid.png")
     write_results(out, 3, results)
     results["evaluate_exit_code"] = run(
         [sys.executable, "scripts/evaluate.py", "--ckpt", ckpt, "--n", n, "--device", device,
-         "--json", out / "reference_eval.json"], out, 150)
+         "--json", out / "reference_eval.json", *graph], out, 80)
     return results
 
 
@@ -290,7 +318,7 @@ def stage_reference(out: Path, work: Path, dry: bool) -> dict:
 def stage_wide(out: Path, work: Path, dry: bool) -> dict:
     ckpt = work / "wide.pt"
     ckpt.unlink(missing_ok=True)
-    minutes = 0.05 if dry else WIDE_TRAIN_MINUTES
+    minutes = (STAGE_SECONDS - (20 if dry else 40)) / 60  # the export and start-ups after it
     # The cosine schedule needs its length up front: the steps that stage 2's measured rate
     # fits in the budget, less 15 s for compiling and the per-epoch grids. Without stage 2's
     # number the time budget alone stops the run.
@@ -303,7 +331,7 @@ def stage_wide(out: Path, work: Path, dry: bool) -> dict:
     results = {"train_minutes_budget": minutes, "max_steps": steps, "args": list(map(str, args))}
     results["train_exit_code"] = run(
         [sys.executable, "scripts/train.py", *args, "--out", ckpt, "--logdir", work / "runs_wide",
-         "--set", f"train.max_minutes={minutes}"], out, timeout=60 * minutes + 60)
+         "--set", f"train.max_minutes={minutes}"], out, timeout=60 * minutes + 15)
     write_results(out, 4, results)
     if ckpt.exists():
         import torch
@@ -330,9 +358,10 @@ def main():
                    "e.g. 'reference, auto;cpu, auto'")
     p.add_argument("--no-grids", action="store_true", help="stage 2: skip the shipped grids")
     p.add_argument("--stage", type=int, default=None, help=argparse.SUPPRESS)  # one stage, inside
+    p.add_argument("--seconds", type=float, default=0, help=argparse.SUPPRESS)  # ... and its limit
     a = p.parse_args()
-    global PYTEST_K, BENCH_ROWS, NO_GRIDS
-    PYTEST_K, NO_GRIDS = a.pytest_k, a.no_grids
+    global PYTEST_K, BENCH_ROWS, NO_GRIDS, STAGE_SECONDS
+    PYTEST_K, NO_GRIDS, STAGE_SECONDS = a.pytest_k, a.no_grids, a.seconds
     BENCH_ROWS = [r.strip() for r in a.bench_rows.split(";") if r.strip()]
     out = Path(a.out).resolve()
     work = Path(a.work).resolve() if a.work else out.parent / f"{out.name}_work"
@@ -341,15 +370,22 @@ def main():
     if a.stage is not None:  # the child process: do one stage, record it
         write_results(out, a.stage, STAGES[a.stage](out, work, a.dry_run))
         return 0
-    limits = LIMITS["dry" if a.dry_run else "gpu"]
+    kind = "dry" if a.dry_run else "gpu"
+    deadline = time.perf_counter() + TOTAL[kind]
     failed = []
     for stage in (int(s) for s in a.stages.split(",")):
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--stage", stage, "--out", out, "--work", work]
+        limit = min(LIMITS[kind][stage] or 1e9, deadline - start - 5)
+        if limit < (WIDE_MIN[kind] if stage == 4 else 10):
+            write_results(out, stage, {"skipped": f"{deadline - start:.0f} s left"})
+            print(f"stage {stage} ({STAGES[stage].__name__}): skipped, the deadline is near")
+            continue
+        cmd = [sys.executable, __file__, "--stage", stage, "--out", out, "--work", work,
+               "--seconds", f"{limit:.1f}"]
         cmd += ["--dry-run"] if a.dry_run else []
         cmd += ["--pytest-k", a.pytest_k, "--bench-rows", a.bench_rows]
         cmd += ["--no-grids"] if a.no_grids else []
-        rc = run(cmd, out, timeout=limits[stage])
+        rc = run(cmd, out, timeout=limit)
         seconds = time.perf_counter() - start
         write_results(out, stage, {"exit_code": rc, "seconds": seconds})
         print(f"stage {stage} ({STAGES[stage].__name__}): exit {rc}, {seconds:.0f} s", flush=True)

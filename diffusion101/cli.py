@@ -203,6 +203,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestep-spacing", default=None,
                    help="timesteps of a few-step sampler: uniform, logsnr or trailing")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the network call as a CUDA graph (CUDA only; faster small batches)")
 
 
 def sampler_options(a: argparse.Namespace) -> dict:

@@ -139,7 +139,8 @@ def sample(argv=None) -> None:
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
     check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, "--guide": a.guide,
                                              **{f"--lora {p}": p for p, _ in loras}})
-    model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge)
+    model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge,
+                              cuda_graph=a.cuda_graph)
     classes = parse_classes(a.classes, class_names(model.config.model))
     sample_cfg = resolve_sampler(model.config, **sampler_options(a))
     guide = load_guide(sample_cfg, model)
@@ -181,7 +182,7 @@ def evaluate(argv=None) -> None:
         metrics = evaluation.evaluate_npz(a.npz)
     else:
         model = load_for_sampling(ckpt, resolve_device(a.device), loras,
-                                  False if a.no_ema else None)
+                                  False if a.no_ema else None, cuda_graph=a.cuda_graph)
         sample_cfg = resolve_sampler(model.config, **sampler_options(a))
         metrics = evaluation.evaluate_model(model.unet, model.config, a.n, model.device,
                                             a.seed or 0, sample_cfg, a.batch_size,

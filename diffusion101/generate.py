@@ -20,6 +20,7 @@ from .images import progress_path, save_gif, save_grid, save_npz, save_progressi
 from .lora import apply_lora_file, merge_lora
 from .model_files import load_model
 from .settings import class_names, interval_text, validate
+from .speed import GraphedNetwork
 
 PROGRESS_FRAMES = 20  # columns of the progression figure: x_t from noise to the result
 
@@ -47,10 +48,12 @@ class Model:
     device: torch.device
 
 
-def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log=print) -> Model:
+def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log=print,
+                      cuda_graph: bool = False) -> Model:
     """The model to sample from: EMA weights when the checkpoint has them (unless told not
     to), with adapters [(path, strength), ...] added, merged into the weights or applied in
-    the forward pass."""
+    the forward pass; with cuda_graph, its forward replayed as a CUDA graph
+    (speed.GraphedNetwork)."""
     unet, ckpt, cfg = load_model(ckpt_path, device="cpu")
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     if use_ema and "ema" in ckpt:
@@ -69,7 +72,8 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     if loras and merge:
         merge_lora(unet)  # zero overhead at inference: W += (A @ B)^T * alpha / r * strength
     device = torch.device(device)
-    return Model(unet.to(device).eval(), cfg, device)  # eval: BatchNorm's running statistics
+    unet = unet.to(device).eval()  # eval: BatchNorm's running statistics
+    return Model(GraphedNetwork(unet) if cuda_graph else unet, cfg, device)
 
 
 def load_guide(sample_cfg: SampleConfig, model: Model) -> Guide | None:

@@ -1,6 +1,6 @@
-"""The speed settings of training, apart from the loop: bf16 autocast, TF32, channels_last,
+"""The speed settings, apart from the loop: for training bf16 autocast, TF32, channels_last,
 torch.compile (and CUDA graphs), the fused Adam update, the data kept on the GPU, and the
-cross-attention's one-token shortcut. None changes what a step computes beyond float rounding
+cross-attention's one-token shortcut; for sampling, the network call replayed as a CUDA graph. None changes what a step computes beyond float rounding
 (bf16 and TF32 round more coarsely); all off is plain fp32 eager PyTorch, the reference's way.
 docs/BENCHMARKS.md has what each one buys.
 """
@@ -103,3 +103,42 @@ class OneTokenAttention(CrossAttention):
         # DistributedDataParallel asks of every parameter.
         unused = sum(p.sum() for p in self.w_q.parameters()) + self.w_k(context).sum()
         return ones @ (self.w_v(context) + 0.0 * unused)  # (B, HW, v)
+
+
+class GraphedNetwork(nn.Module):
+    """A network for sampling whose forward pass is captured as a CUDA graph the first time it
+    sees an input shape, then replayed: one launch per call instead of one per kernel, which is
+    what bounds a sampler's step at small batches on a GPU. Shapes are static: each call's
+    inputs are copied into the captured ones and the captured output is copied out. CUDA
+    only; it behaves as the network (cfg, null_label) to denoise.sample."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        if not next(net.parameters()).is_cuda:
+            raise UserError("replaying the network as a CUDA graph (--cuda-graph) needs the "
+                            "model on a CUDA device")
+        self.net, self.cfg, self.null_label = net, net.cfg, getattr(net, "null_label", None)
+        self.graphs = {}  # (shape of x, shape of t) -> (graph, its inputs, its output)
+
+    def forward(self, x, t, y):
+        key = (tuple(x.shape), tuple(t.shape))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, t, y)
+        graph, inputs, out = self.graphs[key]
+        for buffer, value in zip(inputs, (x, t, y)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def capture(self, x, t, y):
+        inputs = [x.clone(), t.clone(), y.clone()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capturing asks
+            for _ in range(3):
+                self.net(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.net(*inputs)
+        return graph, inputs, out

@@ -161,3 +161,23 @@ def test_one_token_shortcut_matches_the_full_attention_on_cuda():
     gap = max((u - v).abs().max().item() for u, v in zip(fast, full))
     _report("one-token shortcut vs full attention: max |difference| of output and gradients", gap)
     assert gap < 1e-4
+
+
+@pytest.mark.skipif(CUDA.type != "cuda", reason="CUDA graphs are refused off CUDA (test_speed.py)")
+def test_a_walk_through_the_replayed_graph_is_the_eager_walk():
+    # the shipped checkpoint's 20-step DPM-Solver++ grid with guidance (two batch shapes: the
+    # guided pair and, for a CUDA graph, its capture), eagerly and replayed
+    from diffusion101.denoise import sample_classes
+    from diffusion101.diffusion import make_sampler
+    from diffusion101.generate import load_for_sampling
+    from diffusion101.model_files import SHIPPED_PATH
+    images = []
+    for graph in (False, True):
+        model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None, cuda_graph=graph)
+        sc = model.config.sample
+        sampler = make_sampler(sc, model.config.diffusion, CUDA)
+        images.append(sample_classes(model.unet, sampler, sc, range(10), 2, 7, CUDA)[0])
+    gap = (images[0] - images[1]).abs().max().item()
+    _report("DPM-Solver++ 20 grid, replayed graph vs eager: max |pixel difference|", gap)
+    assert gap < 1e-4
+

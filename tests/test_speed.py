@@ -84,3 +84,11 @@ def test_a_one_token_unet_trains_the_same_with_and_without_the_shortcut():
     fast = one_token_unet_output_and_grads(shortcut=True, device="cpu")
     full = one_token_unet_output_and_grads(shortcut=False, device="cpu")
     assert all(torch.equal(u, v) for u, v in zip(fast, full))
+
+
+def test_the_sampling_graph_is_refused_off_cuda_in_one_line():
+    from diffusion101.config import UserError
+    from diffusion101.speed import GraphedNetwork
+    from diffusion101.unet import UNet
+    with pytest.raises(UserError, match="needs the model on a CUDA device"):
+        GraphedNetwork(UNet(get_preset("tiny").model))
