@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusion101.config import get_preset  # noqa: E402
 from diffusion101.dataset import load_mnist  # noqa: E402
 from diffusion101.config import SampleConfig  # noqa: E402
-from diffusion101.diffusion import NoiseSchedule, make_sampler  # noqa: E402
+from diffusion101.denoise import make_sampler  # noqa: E402
+from diffusion101.diffusion import NoiseSchedule  # noqa: E402
 from diffusion101.train import diffusion_loss  # noqa: E402
 from diffusion101.train_state import make_optimizer  # noqa: E402
 from diffusion101.unet import UNet  # noqa: E402

@@ -241,7 +241,7 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     import torch
 
     from diffusion101.denoise import sample_classes
-    from diffusion101.diffusion import make_sampler
+    from diffusion101.denoise import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.images import save_grid
     from diffusion101.model_files import SHIPPED_PATH

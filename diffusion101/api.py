@@ -16,7 +16,6 @@ import torch
 
 from . import denoise
 from .config import SEED_MAX, UserError
-from .diffusion import make_sampler
 from .generate import Model, load_for_sampling, load_guide, resolve_sampler
 from .images import channels_last, to_unit
 from .model_files import default_checkpoint
@@ -61,7 +60,7 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
                                  guidance_rule=guidance_rule, guidance_interval=guidance_interval,
                                  eta=eta, timestep_spacing=timestep_spacing,
                                  guide=None if guide is None else str(guide), **rule_options)
-    sampler = make_sampler(sample_cfg, model.config.diffusion, model.device)
+    sampler = denoise.make_sampler(sample_cfg, model.config.diffusion, model.device)
     images, _ = denoise.sample(model.unet, sampler, denoise.grid_labels(labels, n, model.device),
                                sample_cfg, denoise.cpu_generator(seed),
                                guide=load_guide(sample_cfg, model))

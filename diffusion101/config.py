@@ -62,7 +62,10 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = num(1000, 2, 100_000)
+    # "ddpm": noise x_0 by the schedule below and predict eps or v (diffusion.py); "flow":
+    # flow matching, x_t = (1 - t) x_0 + t eps on t in [0, 1], predict the velocity (flow.py)
+    objective: str = choice("ddpm", "flow")
+    timesteps: int = num(1000, 2, 100_000)  # (flow: the network reads t scaled to 0..T-1)
     beta_start: float = num(1e-4, 0.0, 1.0, above_lo=True, below_hi=True)
     beta_end: float = num(0.02, 0.0, 1.0, above_lo=True, below_hi=True)
     schedule: str = choice("linear", "cosine")  # cosine: Nichol & Dhariwal 2021
@@ -70,6 +73,11 @@ class DiffusionConfig:
     # "x_t": clamp x_t to [-1, 1] after every reverse step (the reference); "x0": clamp the
     # predicted x_0 instead (the usual practice); "none"
     clip: str = choice("x_t", "x0", "none")
+    # flow: training times uniform, or logit-normal (SD3's default: sigmoid(mean + std * N(0, 1))
+    # puts the middle of the path, where the velocity is hardest to tell, most often)
+    t_sampling: str = choice("uniform", "logit_normal")
+    logit_mean: float = num(0.0, -10.0, 10.0)
+    logit_std: float = num(1.0, 0.0, 10.0, above_lo=True)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """The sampler a checkpoint uses by default: the best measured for its preset."""
-    sampler: str = choice("ddpm", "ddim", "dpm")
+    sampler: str = choice("ddpm", "ddim", "dpm", "euler", "heun")  # euler, heun: for flow
     steps: int = num(1000, 1, 100_000)  # at most diffusion.timesteps
     guidance: float = num(1.0, 0.0, 100.0)  # classifier-free guidance scale w; 1: conditional
     # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
@@ -142,6 +150,9 @@ class SampleConfig:
     # spacing above 0 (diffusers' "trailing"). DDPM visits all of them.
     timestep_spacing: str = choice("uniform", "logsnr", "trailing")
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
+    # flow: SD3's time shift of the walk's grid, t -> s t / (1 + (s - 1) t) (1: none; s > 1
+    # spends more of the steps near the noise)
+    shift: float = num(1.0, 0.0, 100.0, above_lo=True)
 
 
 @dataclass
@@ -260,7 +271,18 @@ def _cpu() -> Config:
     )
 
 
-PRESETS = {"reference": _reference, "cpu": _cpu, "small": _small, "tiny": _tiny}
+def _cpu_flow() -> Config:
+    # The `cpu` preset's network and recipe trained by flow matching (flow.py): the velocity
+    # eps - x_0 on the straight path, training times logit-normal (SD3's default), and a
+    # few-step Heun walk with the same guidance; no clipping, as SD3.
+    cfg = _cpu()
+    cfg.diffusion = DiffusionConfig(objective="flow", clip="none", t_sampling="logit_normal")
+    cfg.sample = SampleConfig(sampler="heun", steps=8, guidance=1.75)
+    return cfg
+
+
+PRESETS = {"reference": _reference, "cpu": _cpu, "cpu-flow": _cpu_flow, "small": _small,
+           "tiny": _tiny}
 
 
 def get_preset(name: str) -> Config:

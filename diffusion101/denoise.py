@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from . import guidance
-from .config import SampleConfig, UserError
-from .diffusion import Sampler
+from .config import DiffusionConfig, SampleConfig, UserError
+from .diffusion import DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler
+from .flow import FlowEuler, FlowHeun
 
 
 @dataclass
@@ -49,7 +50,7 @@ def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig
     outside sample.guidance_interval (in t / T; Kynkaeaenniemi et al. 2024) take the
     conditional prediction alone, one forward instead of two. The rules apg and auto
     (guidance.py) mix predicted x_0 instead, from the same predictions."""
-    t_batch = torch.full((labels.shape[0],), t, device=labels.device, dtype=torch.long)
+    t_batch = sampler.net_time(torch.full((labels.shape[0],), t, device=labels.device))
     lo, hi = sample_cfg.guidance_interval
     T = sampler.num_train_timesteps
     if not (is_guided(sample_cfg) and lo * T <= t <= hi * T):
@@ -131,3 +132,31 @@ def sample_classes(model, sampler: Sampler, sample_cfg: SampleConfig, classes, n
     CPU generator. (With a guide network: sample() on the same labels and generator.)"""
     labels = grid_labels(classes, n_per_class, device)
     return sample(model, sampler, labels, sample_cfg, cpu_generator(seed), n_frames)
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler,
+            "euler": FlowEuler, "heun": FlowHeun}
+FLOW_SAMPLERS = ("euler", "heun")
+
+
+def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -> Sampler:
+    """The sampler a config.SampleConfig names (sample.sampler), its timesteps set to
+    sample.steps (on sample.timestep_spacing, with DDIM's eta; flow's with sample.shift). A bad
+    name or step count, or a sampler of the other objective, is a UserError."""
+    name = sample_cfg.sampler
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
+    if (name in FLOW_SAMPLERS) != (cfg.objective == "flow"):
+        fits = "euler or heun" if cfg.objective == "flow" else "ddpm, ddim or dpm"
+        raise UserError(f"sampler {name} walks {'flow matching' if name in FLOW_SAMPLERS else 'a noise schedule'}; "
+                        f"this model was trained with diffusion.objective={cfg.objective}: use {fits}")
+    if name in FLOW_SAMPLERS:
+        sampler = SAMPLERS[name](cfg, device, sample_cfg.shift)
+    else:
+        extra = {"eta": sample_cfg.eta} if name == "ddim" else {}
+        sampler = SAMPLERS[name](cfg, device, sample_cfg.timestep_spacing, **extra)
+    try:
+        sampler.set_timesteps(sample_cfg.steps)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return sampler

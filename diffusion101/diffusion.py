@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import DiffusionConfig, UserError
+from .config import DiffusionConfig
 
 
 class StepOutput(NamedTuple):
@@ -81,6 +81,10 @@ class NoiseSchedule:
         generator's device."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator,
                              device=generator.device)
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is fed for timestep t: t itself (flow matching scales its own)."""
+        return t
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, with t of shape (B,)."""
@@ -295,22 +299,3 @@ class DPMSolverSampler(Sampler):
         self._prev_x0, self._prev_h = x0, h
         # 2. the exponential-integrator update
         return StepOutput((s_t / s_s) * x_t - a_t * math.expm1(-h) * d, x0)
-
-
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
-
-
-def make_sampler(sample_cfg, cfg: DiffusionConfig, device="cpu") -> Sampler:
-    """The sampler a config.SampleConfig names (sample.sampler), its timesteps set to
-    sample.steps on sample.timestep_spacing (and DDIM's eta): a bad name or step count is a
-    UserError."""
-    name = sample_cfg.sampler
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
-    extra = {"eta": sample_cfg.eta} if name == "ddim" else {}
-    sampler = SAMPLERS[name](cfg, device, sample_cfg.timestep_spacing, **extra)
-    try:
-        sampler.set_timesteps(sample_cfg.steps)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return sampler

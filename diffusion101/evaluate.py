@@ -21,8 +21,7 @@ from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
 from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
-from .denoise import sample
-from .diffusion import make_sampler
+from .denoise import make_sampler, sample
 from .fid import feature_stats, frechet_distance
 from .settings import class_names, interval_text, is_mnist_model
 

@@ -13,8 +13,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config, SampleConfig, UserError
-from .denoise import Guide, cpu_generator, grid_labels, sample
-from .diffusion import make_sampler
+from .denoise import Guide, cpu_generator, grid_labels, make_sampler, sample
 from .files import same_file
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora

@@ -13,11 +13,10 @@ from torch import nn
 from . import checkpoint
 from .config import TrainConfig, UserError
 from .dataset import epoch_batches, load_image_folder, load_mnist
-from .diffusion import NoiseSchedule
 from .lora import inject_lora, lora_state_dict
 from .model_files import load_model
 from .settings import class_names, is_mnist_model, validate
-from .train import NonFiniteLoss, Run, fit
+from .train import NonFiniteLoss, Run, fit, make_objective
 from .train_state import TrainState, make_lr_schedule
 from .unet import count_parameters
 
@@ -106,7 +105,7 @@ def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, da
                        torch.Generator(device="cpu").manual_seed(seed))
     run = Run(dataclasses.replace(cfg, train=recipe), None, None, torch.device(device))
     try:
-        fit(run, state, data, NoiseSchedule(cfg.diffusion, device), desc="lora epoch")
+        fit(run, state, data, make_objective(cfg.diffusion, device), desc="lora epoch")
     except NonFiniteLoss as e:
         raise UserError(f"loss is {e} at LoRA step {state.step + 1}; stopped, nothing saved") from None
     if state.step == 0:

@@ -193,7 +193,13 @@ def validate(cfg: Config) -> None:
                         "other classes cannot be scored that way (set it to 0)")
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
-    if s.steps > d.timesteps:
+    flow, flow_sampler = d.objective == "flow", s.sampler in ("euler", "heun")
+    if flow != flow_sampler:
+        raise UserError(f"sample.sampler={s.sampler} does not walk diffusion.objective="
+                        f"{d.objective}: use {'euler or heun' if flow else 'ddpm, ddim or dpm'}")
+    if flow and t.snr_gamma:
+        raise UserError("train.snr_gamma weights DDPM's timesteps; flow matching has none (set 0)")
+    if s.steps > d.timesteps and not flow:
         raise UserError(f"sample.steps must be in 1..{d.timesteps} (diffusion.timesteps)")
     if s.guidance_rule == "auto" and not s.guide:
         raise UserError("sample.guidance_rule=auto needs sample.guide, the guide checkpoint "

@@ -22,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config, TrainConfig, UserError
+from .config import Config, DiffusionConfig, TrainConfig, UserError
 from .dataset import ImageData, epoch_batches, load_mnist
-from .denoise import sample_classes
-from .diffusion import NoiseSchedule, make_sampler
+from .denoise import make_sampler, sample_classes
+from .diffusion import NoiseSchedule
 from .evaluate import evaluate_model
+from .flow import FlowMatching
 from .images import grid_image
 from .posthoc_ema import save_snapshot, snapshot_folder
 from .rng import seed_everything
@@ -36,10 +37,15 @@ from .train_state import TrainState, build_state
 from .unet import count_parameters
 
 
+def make_objective(cfg: DiffusionConfig, device="cpu"):
+    """What training noises with and learns to predict: DDPM's NoiseSchedule, or FlowMatching."""
+    return FlowMatching(cfg, device) if cfg.objective == "flow" else NoiseSchedule(cfg, device)
+
+
 def diffusion_loss(model, schedule: NoiseSchedule, x0, y, generator, loss: str,
                    p_uncond: float = 0.0, snr_gamma: float = 0.0) -> torch.Tensor:
-    """Noise x0 to a random timestep per image and score the model's prediction of the
-    schedule's target (the noise, or v). With p_uncond > 0 some labels become the null class,
+    """Noise x0 to a random time per image and score the model's prediction of the
+    objective's target (the noise, v, or flow matching's velocity). With p_uncond > 0 some labels become the null class,
     so the same network also learns the unconditional model that classifier-free guidance
     needs. With snr_gamma > 0 each image's loss is weighted by Min-SNR-gamma."""
     b, gen_device = x0.shape[0], generator.device
@@ -48,7 +54,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0, y, generator, loss: str,
     if p_uncond > 0:
         drop = (torch.rand(b, generator=generator, device=gen_device) < p_uncond).to(y.device)
         y = torch.where(drop, torch.full_like(y, model.null_label), y)
-    pred = model(schedule.add_noise(x0, noise, t), t, y)  # (B, C, S, S)
+    pred = model(schedule.add_noise(x0, noise, t), schedule.net_time(t), y)  # (B, C, S, S)
     target = schedule.target(x0, noise, t)
     if snr_gamma <= 0:
         return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
@@ -321,7 +327,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     if recipe.snapshot_every and state.step == 0:
         snapshot(run, state)  # the first weights, where every EMA starts
     try:
-        fit(run, state, data, NoiseSchedule(cfg.diffusion, device))
+        fit(run, state, data, make_objective(cfg.diffusion, device))
     except NonFiniteLoss as e:
         last_good = run.last_saved if run.last_saved is not None else "none saved yet"
         raise UserError(f"loss is {e} at step {state.step + 1} (epoch {state.epoch + 1}); "

@@ -23,8 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import diffusion101 as d
 from diffusion101.config import DiffusionConfig, get_preset
 from diffusion101.dataset import ImageData, load_mnist
-from diffusion101.denoise import predict
-from diffusion101.diffusion import NoiseSchedule, make_sampler
+from diffusion101.denoise import make_sampler, predict
+from diffusion101.diffusion import NoiseSchedule
 from diffusion101.evaluate import score
 from diffusion101.model_files import BOLD_LORA_PATH
 from diffusion101.train import train

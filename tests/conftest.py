@@ -86,7 +86,7 @@ def sampler_by_name(name: str, cfg, steps=None, eta: float = 0.0, timestep_spaci
     """diffusion.make_sampler from a sampler's name and settings (every timestep when steps
     is None)."""
     from diffusion101.config import SampleConfig
-    from diffusion101.diffusion import make_sampler
+    from diffusion101.denoise import make_sampler
     sample_cfg = SampleConfig(sampler=name, steps=cfg.timesteps if steps is None else steps,
                               eta=eta, timestep_spacing=timestep_spacing)
     return make_sampler(sample_cfg, cfg, device)

@@ -94,7 +94,7 @@ def test_all_speed_options_together_train_like_fp32(fake_data):
 
 def test_same_seed_same_digits_on_cuda():
     from diffusion101.denoise import sample_classes
-    from diffusion101.diffusion import make_sampler
+    from diffusion101.denoise import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.model_files import SHIPPED_PATH
     model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
@@ -168,7 +168,7 @@ def test_a_walk_through_the_replayed_graph_is_the_eager_walk():
     # the shipped checkpoint's 20-step DPM-Solver++ grid with guidance (two batch shapes: the
     # guided pair and, for a CUDA graph, its capture), eagerly and replayed
     from diffusion101.denoise import sample_classes
-    from diffusion101.diffusion import make_sampler
+    from diffusion101.denoise import make_sampler
     from diffusion101.generate import load_for_sampling
     from diffusion101.model_files import SHIPPED_PATH
     images = []

@@ -39,7 +39,7 @@ def test_no_import_cycle_and_the_model_imports_no_job():
     jobs = {"train", "lora_finetune", "generate", "evaluate", "api", "cli", "commands",
             "model_files"}
     for low in ("config", "settings", "cross_attn", "conv_block", "unet", "time_position_emb",
-                "diffusion", "guidance", "denoise", "lora", "ema", "checkpoint", "files", "images",
+                "diffusion", "flow", "guidance", "denoise", "lora", "ema", "checkpoint", "files", "images",
                 "fid", "dataset", "rng", "distributed", "speed", "train_state"):
         assert not graph[low] & jobs, (low, graph[low] & jobs)
     assert "unet" not in graph["checkpoint"]  # the file format knows no network
@@ -96,14 +96,15 @@ def test_the_training_loop_is_written_as_loops_on_one_screen():
 # import: a reader follows it without opening the command-line, file-format or job modules.
 READING_PATH = {
     "diffusion": {"config"},
+    "flow": {"config", "diffusion"},
     "time_position_emb": set(),
     "cross_attn": set(),
     "conv_block": {"config", "cross_attn"},
     "unet": {"config", "conv_block", "time_position_emb"},
-    "train": {"config", "settings", "diffusion", "unet", "denoise", "dataset", "speed",
+    "train": {"config", "settings", "diffusion", "flow", "unet", "denoise", "dataset", "speed",
               "train_state", "checkpoint", "distributed", "rng", "images", "posthoc_ema",
               "evaluate"},
-    "denoise": {"config", "diffusion", "guidance"},
+    "denoise": {"config", "diffusion", "flow", "guidance"},
     "lora": {"config"},
 }
 JOBS = {"cli", "commands", "api", "generate", "model_files", "lora_finetune"}
@@ -113,7 +114,7 @@ def test_the_reading_path_imports_only_what_a_reader_needs():
     readme = (ROOT / "README.md").read_text()
     how = readme.split("## How it works", 1)[1]
     stated = re.findall(r"`([a-z_]+)\.py`", how.split("\n\n", 2)[1])
-    assert stated[:3] == ["diffusion", "unet", "conv_block"] and "lora" in stated
+    assert stated[:3] == ["diffusion", "flow", "unet"] and "lora" in stated
     for name, allowed in READING_PATH.items():
         got = _imports(MODULES[name])
         assert got <= allowed, (name, got - allowed)

@@ -1,0 +1,147 @@
+"""Flow matching (rectified flow), the objective Stable Diffusion 3 and Flux train with, beside
+diffusion.py's DDPM, on the same network and the same contracts.
+
+Time runs continuously from t = 0 (data) to t = 1 (noise) along a straight line:
+x_t = (1 - t) x_0 + t eps (Lipman et al. 2023; Liu et al. 2023), and the network predicts the
+velocity dx_t/dt = eps - x_0. Sampling solves that ODE from noise at t = 1 down to t = 0 with
+Euler or Heun steps on a time grid, which SD3's shift (Esser et al. 2024) bends towards the
+noisy end. FlowMatching is the objective (what training and guidance call, as NoiseSchedule
+is for DDPM); FlowEuler and FlowHeun are its samplers, with the diffusion samplers' contract:
+set_timesteps(n), then step(model_out, t, x_t) -> StepOutput(next sample, predicted x_0).
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import DiffusionConfig
+from .diffusion import StepOutput
+
+
+class FlowMatching:
+    """The forward process, the training target, the time the network is fed, and the
+    conversions between a predicted velocity and x_0."""
+
+    # The walk's time axis is [0, 1] (t / num_train_timesteps is t itself), which
+    # sample.guidance_interval is measured on.
+    num_train_timesteps = 1
+
+    def __init__(self, cfg: DiffusionConfig, device="cpu"):
+        self.cfg, self.device = cfg, device
+        # The network reads time as DDPM's timesteps, 0..T-1; it is fed t on that scale.
+        self.time_scale = float(cfg.timesteps - 1)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """A training time for each of n images: uniform on (0, 1), or logit-normal (SD3's
+        default: sigmoid of a normal of mean diffusion.logit_mean and scale
+        diffusion.logit_std, which puts more of training in the middle of the path)."""
+        if self.cfg.t_sampling == "uniform":
+            return torch.rand(n, generator=generator, device=generator.device)
+        u = torch.randn(n, generator=generator, device=generator.device)
+        return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * u)
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.time_scale
+
+    @staticmethod
+    def _column(t, x: torch.Tensor):
+        """t, a number or one per image, shaped to broadcast against the batch x."""
+        return t.view(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(t) else t
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """x_t = (1 - t) x_0 + t eps."""
+        t = self._column(t, x0)
+        return (1 - t) * x0 + t * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The velocity of the straight path, eps - x_0 (the same at every t)."""
+        return noise - x0
+
+    def to_x0(self, out: torch.Tensor, t, x_t: torch.Tensor, prediction=None) -> torch.Tensor:
+        """The x_0 a velocity implies at (x_t, t): x_t - t v."""
+        return x_t - self._column(t, x_t) * out
+
+    def from_x0(self, x0: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+        """The velocity that implies x0 at (x_t, t): (x_t - x_0) / t."""
+        return (x_t - x0) / self._column(t, x_t)
+
+    def velocity(self, out: torch.Tensor, t: float, x_t: torch.Tensor) -> torch.Tensor:
+        """The velocity to step with: the network's, or with diffusion.clip="x0" the one whose
+        x_0 is clipped to [-1, 1] (as DDPM's samplers clip the predicted x_0)."""
+        if self.cfg.clip != "x0" or t == 0:
+            return out
+        return self.from_x0(self.to_x0(out, t, x_t).clamp(-1.0, 1.0), t, x_t)
+
+
+def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift: t -> s t / (1 + (s - 1) t). s > 1 spends more of the steps at high
+    noise, where a bigger image (or a coarser one) needs them; s = 1 leaves t as it is."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowSampler(FlowMatching):
+    """The time grid of a walk: n steps from t = 1 to t = 0, uniform then shifted."""
+
+    name = ""
+
+    def __init__(self, cfg: DiffusionConfig, device="cpu", shift: float = 1.0):
+        super().__init__(cfg, device)
+        self.shift = shift
+        self.set_timesteps(10)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        if not 1 <= num_inference_steps <= 10_000:
+            raise ValueError(f"steps must be in 1..10000, not {num_inference_steps}")
+        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        self.sigmas = shifted(grid, self.shift)  # t_0 = 1 > t_1 > ... > t_n = 0
+        self.timesteps = self.sigmas[:-1].float()
+        self._i = 0  # the steps of this walk taken so far
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """x after a step, clamped to [-1, 1] when diffusion.clip is "x_t" (as DDPM does)."""
+        return x.clamp(-1.0, 1.0) if self.cfg.clip == "x_t" else x
+
+
+class FlowEuler(FlowSampler):
+    """Euler's method: x_{t_next} = x_t + (t_next - t) v(x_t, t). One network call a step;
+    exact wherever the velocity is constant along the path, as it is for a single image."""
+
+    name = "euler"
+
+    def step(self, model_out, t, x_t, generator=None) -> StepOutput:
+        t, t_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
+        self._i += 1
+        v = self.velocity(model_out, t, x_t)
+        return StepOutput(self.finish(x_t + (t_next - t) * v), self.to_x0(v, t, x_t))
+
+
+class FlowHeun(FlowSampler):
+    """Heun's method (second order; Karras et al. 2022's sampler): an Euler step to t_next, the
+    velocity asked again there, and the step taken again with the mean of the two; the last
+    step, to t = 0, is Euler's, so the network is never asked at the data itself. Two network
+    calls a step but the last: its timesteps list t_0, t_1, t_1, t_2, ..., t_{n-1}, t_{n-1}
+    (a predictor at t_i, then its corrector at t_{i+1}); step() tells the two apart."""
+
+    name = "heun"
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        super().set_timesteps(num_inference_steps)
+        s = self.sigmas.float()
+        pairs = torch.stack([s[:-2], s[1:-1]], dim=1).flatten()  # predictor, corrector
+        self.timesteps = torch.cat([pairs, s[-2:-1]])
+        self._start = None  # (x_t, v) of the predictor, until its corrector comes
+
+    def step(self, model_out, t, x_t, generator=None) -> StepOutput:
+        t_i, t_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
+        if self._start is None:  # 1. predictor (or the last step): Euler to t_next
+            v = self.velocity(model_out, t_i, x_t)
+            x_next, x0 = x_t + (t_next - t_i) * v, self.to_x0(v, t_i, x_t)
+            if t_next == 0:
+                self._i += 1
+                return StepOutput(self.finish(x_next), x0)
+            self._start = (x_t, v)
+            return StepOutput(x_next, x0)
+        x_i, v_i = self._start  # 2. corrector: from x_i with the mean of both velocities
+        v_next = self.velocity(model_out, t_next, x_t)
+        self._start, self._i = None, self._i + 1
+        return StepOutput(self.finish(x_i + (t_next - t_i) * (v_i + v_next) / 2),
+                          self.to_x0(v_next, t_next, x_t))
