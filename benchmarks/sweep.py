@@ -14,6 +14,8 @@ measured with the evaluation of scripts/evaluate.py.
   # (a smaller network trained as long):
   python benchmarks/sweep.py --ckpt model.pt --rules auto --guides 600 --guide-gammas 17
   python benchmarks/sweep.py --ckpt model.pt --rules auto --guides small.pt --guide-cfg 1.75
+  # FID and accuracy against steps, one curve per earlier sweep (e.g. one per objective):
+  python benchmarks/sweep.py --replot ddpm.json,flow.json --plot-steps steps.png
 """
 from __future__ import annotations
 
@@ -125,6 +127,28 @@ def plot(rows: list, path: str, goal: str | None = None) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_steps(curves: dict, path: str) -> None:
+    """FID (left) and accuracy (right) against sampler steps, log scale, one curve per label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rows]
+        left.plot(steps, [r["fid"] for r in rows], "o-", label=label)
+        right.plot(steps, [100 * r["accuracy"] for r in rows], "o-", label=label)
+    for ax, name in ((left, "FID (classifier features)"), (right, "conditional accuracy (%)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt")
@@ -150,9 +174,18 @@ def main():
     p.add_argument("--goal", default=None, help="accuracy:FID of a goal to draw, e.g. 99.5:0.94")
     p.add_argument("--replot", default=None,
                    help="comma list of --json files of earlier sweeps: one plot of their rows, no sampling")
+    p.add_argument("--plot-steps", default=None,
+                   help="with --replot: FID and accuracy against steps, a curve per file")
     a = p.parse_args()
-    if not (a.ckpt or a.replot and a.plot):
-        p.error("give --ckpt, or --replot with --plot")
+    if not (a.ckpt or a.replot and (a.plot or a.plot_steps)):
+        p.error("give --ckpt, or --replot with --plot or --plot-steps")
+    if a.replot and a.plot_steps:
+        curves = {}
+        for f in a.replot.split(","):
+            rows = json.loads(Path(f).read_text())
+            curves[f"{Path(f).stem} ({rows[0]['sampler']}, w {rows[0]['w']:g})"] = rows
+        plot_steps(curves, a.plot_steps)
+        return
     if a.replot:
         plot([r for f in a.replot.split(",") for r in json.loads(Path(f).read_text())], a.plot, a.goal)
         return
@@ -177,7 +210,8 @@ def main():
             sc = dataclasses.replace(base, sampler=a.sampler or base.sampler, steps=s, guidance=w,
                                      guidance_interval=(lo, hi), **options)
             m = measure(model, cfg, sc, a, guide)
-            rows.append({"rule": label, "decay": decay, "w": w, "steps": s, "accuracy": m["accuracy"],
+            rows.append({"rule": label, "decay": decay, "w": w, "sampler": sc.sampler, "steps": s,
+                         "ckpt": str(a.ckpt), "accuracy": m["accuracy"],
                          "fid": m["fid"], "ink": m["ink"], "floor": m["fid_floor_mean"]})
             print(f"| {label} | {decay} | {sc.sampler}, {s} | {w:g} | {lo:g}-{hi:g} | "
                   f"{100 * m['accuracy']:.2f}% | {m['fid']:.3f} | {m['fid_floor_mean']:.3f} "

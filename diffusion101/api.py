@@ -46,7 +46,7 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
     grid of scripts/denoise.py: repetition k of every class, then repetition k + 1. The sampler
     options left at None keep the checkpoint's defaults (model.config.sample).
     guidance_rule="auto" takes `guide`, the guide checkpoint's path; rule_options are the
-    rules' other fields (apg_eta, apg_momentum, apg_norm_threshold, guide_cfg)."""
+    rules' other fields (apg_eta, apg_momentum, apg_norm_threshold, guide_cfg) and flow's shift."""
     names = class_names(model.config.model)
     if classes is None:
         labels = list(range(len(names)))

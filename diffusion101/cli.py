@@ -183,7 +183,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """The sampler options of denoise.py and evaluate.py (config.SampleConfig; each defaults to
     the checkpoint's own)."""
-    p.add_argument("--sampler", default=None, help="ddpm, ddim or dpm (default: the checkpoint's)")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm, ddim or dpm; euler or heun for a flow model (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale w")
     p.add_argument("--guidance-rule", default=None,
@@ -200,6 +201,7 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
+    p.add_argument("--shift", type=float, default=None, help="flow: SD3's time shift of the grid")
     p.add_argument("--timestep-spacing", default=None,
                    help="timesteps of a few-step sampler: uniform, logsnr or trailing")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
@@ -212,6 +214,7 @@ def sampler_options(a: argparse.Namespace) -> dict:
     return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
             "guidance_rule": a.guidance_rule, "apg_eta": a.apg_eta, "apg_momentum": a.apg_momentum,
             "apg_norm_threshold": a.apg_threshold, "guide": a.guide, "guide_cfg": a.guide_cfg, "eta": a.eta,
+            "shift": a.shift,
             "guidance_interval": parse_interval(a.guidance_interval),
             "timestep_spacing": a.timestep_spacing}
 

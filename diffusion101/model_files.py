@@ -64,6 +64,8 @@ SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.safetensors"
 # LoRA r = 8 on the shipped checkpoint's attention and feed-forward, trained on bold MNIST
 # (docs/EXPERIMENTS.md, "LoRA on the built-in bold target", has the commands)
 BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.safetensors")
+# The `cpu-flow` preset as trained, exported: the tour's flow model (docs/EXPERIMENTS.md)
+FLOW_PATH = SHIPPED_PATH.with_name("cpu_flow.safetensors")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:

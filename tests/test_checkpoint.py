@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -140,6 +141,10 @@ def test_safetensors_round_trip_with_the_config_as_json_metadata(tmp_path):
     assert checkpoint.load_model_checkpoint(tmp_path / "renamed.pt")["step"] == 3
     with pytest.raises(UserError, match="stays .pt"):
         checkpoint.save({**tiny_checkpoint(), "optimizer": {}}, tmp_path / "t.safetensors")
+    # the name's case does not matter: .SAFETENSORS is safetensors too, not a torch zip
+    checkpoint.save(tiny_checkpoint(), tmp_path / "upper.SAFETENSORS")
+    assert not zipfile.is_zipfile(tmp_path / "upper.SAFETENSORS")
+    assert checkpoint.load_model_checkpoint(tmp_path / "upper.SAFETENSORS")["step"] == 3
 
 
 def test_bad_safetensors_files_are_refused_in_one_line(tmp_path):

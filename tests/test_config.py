@@ -146,3 +146,14 @@ def test_mnist_means_ten_grey_digits_and_only_they_are_scored():
     with pytest.raises(UserError, match="train.data must be a non-empty text"):
         apply_override(cfg, "train.data=")
         validate(cfg)
+
+
+def test_set_and_files_reach_only_the_config_fields():
+    # a section is one of the five dataclass fields, never another attribute of the config
+    cfg = get_preset("tiny")
+    for bad in ("__class__.model=1", "to_dict.x=1", "section.x=1"):
+        with pytest.raises(UserError, match="unknown config section"):
+            apply_override(cfg, bad)
+    with pytest.raises(UserError, match="unknown config section '__class__'"):
+        Config.from_dict({"__class__": {"model": 1}})
+    assert "model" not in vars(Config)  # the class itself was not given a field

@@ -102,6 +102,25 @@ def test_resume_other_architecture_refused(tmp_path, fake_data):
     assert out.read_bytes() == before
 
 
+def test_resume_refuses_another_batch_size_and_a_shrunken_data_set(tmp_path, fake_data):
+    # the position inside the epoch counts batches of the run's size in the run's data: with
+    # another size, or fewer images, it would point elsewhere (or past the end)
+    from diffusion101.dataset import ImageData
+    out = tmp_path / "model.pt"
+    train(_cfg(12), "tiny", out, tmp_path / "runs", "cpu", data=fake_data, log=lambda *a: None)
+    before = out.read_bytes()
+    other = _cfg(20)
+    other.train.batch_size = 8
+    with pytest.raises(UserError, match="batches of 16: resume with that batch size"):
+        train(other, "tiny", out, tmp_path / "runs", "cpu", resume=True, data=fake_data,
+              log=lambda *a: None)
+    fewer = ImageData(fake_data.images[:64], fake_data.labels[:64])  # 4 batches an epoch, not 16
+    with pytest.raises(UserError, match="stopped at batch 12 of an epoch that now has 4"):
+        train(_cfg(20), "tiny", out, tmp_path / "runs", "cpu", resume=True, data=fewer,
+              log=lambda *a: None)
+    assert out.read_bytes() == before
+
+
 def test_nan_loss_stops_and_keeps_last_good(tmp_path, fake_data):
     out = tmp_path / "model.pt"
     cfg = _cfg(8)
