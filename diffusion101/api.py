@@ -64,4 +64,4 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
     images, _ = denoise.sample(model.unet, sampler, denoise.grid_labels(labels, n, model.device),
                                sample_cfg, denoise.cpu_generator(seed),
                                guide=load_guide(sample_cfg, model))
-    return channels_last(to_unit(images))
+    return channels_last(to_unit(denoise.finite_samples(images)))

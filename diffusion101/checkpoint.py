@@ -223,9 +223,12 @@ def check_finite(tensors: dict, where) -> None:
 def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
     """load_state_dict(strict) with a mismatch reported as one line; a tensor of another dtype
     than the architecture's (load_state_dict would quietly convert it) or a weight that is NaN
-    or inf is refused too."""
+    or inf is refused too, and so is an entry that is no named tensor (a converted pickle's)."""
     expected = model.state_dict()
     for name, t in state.items():
+        if not (isinstance(name, str) and isinstance(t, torch.Tensor)):
+            raise UserError(f"{where}: entry {name!r} is a {type(t).__name__}, not a named tensor; "
+                            f"this is no state dict of weights")
         if name in expected and t.dtype != expected[name].dtype:
             raise UserError(f"{where}: tensor '{name}' is {t.dtype}; this architecture keeps it "
                             f"as {expected[name].dtype}")

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config, SampleConfig, UserError
-from .denoise import Guide, cpu_generator, grid_labels, make_sampler, sample
+from .denoise import Guide, cpu_generator, finite_samples, grid_labels, make_sampler, sample
 from .files import same_file
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora
@@ -132,6 +132,7 @@ def generate(model: Model, sample_cfg: SampleConfig, classes: list, n_per_class:
     labels = grid_labels(classes, n_per_class, model.device)
     images, frames = sample(model.unet, sampler, labels, sample_cfg, cpu_generator(seed),
                             PROGRESS_FRAMES, guide)
+    finite_samples(images)  # before any file is written
     log(f"sampled in {time.perf_counter() - start:.2f} s")
     paths = {flag: Path(p) for flag, p in outputs.by_flag().items() if p is not None}
     for path in paths.values():

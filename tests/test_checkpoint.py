@@ -216,3 +216,11 @@ def test_an_adapter_part_of_the_wrong_type_is_refused(tmp_path, part, value):
                     tmp_path / "inf.safetensors")
     with pytest.raises(UserError, match="'x.lora_a' holds NaN or inf"):
         checkpoint.load_lora_file(tmp_path / "inf.safetensors")
+
+
+def test_a_state_dict_with_entries_that_are_no_tensors_is_refused_by_name():
+    model = UNet(get_preset("tiny").model)
+    state = dict(model.state_dict())
+    for bad in ({**state, "note": "hello"}, {**state, "output.bias": [0.0]}, {**state, 3: state["output.bias"]}):
+        with pytest.raises(UserError, match="not a named tensor"):
+            checkpoint.load_state(model, bad, "old.pt")

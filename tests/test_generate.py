@@ -89,3 +89,26 @@ def test_a_guide_must_draw_the_same_images_at_the_same_noise_levels(tmp_path):
             load_guide(resolve_sampler(model.config, guidance_rule="auto", guide=path), model)
     with pytest.raises(UserError, match="checkpoint not found"):
         load_guide(resolve_sampler(model.config, guidance_rule="auto", guide="absent.pt"), model)
+
+
+class NaNNet(torch.nn.Module):
+    """A network whose every prediction is NaN (as an unstable schedule or a huge adapter
+    gives), for 16 px grey images."""
+    cfg = get_preset("tiny").model
+    null_label = None
+
+    def forward(self, x, t, y):
+        return torch.full_like(x, float("nan"))
+
+
+def test_samples_that_came_out_nan_are_refused_and_nothing_is_written(tmp_path):
+    import diffusion101 as d
+    from diffusion101.generate import Model
+    cfg = get_preset("tiny")
+    model = Model(NaNNet(), cfg, torch.device("cpu"))
+    outputs = Outputs(tmp_path / "g.png", npz=tmp_path / "g.npz", gif=tmp_path / "g.gif")
+    with pytest.raises(UserError, match="2 of 2 samples came out NaN or inf"):
+        generate(model, cfg.sample, [1, 2], 1, 0, outputs, log=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="came out NaN or inf"):
+        d.sample(model, classes=[3])
