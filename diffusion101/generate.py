@@ -90,7 +90,7 @@ def load_guide(sample_cfg: SampleConfig, model: Model) -> Guide | None:
         if a != b:
             raise UserError(f"guide {sample_cfg.guide} has another {what} ({b}) than the model "
                             f"({a}); a guide must draw the same images")
-    schedule = ("timesteps", "schedule", "beta_start", "beta_end")
+    schedule = ("objective", "timesteps", "schedule", "beta_start", "beta_end")
     if any(getattr(mine.diffusion, k) != getattr(its.diffusion, k) for k in schedule):
         raise UserError(f"guide {sample_cfg.guide} was trained on another noise schedule "
                         f"({', '.join(f'{k}={getattr(its.diffusion, k)}' for k in schedule)}); "

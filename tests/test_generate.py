@@ -82,7 +82,9 @@ def test_a_guide_must_draw_the_same_images_at_the_same_noise_levels(tmp_path):
     bad = {"size": ({"model.img_size": 32, "model.channels": (8, 16)}, "another image size"),
            "classes": ({"model.num_classes": 12}, "another classes"),
            "schedule": ({"diffusion.schedule": "cosine"}, "another noise schedule"),
-           "length": ({"diffusion.timesteps": 200}, "another noise schedule")}
+           "length": ({"diffusion.timesteps": 200}, "another noise schedule"),
+           "objective": ({"diffusion.objective": "flow", "sample.sampler": "euler",
+                          "sample.steps": 4}, "another noise schedule")}
     for name, (change, match) in bad.items():
         path = _tiny_file(tmp_path / f"{name}.pt", **change)
         with pytest.raises(UserError, match=match):
