@@ -18,6 +18,7 @@ from . import guidance
 from .config import DiffusionConfig, SampleConfig, UserError
 from .diffusion import DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler
 from .flow import FlowEuler, FlowHeun
+from .settings import FLOW_SAMPLERS, check_sampler_fits
 
 
 @dataclass
@@ -146,7 +147,6 @@ def sample_classes(model, sampler: Sampler, sample_cfg: SampleConfig, classes, n
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler,
             "euler": FlowEuler, "heun": FlowHeun}
-FLOW_SAMPLERS = ("euler", "heun")
 
 
 def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -> Sampler:
@@ -156,10 +156,7 @@ def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -
     name = sample_cfg.sampler
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
-    if (name in FLOW_SAMPLERS) != (cfg.objective == "flow"):
-        fits = "euler or heun" if cfg.objective == "flow" else "ddpm, ddim or dpm"
-        raise UserError(f"sampler {name} walks {'flow matching' if name in FLOW_SAMPLERS else 'a noise schedule'}; "
-                        f"this model was trained with diffusion.objective={cfg.objective}: use {fits}")
+    check_sampler_fits(name, cfg.objective)
     if name in FLOW_SAMPLERS:
         sampler = SAMPLERS[name](cfg, device, sample_cfg.shift)
     else:

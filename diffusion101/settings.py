@@ -193,10 +193,8 @@ def validate(cfg: Config) -> None:
                         "other classes cannot be scored that way (set it to 0)")
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
-    flow, flow_sampler = d.objective == "flow", s.sampler in ("euler", "heun")
-    if flow != flow_sampler:
-        raise UserError(f"sample.sampler={s.sampler} does not walk diffusion.objective="
-                        f"{d.objective}: use {'euler or heun' if flow else 'ddpm, ddim or dpm'}")
+    check_sampler_fits(s.sampler, d.objective)
+    flow = d.objective == "flow"
     if flow and t.snr_gamma:
         raise UserError("train.snr_gamma weights DDPM's timesteps; flow matching has none (set 0)")
     if s.steps > d.timesteps and not flow:
@@ -206,6 +204,18 @@ def validate(cfg: Config) -> None:
                         "(--guide CKPT)")
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
+
+
+FLOW_SAMPLERS = ("euler", "heun")  # the samplers of flow matching; the others walk DDPM's schedule
+
+
+def check_sampler_fits(sampler: str, objective: str) -> None:
+    """A sampler walks one objective's path: a flow model given ddpm, ddim or dpm, or a DDPM
+    model given euler or heun, is refused in one line (the config check and make_sampler)."""
+    flow = objective == "flow"
+    if (sampler in FLOW_SAMPLERS) != flow:
+        raise UserError(f"sample.sampler={sampler} does not walk diffusion.objective={objective}: "
+                        f"use {'euler or heun' if flow else 'ddpm, ddim or dpm'}")
 
 
 def validate_classes(m: ModelConfig, data: str) -> None:

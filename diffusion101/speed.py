@@ -1,7 +1,8 @@
 """The speed settings, apart from the loop: for training bf16 autocast, TF32, channels_last,
 torch.compile (and CUDA graphs), the fused Adam update, the data kept on the GPU, and the
-cross-attention's one-token shortcut; for sampling, the network call replayed as a CUDA graph. None changes what a step computes beyond float rounding
-(bf16 and TF32 round more coarsely); all off is plain fp32 eager PyTorch, the reference's way.
+cross-attention's one-token shortcut; for sampling, the network call replayed as a CUDA graph.
+None changes what a step computes beyond float rounding (bf16 and TF32 round more coarsely);
+all off is plain fp32 eager PyTorch, the reference's way.
 docs/BENCHMARKS.md has what each one buys.
 """
 from __future__ import annotations

@@ -104,7 +104,7 @@ READING_PATH = {
     "train": {"config", "settings", "diffusion", "flow", "unet", "denoise", "dataset", "speed",
               "train_state", "checkpoint", "distributed", "rng", "images", "posthoc_ema",
               "evaluate"},
-    "denoise": {"config", "diffusion", "flow", "guidance"},
+    "denoise": {"config", "settings", "diffusion", "flow", "guidance"},
     "lora": {"config"},
 }
 JOBS = {"cli", "commands", "api", "generate", "model_files", "lora_finetune"}
