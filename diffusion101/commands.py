@@ -33,7 +33,7 @@ def train(argv=None) -> None:
     """Train the class-conditioned DDPM.  diffusion101-train --preset cpu"""
     p = Parser(description=train.__doc__)
     p.add_argument("--preset", default=None,
-                   help="reference, cpu, cpu-flow, small or tiny (default: reference; with --resume, the "
+                   help="reference, cpu, cpu-ddpm, small or tiny (default: reference; with --resume, the "
                         "checkpoint's own)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
