@@ -65,7 +65,7 @@ def unoptimised_train_rate(cfg, batch_size: int, steps: int, warmup: int) -> flo
         if i == warmup:
             start = time.perf_counter()
         x0, y = next(loader)
-        loss = diffusion_loss(model, sched, x0, y, g, cfg.train.loss, cfg.train.p_uncond)
+        loss = diffusion_loss(model, sched, (x0, y), g, cfg.train)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -141,7 +141,7 @@ def train_rate(cfg, device, batch_size: int, steps: int, warmup: int, channels_l
         x0, y = data.batch(order[i * batch_size:(i + 1) * batch_size], device)
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        loss = diffusion_loss(net, sched, x0, y, g, cfg.train.loss, cfg.train.p_uncond)
+        loss = diffusion_loss(net, sched, (x0, y), g, cfg.train)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -130,6 +130,13 @@ FILE_CASES = [
     ("--out new/ (a folder not made yet)", "train", ["--preset", "tiny", "--out", "new/"], None),
     ("one adapter under two spellings", "denoise", ["--ckpt", "model.pt", "--lora", "lora.pt", "--lora",
      "./lora.pt:0.5", "--out", "grid.png"], None),
+    ("--out: a name too long for the file system", "denoise", ["--ckpt", "model.pt", "--out",
+     "n" * 250 + ".png"], None),
+    ("--ckpt: a link to itself (a loop of links)", "denoise", ["--ckpt", "loop.pt", "--out", "grid.png"], None),
+    ("distill: an adapter as the teacher", "distill", ["--teacher", "lora.pt", "--out", "student.pt"], None),
+    ("distill: --out is the teacher", "distill", ["--teacher", "model.pt", "--out", "./model.pt"], None),
+    ("distill: a teacher whose walk is random (DDPM)", "distill", ["--teacher", "model.pt", "--out",
+     "student.pt"], None),
 ]
 
 
@@ -150,6 +157,7 @@ def main():
         f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': P()}}, 'evil.pt')\n")
     subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
     make_bad_inputs(d)
+    os.symlink("loop.pt", d / "loop.pt")
     watched = ["model.pt", "lora.pt", "grid.png"]
     cases = [
         ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",

@@ -143,13 +143,13 @@ def train_rate(cfg, device, options: dict, data, steps: int, warmup: int, profil
     state = build_state(cfg, device, speed, total_steps=warmup + steps)
     state.net = speed.network(state.model)
     if speed.data_on_device:
-        data = ImageData(data.images.to(device), data.labels.to(device))
+        data = data.to(device)
     scheduler = NoiseSchedule(cfg.diffusion, device)
     batches = epoch_batches(len(data), tc.batch_size, 0, 0)
 
     def run_steps(first: int, count: int) -> None:
         for i in range(first, first + count):
-            train_step(state, scheduler, *data.batch(batches[i], device), tc, speed)
+            train_step(state, scheduler, data.batch(batches[i], device), tc, speed)
 
     start = time.perf_counter()
     run_steps(0, warmup)

@@ -40,7 +40,7 @@ def main():
         shortcut = i % 2 == 0
         use_one_token_shortcut(state.model, shortcut)
         start = time.perf_counter()
-        train_step(state, schedule, x0, y, cfg.train, Speed())
+        train_step(state, schedule, (x0, y), cfg.train, Speed())
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # the first step of each setting is a warm-up

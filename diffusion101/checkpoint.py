@@ -127,6 +127,8 @@ def load(path, what: str = "checkpoint") -> dict:
                         f"which could run code on load, so it is refused; {CONVERT_HINT}") from None
     except PermissionError:
         raise UserError(f"{what} {path} cannot be read (permission denied)") from None
+    except UserError:  # (a ValueError: said already, in words of its own)
+        raise
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
             safetensors.SafetensorError):  # (torch.load reads some files through safetensors)
         raise UserError(f"{what} {path} is truncated or corrupt and cannot be read") from None

@@ -10,8 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from .config import SEED_MAX, Config, UserError, get_preset
 from .files import same_file
 from .settings import apply_override, check_range, check_strength, class_labels, validate
@@ -27,23 +25,52 @@ def _on_sigterm(signum, frame):
 
 
 def run_cli(main, argv=None) -> int:
-    """Run main(argv); a UserError (or a bad flag) becomes one line on stderr and exit code 2."""
+    """Run main(argv): the one boundary where every command's failure becomes one line on
+    stderr and a non-zero exit, never a traceback. A UserError (or a bad flag) exits 2; so do
+    an operating-system error (a name too long, a full disk, a loop of links) and running out
+    of memory; an interrupt 130, SIGTERM 143; a reader that went away (`| head`) ends it
+    quietly with 141, as a pipe's writer does."""
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (a test calling main() from a worker)
         pass
+    for stream in (sys.stdout, sys.stderr):  # a path an ASCII console cannot show: escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("error: interrupted; files already saved are intact", file=sys.stderr)
-        return 130
+        return _fail("error: interrupted; files already saved are intact", 130)
     except Terminated:
-        print("error: terminated; files already saved are intact", file=sys.stderr)
-        return 143
+        return _fail("error: terminated; files already saved are intact", 143)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"error: {where}{e.strerror or e}; files already saved are intact", 2)
+    except MemoryError:
+        return _fail("error: out of memory (ask for fewer or smaller images, or a smaller "
+                     "model); files already saved are intact", 2)
     return 0
+
+
+def _fail(line: str, code: int) -> int:
+    try:
+        print(line, file=sys.stderr)
+    except OSError:  # stderr itself is gone: the exit code says it
+        pass
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def check_number(flag: str, value, lo, hi, integer: bool = False):
@@ -68,17 +95,20 @@ def input_path(text: str) -> str:
 def file_name(text: str) -> str:
     """A file to write: not empty, and not a folder ('out/', '.', '..')."""
     input_path(text)
-    if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)) \
-            or Path(text).name in ("", ".", ".."):
+    last = text.replace(os.altsep or os.sep, os.sep).rsplit(os.sep, 1)[-1]  # as typed:
+    if last in ("", ".", ".."):  # Path('new/.').name would be 'new', a file named new
         raise argparse.ArgumentTypeError(f"'{text}' names a folder; give a file name")
     return text
 
 
-def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None) -> None:
+def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None,
+                  lock: bool = True) -> None:
     """Refuse, before any work, output paths that cannot be used: a file output that is one of
     the inputs (under any name), two outputs that are one file, a folder where a file is
-    wanted (or the reverse), a folder that cannot be created or written. Each argument maps a
-    flag to a path (None: not given); `folders` are outputs that are folders."""
+    wanted (or the reverse), a device or FIFO, a folder that cannot be created or written;
+    then lock every file output for the life of the command (lock_output), so that no other
+    command writes it meanwhile. Each argument maps a flag to a path (None: not given);
+    `folders` are outputs that are folders."""
     inputs = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
     wanted = [(k, Path(v), False) for k, v in outputs.items() if v is not None]
     wanted += [(k, Path(v), True) for k, v in (folders or {}).items() if v is not None]
@@ -87,6 +117,10 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
             raise UserError(f"{flag} {path} is a file; a folder is wanted there")
         if not is_folder and path.is_dir():
             raise UserError(f"{flag} {path} is a folder; give a file name")
+        if not is_folder and path.exists() and not path.is_file():
+            # /dev/null, a FIFO, a socket, or a link to one: the atomic rename would replace it
+            raise UserError(f"{flag} {path} is a device, a FIFO or a socket, not a file; "
+                            f"give the name of a file")
         for in_flag, in_path in inputs.items():
             if same_file(path, in_path):
                 raise UserError(f"{flag} {path} is also {in_flag}: writing it would destroy the "
@@ -104,9 +138,22 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
             raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {path}: folder {folder} is not writable")
+    files = [(flag, path) for flag, path, is_folder in wanted if not is_folder]
+    for flag, path in files:  # its lock file is written and deleted: it must be no input
+        for in_flag, in_path in inputs.items():
+            if same_file(lock_path(path), in_path):
+                raise UserError(f"{in_flag} {in_path} is the lock file of {flag} {path}; "
+                                f"rename it first")
+    for flag, path in files if lock else ():
+        lock_output(path, flag)
 
 
 _LOCKS = []  # (fd, lock path) held until release_locks(), which runs at exit
+
+
+def lock_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 def lock_output(path, flag: str = "--out") -> None:
@@ -117,8 +164,9 @@ def lock_output(path, flag: str = "--out") -> None:
         import fcntl
     except ImportError:  # not POSIX: no lock, as before
         return
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
+    lock = lock_path(path)
+    if any(same_file(lock, held) for _, held in _LOCKS):  # this process holds it already
+        return
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -162,17 +210,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):  # argparse prints usage + message over two lines; keep it to one
         raise UserError(message)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """CUDA when available, else CPU; an explicit --device wins."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}' (use cpu or cuda)")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """The command-line programs: each reads its flags and calls the package. pyproject.toml
 declares them as commands (diffusion101-train, -finetune, -sample, -evaluate, -export,
--convert, -make-style-data, -make-shapes, -train-classifier, -posthoc-ema); scripts/*.py run the same functions.
+-convert, -make-style-data, -make-shapes, -train-classifier, -posthoc-ema, -distill);
+scripts/*.py run the same functions.
 
 Each function takes argv (None: sys.argv) and raises UserError for bad input; the *_command
 entry points wrap them in cli.run_cli, which turns that into one line on stderr and exit 2.
@@ -15,17 +16,18 @@ from pathlib import Path
 from . import checkpoint, evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
-                  check_number, check_outputs, check_seed, file_name, input_path, lock_output,
-                  parse_classes, parse_lora_specs, resolve_device, run_cli, sampler_options)
+                  check_number, check_outputs, check_seed, file_name, input_path,
+                  parse_classes, parse_lora_specs, run_cli, sampler_options)
 from .config import UserError
 from .dataset import training_data, write_shapes, write_style_data
-from .files import atomic_write
+from .distill import Recipe, distill as distill_run, pairs_path
+from .files import atomic_write, same_file
 from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
-from .posthoc_ema import export_rebuilt, snapshot_folder
+from .posthoc_ema import SNAPSHOT_PREFIX, export_rebuilt, snapshot_folder
 from .settings import class_names
-from .speed import Speed
+from .speed import Speed, resolve_device
 from .train import train as train_run
 
 
@@ -56,6 +58,9 @@ def train(argv=None) -> None:
     base = preset = None
     if a.resume and a.preset is None:  # continue with the run's own configuration
         base, preset = checkpoint.saved_run_config(a.out)
+        if preset == "student":  # its data are its teacher's pairs, not MNIST
+            raise UserError(f"{a.out} is a distilled student: continue it with "
+                            f"diffusion101-distill --resume --out {a.out}")
     preset = preset or a.preset or "reference"
     cfg = build_config(preset, a.set, {
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
@@ -70,9 +75,11 @@ def train(argv=None) -> None:
     logdir = a.logdir or f"runs/{preset}"
     snapshots = snapshot_folder(a.out) if cfg.train.snapshot_every else None
     check_outputs({"--out": a.out}, inputs={"--data": data_path(cfg.train.data)},
-                  folders={"--logdir": logdir, "the snapshot folder": snapshots})
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
-        lock_output(a.out)  # one run per checkpoint file, for the whole run
+                  folders={"--logdir": logdir, "the snapshot folder": snapshots},
+                  lock=os.environ.get("RANK", "0") == "0")  # under torchrun, rank 0 alone writes
+    if snapshots and not a.resume and list(snapshots.glob(f"{SNAPSHOT_PREFIX}*.pt")):
+        raise UserError(f"{snapshots} holds the snapshots of an earlier run, which a new one "
+                        f"would mix with its own: move the folder away, or --resume that run")
     train_run(cfg, preset, a.out, logdir, device, resume=a.resume, data=data)
 
 
@@ -101,7 +108,6 @@ def finetune_lora(argv=None) -> None:
     check_seed(a.seed)
     device = resolve_device(a.device)
     check_outputs({"--out": a.out}, inputs={"--base": a.base, "--data": data_path(a.data)})
-    lock_output(a.out)
     targets = [t for t in a.targets.split(",") if t] if a.targets else None
     finetune(a.base, a.out, device, lora={"r": a.r, "alpha": a.alpha, "epochs": a.epochs,
                                           "max_steps": a.max_steps, "lr": a.lr, "targets": targets},
@@ -135,7 +141,8 @@ def sample(argv=None) -> None:
     check_seed(a.seed)
     check_number("--n-per-class", a.n_per_class, 1, 10000, integer=True)
     device = resolve_device(a.device)
-    ckpt, loras = default_checkpoint(a.ckpt), parse_lora_specs(a.lora)
+    loras = parse_lora_specs(a.lora)
+    ckpt = default_checkpoint(a.ckpt, adapters=bool(loras))
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
     check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, "--guide": a.guide,
                                              **{f"--lora {p}": p for p, _ in loras}})
@@ -175,7 +182,7 @@ def evaluate(argv=None) -> None:
     check_number("--n", a.n, 10, 1_000_000, integer=True)
     check_number("--batch-size", a.batch_size, 0, 100_000, integer=True)
     loras = parse_lora_specs(a.lora)
-    ckpt = None if a.npz else default_checkpoint(a.ckpt)
+    ckpt = None if a.npz else default_checkpoint(a.ckpt, adapters=bool(loras))
     check_outputs({"--json": a.json}, inputs={"--ckpt": ckpt, "--npz": a.npz,
                                               **{f"--lora {p}": p for p, _ in loras}})
     if a.npz:
@@ -315,8 +322,55 @@ def posthoc_ema(argv=None) -> None:
     check_number("--decay", a.decay, 0.0, 0.999999)
     check_number("--gamma", a.gamma, 0.0, 1e6)
     check_number("--until", a.until, 1, 10 ** 12, integer=True)
+    if same_file(Path(a.out).absolute().parent, a.snapshots):
+        raise UserError(f"out {a.out} is inside the snapshot folder it averages; write it elsewhere")
     check_outputs({"out": a.out}, inputs={"snapshots": a.snapshots})
     export_rebuilt(a.snapshots, a.decay or 0.0, a.out, gamma=a.gamma, until=a.until)
+
+
+def distill_student(argv=None) -> None:
+    """Distill a teacher into a student that samples in a few steps, one network call each
+    (rectified-flow distillation with the teacher's guidance built in; distill.py).
+
+      diffusion101-distill --teacher model.pt --out student.pt            # 4 steps
+      diffusion101-distill --teacher model.pt --out student.pt --resume   # continue it
+      diffusion101-sample --ckpt student.pt                                # its own 4 steps
+    """
+    p = Parser(description=distill_student.__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="model.pt", type=input_path,
+                   help="the teacher: a model checkpoint, .pt or .safetensors (default: model.pt)")
+    p.add_argument("--out", default="student.pt", type=file_name,
+                   help="the student checkpoint (default: student.pt); the teacher's pairs are "
+                        "kept beside it in <out>.pairs.pt")
+    defaults = Recipe()
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help=f"the student's steps (default {defaults.steps}; it also walks in any divisor)")
+    p.add_argument("--pairs", type=int, default=defaults.pairs,
+                   help=f"noise -> image pairs the teacher makes (default {defaults.pairs})")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                   help=f"the student's optimizer steps (default {defaults.max_steps})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--teacher-set", action="append", default=[], metavar="sample.FIELD=VALUE",
+                   help="change the teacher's walk (its sampler, steps, guidance: the pairs' "
+                        "quality), e.g. sample.steps=16; repeatable")
+    p.add_argument("--logdir", default=None, type=input_path,
+                   help="TensorBoard folder (default: runs/distill_<out's name>)")
+    p.add_argument("--resume", action="store_true", help="continue the student saved in --out")
+    add_common(p)
+    a = p.parse_args(argv)
+    check_seed(a.seed)
+    recipe = Recipe(steps=a.steps, pairs=a.pairs, max_steps=a.max_steps,
+                    batch_size=a.batch_size, lr=a.lr, seed=a.seed or 0)
+    recipe.check()
+    device = resolve_device(a.device)
+    if Path(a.out).suffix.lower() == checkpoint.SAFETENSORS:
+        raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
+                        f"optimizer and RNG states); export it as .safetensors afterwards")
+    check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
+                  inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
+    distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
 
 
 # The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
@@ -337,3 +391,4 @@ make_style_data_command = _entry(make_style_data)
 make_shapes_command = _entry(make_shapes)
 train_classifier_command = _entry(train_evaluation_classifier)
 posthoc_ema_command = _entry(posthoc_ema)
+distill_command = _entry(distill_student)

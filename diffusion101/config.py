@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 EVERY_STEP = (0.0, 1.0)
 
 
-class UserError(Exception):
-    """A problem with what the user asked for: shown as one line, never a traceback."""
+class UserError(ValueError):
+    """A problem with what the user asked for: shown as one line, never a traceback (a
+    ValueError, as the Python API promises for a bad argument)."""
 
 
 # Every field declares what it may hold, once: a range (for numbers, and for each item of a
@@ -74,8 +75,11 @@ class DiffusionConfig:
     # predicted x_0 instead (the usual practice); "none"
     clip: str = choice("x_t", "x0", "none")
     # flow: training times uniform, or logit-normal (SD3's default: sigmoid(mean + std * N(0, 1))
-    # puts the middle of the path, where the velocity is hardest to tell, most often)
-    t_sampling: str = choice("uniform", "logit_normal")
+    # puts the middle of the path, where the velocity is hardest to tell, most often), or
+    # "walk": only the times a uniform walk of walk_steps Euler steps visits (a distilled
+    # student's, distill.py)
+    t_sampling: str = choice("uniform", "logit_normal", "walk")
+    walk_steps: int = num(4, 1, 10_000)  # "walk": the steps of that walk
     logit_mean: float = num(0.0, -10.0, 10.0)
     logit_std: float = num(1.0, 0.0, 10.0, above_lo=True)
 

@@ -97,6 +97,9 @@ class ImageData:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def to(self, device) -> "ImageData":
+        return ImageData(self.images.to(device), self.labels.to(device))
+
     def batch(self, idx: torch.Tensor, device="cpu"):
         """Images as (B, C, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
         idx = idx.to(self.images.device)  # the set may live on the GPU already
@@ -166,8 +169,11 @@ def _image_folder(root: Path, names: list):
         def find_classes(self, directory):
             return names, {name: i for i, name in enumerate(names)}
 
-    def visible(path: str) -> bool:  # macOS's ._name.png and other hidden files are no images
-        return not Path(path).name.startswith(".") and path.lower().endswith(IMG_EXTENSIONS)
+    def visible(path: str) -> bool:
+        # macOS's ._name.png and other hidden files are no images; nor is anything but a
+        # regular file (a FIFO named x.png would block the read forever; a device, a socket)
+        return (not Path(path).name.startswith(".") and path.lower().endswith(IMG_EXTENSIONS)
+                and os.path.isfile(path))
 
     return Folder(str(root), is_valid_file=visible, allow_empty=True)
 

@@ -18,7 +18,7 @@ from . import guidance
 from .config import DiffusionConfig, SampleConfig, UserError
 from .diffusion import DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler
 from .flow import FlowEuler, FlowHeun
-from .settings import FLOW_SAMPLERS, check_sampler_fits
+from .settings import FLOW_SAMPLERS, check_memory, check_sampler_fits, is_guided, needs_uncond
 
 
 @dataclass
@@ -27,18 +27,6 @@ class Guide:
     sampling device, and what it predicts ("eps" or "v"; its rule mixes predicted x_0)."""
     net: nn.Module
     prediction: str
-
-
-def is_guided(sample_cfg: SampleConfig) -> bool:
-    """Whether guidance changes anything: a scale other than 1 (or auto's classifier-free term)."""
-    return sample_cfg.guidance != 1.0 or (sample_cfg.guidance_rule == "auto"
-                                          and sample_cfg.guide_cfg != 1.0)
-
-
-def needs_uncond(sample_cfg: SampleConfig) -> bool:
-    """Whether a guided step asks the network without the label too: always, but for
-    autoguidance without its classifier-free term."""
-    return sample_cfg.guidance_rule != "auto" or sample_cfg.guide_cfg != 1.0
 
 
 def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig,
@@ -86,7 +74,7 @@ def check_guidance(model, sample_cfg: SampleConfig, guide: Guide | None) -> None
 @torch.inference_mode()
 def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConfig,
            generator: torch.Generator | None = None, n_frames: int = 0,
-           guide: Guide | None = None):
+           guide: Guide | None = None, start: torch.Tensor | None = None):
     """Generate one image per label: predict, step, repeat. Returns (images, frames).
 
     :param model: the network, already in eval mode; its cfg gives the image size.
@@ -97,14 +85,19 @@ def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConf
     :param n_frames: keep x_t at this many evenly spaced points of the walk (the last is the
         final image): frames is (N, n_frames, C, S, S), or None when n_frames is 0.
     :param guide: the guide network of sample.guidance_rule=auto.
+    :param start: x_T itself, (N, C, S, S), instead of a draw from the generator (distillation
+        pairs the noise with the image the walk makes of it).
     images: (N, C, S, S) in about [-1, 1].
     """
     check_guidance(model, sample_cfg, guide)
     device, n, cfg = labels.device, labels.shape[0], model.cfg
+    check_memory(cfg, n * (2 if is_guided(sample_cfg) and needs_uncond(sample_cfg) else 1), device)
     sampler.set_timesteps(sample_cfg.steps)  # the one reset: a new walk, no history
     gen_device = generator.device if generator is not None else device
-    x = torch.randn((n, cfg.in_channels, cfg.img_size, cfg.img_size), generator=generator,
-                    device=gen_device).to(device)  # x_T ~ N(0, I)
+    if start is None:
+        start = torch.randn((n, cfg.in_channels, cfg.img_size, cfg.img_size), generator=generator,
+                            device=gen_device)  # x_T ~ N(0, I)
+    x = start.to(device)
     steps = len(sampler.timesteps)
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames, memory = [], {}  # memory: what a guidance rule keeps over this walk
@@ -130,6 +123,13 @@ def grid_labels(classes, n_per_class: int, device) -> torch.Tensor:
     """The labels of `classes` repeated n_per_class times: row k of a grid holds repetition k
     of every class."""
     return torch.tensor(list(classes) * n_per_class, dtype=torch.long, device=device)
+
+
+def sampling_batch(device) -> int:
+    """How many images to sample at once when there are many: on a CPU a batch whose
+    activations fit the cache samples faster per image than a big one (docs/BENCHMARKS.md);
+    a GPU wants big batches."""
+    return 1000 if torch.device(device).type == "cuda" else 100
 
 
 def cpu_generator(seed: int) -> torch.Generator:

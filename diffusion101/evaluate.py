@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
 from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
-from .denoise import make_sampler, sample
+from .denoise import make_sampler, sample, sampling_batch
 from .fid import feature_stats, frechet_distance
 from .settings import class_names, interval_text, is_mnist_model
 
@@ -116,9 +117,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
     """n digits in the test set's proportions from a model in eval mode, in batches, with the
     sampler options `sample_cfg` (a config.SampleConfig; default the model's own, cfg.sample);
     returns (images, labels, seconds)."""
-    # On a CPU a batch whose activations fit the cache samples faster per image than a big one
-    # (docs/BENCHMARKS.md); a GPU wants big batches.
-    batch_size = batch_size or (1000 if str(device).startswith("cuda") else 100)
+    batch_size = batch_size or sampling_batch(device)
     sample_cfg = sample_cfg or cfg.sample
     labels = test_set_labels(n)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -163,6 +162,28 @@ def evaluate_model(model, cfg, n: int, device, seed: int, sample_cfg=None,
 
 
 NPZ_MIN = 10  # FID needs a covariance over the features: ten images at the very least
+NPZ_MAX = 1_000_000  # as many as --n generates
+NPZ_SIDE = (8, 256)  # pixels a side: the classifier reads its input resized to 28
+
+
+def npy_header(zf: zipfile.ZipFile, name: str, path) -> tuple:
+    """(dtype, shape) of the array `name` of an npz from its header alone: a header may claim
+    a 71 TiB array, and only the claim is read. One whose data would not fit the member's
+    stored size is refused."""
+    member = f"{name}.npy"
+    if member not in zf.namelist():
+        raise UserError(f"{path} has no '{name}' array (a samples file holds 'images' and 'labels')")
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise UserError(f"{path}: '{name}' is an .npy of format version {version}, which "
+                            f"this version does not read")
+        shape, _, dtype = readers[version](f)
+        header = f.tell()
+    if dtype.hasobject or header + dtype.itemsize * int(np.prod(shape)) != zf.getinfo(member).file_size:
+        raise UserError(f"{path}: '{name}' claims {dtype} {shape}, which its stored bytes are not")
+    return dtype, tuple(shape)
 
 
 def evaluate_npz(path, num_classes: int = 10) -> dict:
@@ -175,19 +196,24 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
         raise UserError(f"{p} cannot be read as an npz of samples: it is no zip of arrays (an "
                         f".npy, a pickle or a cut file?); denoise.py --npz writes one")
     try:
+        with zipfile.ZipFile(p) as zf:  # what each array claims to be, before reading it
+            shapes = {name: npy_header(zf, name, p) for name in ("images", "labels")}
+        (images_dtype, images_shape), (labels_dtype, labels_shape) = shapes["images"], shapes["labels"]
+        if images_dtype != np.uint8 or len(images_shape) != 3 or min(images_shape) == 0:
+            raise UserError(f"{p}: images must be uint8 (N, H, W), not {images_dtype} {images_shape}")
+        n, h, w = images_shape
+        if h != w or not NPZ_SIDE[0] <= h <= NPZ_SIDE[1] or n > NPZ_MAX:
+            raise UserError(f"{p}: images of {n} x {h} x {w} pixels; scoring takes square images of "
+                            f"{NPZ_SIDE[0]} to {NPZ_SIDE[1]} pixels a side, at most {NPZ_MAX:,} of them")
+        if labels_dtype.kind not in "iu" or labels_shape != (n,):
+            raise UserError(f"{p}: labels must be integers (N,) with N = {n}, not "
+                            f"{labels_dtype} {labels_shape}")
         with np.load(p, allow_pickle=False) as d:
-            missing = [k for k in ("images", "labels") if k not in d.files]
-            if missing:
-                raise UserError(f"{p} has no '{missing[0]}' array (a samples file holds "
-                                f"'images' and 'labels')")
             images, labels = d["images"], d["labels"]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except UserError:  # (a ValueError: said already)
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{p} cannot be read as an npz of samples ({e})") from None
-    if images.dtype != np.uint8 or images.ndim != 3 or min(images.shape) == 0:
-        raise UserError(f"{p}: images must be uint8 (N, H, W), not {images.dtype} {images.shape}")
-    if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != len(images):
-        raise UserError(f"{p}: labels must be integers (N,) with N = {len(images)}, not "
-                        f"{labels.dtype} {labels.shape}")
     if len(labels) < NPZ_MIN:
         raise UserError(f"{p}: {len(labels)} images; scoring needs at least {NPZ_MIN}")
     if labels.min() < 0 or labels.max() >= num_classes:

@@ -33,9 +33,14 @@ class FlowMatching:
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """A training time for each of n images: uniform on (0, 1), or logit-normal (SD3's
         default: sigmoid of a normal of mean diffusion.logit_mean and scale
-        diffusion.logit_std, which puts more of training in the middle of the path)."""
+        diffusion.logit_std, which puts more of training in the middle of the path), or one of
+        the times 1/k, 2/k, ..., 1 that a walk of k = diffusion.walk_steps Euler steps visits
+        (and so every walk of a divisor of k steps: a few-step student's, distill.py)."""
         if self.cfg.t_sampling == "uniform":
             return torch.rand(n, generator=generator, device=generator.device)
+        if self.cfg.t_sampling == "walk":
+            k = self.cfg.walk_steps
+            return torch.randint(1, k + 1, (n,), generator=generator, device=generator.device) / k
         u = torch.randn(n, generator=generator, device=generator.device)
         return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * u)
 

@@ -9,7 +9,7 @@ import torch
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
 from .config import UserError, get_preset
-from .settings import apply_override, validate
+from .settings import apply_override, check_memory, parameter_count, validate
 from .unet import UNet
 
 
@@ -17,6 +17,13 @@ def load_model(path, device="cpu"):
     """Rebuild the UNet from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
     ckpt = load_model_checkpoint(path)
     cfg = config_of(ckpt)
+    # Count before allocating: a small file whose config asks for a huge network is refused
+    # here, not after the network has taken the machine's memory.
+    needed, held = parameter_count(cfg.model), sum(v.numel() for v in ckpt["model"].values())
+    if held < needed:
+        raise UserError(f"{path}: its config describes a network of {needed:,} parameters, but "
+                        f"its weights hold {held:,} numbers; the file is damaged or hand-edited")
+    check_memory(cfg.model, 0, "cpu")
     model = UNet(cfg.model)
     load_state(model, ckpt["model"], str(path))
     return model.to(device), ckpt, cfg
@@ -58,14 +65,16 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     log(f"wrote {new}: weights only, loadable with weights_only=True")
 
 
-# The `cpu` preset's export, as safetensors (the .pt it was first written as, converted by
-# export_checkpoint.py: the same tensors, so the same samples)
+# The shipped checkpoint: an earlier DDPM version of the `cpu` recipe (noise prediction, the
+# linear schedule) trained 6,000 steps, exported as safetensors (docs/EXPERIMENTS.md)
 SHIPPED_PATH = Path(__file__).parent / "weights" / "cpu.safetensors"
 # LoRA r = 8 on the shipped checkpoint's attention and feed-forward, trained on bold MNIST
 # (docs/EXPERIMENTS.md, "LoRA on the built-in bold target", has the commands)
 BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.safetensors")
-# The `cpu-flow` preset as trained, exported: the tour's flow model (docs/EXPERIMENTS.md)
+# The flow-matching recipe (today's `cpu` preset) as trained, exported: the tour's flow model
 FLOW_PATH = SHIPPED_PATH.with_name("cpu_flow.safetensors")
+# The shipped checkpoint distilled into a few-step student, one network call a step (distill.py)
+STUDENT_PATH = SHIPPED_PATH.with_name("cpu_student.safetensors")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
@@ -90,12 +99,17 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     return out
 
 
-def default_checkpoint(path, log=print):
+def default_checkpoint(path, log=print, adapters: bool = False):
     """The checkpoint a sampling command uses: the one asked for, else model.pt in the working
-    folder, else the checkpoint shipped with the package (and say so)."""
+    folder, else the shipped student (and say so), which matches its teacher, the shipped
+    checkpoint, in a tenth of the network calls (docs/EXPERIMENTS.md); with adapters, the
+    teacher itself, on which the shipped adapter was trained."""
     if path is not None:
         return path
     if Path("model.pt").exists():
         return "model.pt"
-    log(f"no --ckpt and no model.pt here: using the shipped checkpoint {SHIPPED_PATH}")
-    return SHIPPED_PATH
+    if adapters:
+        log(f"no --ckpt and no model.pt here: using the shipped checkpoint {SHIPPED_PATH}")
+        return SHIPPED_PATH
+    log(f"no --ckpt and no model.pt here: using the shipped student {STUDENT_PATH}")
+    return STUDENT_PATH

@@ -76,10 +76,21 @@ def sigma_rel(gamma: float) -> float:
 
 def combined_decay(decay: float, start: int, stop: int, gamma: float | None = None) -> float:
     """The product of the per-update decays of updates start .. stop - 1: ema.decay_at's, or
-    with `gamma` the power function's."""
+    with `gamma` the power function's. Over a long stretch (a snapshot named with a huge step)
+    the closed forms of the telescoping products, so no name can make it loop for hours."""
     if gamma is not None:
-        return math.prod(power_decay(gamma, i) for i in range(start, stop))
-    return math.prod(decay_at(decay, i) for i in range(start, stop))
+        if stop - start <= LOOP_LIMIT:
+            return math.prod(power_decay(gamma, i) for i in range(start, stop))
+        return (start / stop) ** (gamma + 1)  # prod over t of ((t - 1) / t)^(gamma + 1)
+    if stop - start <= LOOP_LIMIT:
+        return math.prod(decay_at(decay, i) for i in range(start, stop))
+    # warm-up (1 + i) / (10 + i) while it is below `decay`, then `decay` itself
+    warm_end = max(start, min(stop, math.ceil((10 * decay - 1) / (1 - decay))))
+    warm = math.prod((start + 1 + j) / (warm_end + 1 + j) for j in range(9))
+    return warm * decay ** (stop - warm_end)
+
+
+LOOP_LIMIT = 100_000  # stretches up to this long: the very product training's EMA takes
 
 
 @torch.no_grad()
@@ -98,14 +109,17 @@ def rebuild(folder, decay: float = 0.0, gamma: float | None = None, until: int |
         if len(snaps) < 2:
             raise UserError(f"{folder} holds no snapshot after step 0 up to step {until}")
     first = checkpoint.load_model_checkpoint(snaps[0][1])
-    config = first["config"]
-    buffers = {name for name, _ in UNet(checkpoint.config_of(first).model).named_buffers()}
+    net = UNet(checkpoint.config_of(first).model)
+    checkpoint.load_state(net, first["model"], str(snaps[0][1]))  # names, shapes, dtypes, finite
+    buffers = {name for name, _ in net.named_buffers()}
     ema = {k: v.clone() for k, v in first["model"].items()}
     last, previous = first, 0
     for step, path in snaps[1:]:
         last = checkpoint.load_model_checkpoint(path)
-        if last["config"]["model"] != config["model"] or set(last["model"]) != set(ema):
-            raise UserError(f"{path} holds another model than {snaps[0][1]}: one run per folder")
+        if run_of(last) != run_of(first):
+            raise UserError(f"{path} comes from another run than {snaps[0][1]} (another model, "
+                            f"schedule, seed, rate or batch size): one run per folder")
+        checkpoint.load_state(net, last["model"], str(path))
         weight = 1.0 - combined_decay(decay, previous, step, gamma)
         for name, value in last["model"].items():
             if name not in buffers:
@@ -114,6 +128,14 @@ def rebuild(folder, decay: float = 0.0, gamma: float | None = None, until: int |
                 ema[name] = value.clone()
         previous = step
     return ema, last
+
+
+def run_of(snapshot: dict) -> tuple:
+    """What tells one run's snapshots from another's: a second run into the same folder
+    with the same settings would have drawn the same weights."""
+    cfg = snapshot["config"]
+    return (cfg["model"], cfg["diffusion"], cfg["train"]["seed"], cfg["train"]["lr"],
+            cfg["train"]["batch_size"])
 
 
 def export_rebuilt(folder, decay: float, out, log=print, gamma: float | None = None,

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 
-from .config import EVERY_STEP, Config, ModelConfig, UserError, field_default, set_field
+import torch
+
+from .config import EVERY_STEP, Config, ModelConfig, SampleConfig, UserError, field_default, set_field
+from .unet import UNet
 
 
 def interval_text(interval) -> str:
@@ -199,11 +203,27 @@ def validate(cfg: Config) -> None:
         raise UserError("train.snr_gamma weights DDPM's timesteps; flow matching has none (set 0)")
     if s.steps > d.timesteps and not flow:
         raise UserError(f"sample.steps must be in 1..{d.timesteps} (diffusion.timesteps)")
+    if is_guided(s) and needs_uncond(s) and not m.null_class:  # before training, not at its grid
+        raise UserError(f"sample.guidance={s.guidance:g} ({s.guidance_rule}) needs a model "
+                        f"trained with a null class (model.null_class=true, train.p_uncond > 0); "
+                        f"set sample.guidance=1")
     if s.guidance_rule == "auto" and not s.guide:
         raise UserError("sample.guidance_rule=auto needs sample.guide, the guide checkpoint "
                         "(--guide CKPT)")
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
+
+
+def is_guided(sample_cfg: SampleConfig) -> bool:
+    """Whether guidance changes anything: a scale other than 1 (or auto's classifier-free term)."""
+    return sample_cfg.guidance != 1.0 or (sample_cfg.guidance_rule == "auto"
+                                          and sample_cfg.guide_cfg != 1.0)
+
+
+def needs_uncond(sample_cfg: SampleConfig) -> bool:
+    """Whether a guided step asks the network without the label too: always, but for
+    autoguidance without its classifier-free term."""
+    return sample_cfg.guidance_rule != "auto" or sample_cfg.guide_cfg != 1.0
 
 
 FLOW_SAMPLERS = ("euler", "heun")  # the samplers of flow matching; the others walk DDPM's schedule
@@ -234,3 +254,46 @@ def validate_classes(m: ModelConfig, data: str) -> None:
         raise UserError(f"model.num_classes={m.num_classes}: at most {MAX_CLASSES} classes")
     for name in m.class_names:
         check_class_name(name, "model.class_names")
+
+
+def parameter_count(m: ModelConfig) -> int:
+    """The network's parameters, counted on the meta device, where nothing is allocated."""
+    with torch.device("meta"):  # (the network's own code counts, not a formula that could drift)
+        return sum(p.numel() for p in UNet(m).parameters())
+
+
+def activation_floats(m: ModelConfig, training: bool) -> int:
+    """About how many floats one image keeps alive in the network: in training every block's
+    maps, saved for the backward pass; in sampling the skip connections and the largest
+    block's working maps. A block at a level of side r holds r^2 x (its channels in and out a
+    few times over, the attention's queries and values, the feed-forward's width)."""
+    sides = [m.img_size // 2 ** level for level in range(len(m.channels))]
+    chs = [m.in_channels, *m.channels]
+    blocks = [(sides[i], chs[i], chs[i + 1]) for i in range(len(m.channels))]  # encoder
+    blocks += [(sides[i], 2 * chs[i + 1], chs[i + 1]) for i in range(len(m.channels) - 1)]
+    work = [r * r * (c_in + 4 * c_out + m.q_dim + m.v_dim + m.ffn_dim) for r, c_in, c_out in blocks]
+    if training:
+        return sum(work)
+    return sum(r * r * c for r, _, c in blocks[:len(m.channels) - 1]) + max(work)
+
+
+def device_memory(device) -> int:
+    """Bytes of memory of the device: a GPU's own, or the machine's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(m: ModelConfig, images: int, device, training: bool = False) -> None:
+    """Refuse, with the number, a network and a batch of `images` that cannot fit the device's
+    memory, before anything is allocated (a config with channels=8192,8192, a request for
+    100,000 digits at once). Training keeps, per parameter, the weights, the gradient, Adam's
+    two moments and the EMA."""
+    floats = parameter_count(m) * (5 if training else 1) + images * activation_floats(m, training)
+    need, have = 4 * floats, device_memory(device)
+    if need > have:
+        what = f"training in batches of {images}" if training else f"sampling {images:,} images at once"
+        raise UserError(f"{what} with this network ({parameter_count(m):,} parameters, "
+                        f"{m.img_size} px) needs about {need / 2 ** 30:,.1f} GiB; the {device} device "
+                        f"has {have / 2 ** 30:,.1f} GiB: ask for fewer images, or a smaller network")

@@ -143,3 +143,15 @@ class GraphedNetwork(nn.Module):
         with torch.cuda.graph(graph):
             out = self.net(*inputs)
         return graph, inputs, out
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """CUDA when available, else CPU; an explicit choice (--device, the API's device) wins, if
+    this machine has it."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r} (use cpu or cuda)")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)

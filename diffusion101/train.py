@@ -1,7 +1,8 @@
 """Training, top to bottom: diffusion_loss (noise, predict, score), train_step (one optimizer
 step), fit() (the loop, written as loops: for each epoch, for each batch), the loop's chores
-(log, save, evaluate, draw), the state a run changes, and train(), which sets a run up and calls
-fit(). LoRA fine-tuning (lora_finetune.py) runs the same fit() with a recipe of its own.
+(log, save, evaluate, draw), the run's fixed facts, and train(), which sets a run up and calls
+fit(). LoRA fine-tuning (lora_finetune.py) runs the same fit() with a recipe of its own, and
+distillation (distill.py) the same run_training() from the teacher's weights.
 
 A run is fully described by its config; the checkpoint stores that config, the optimizer,
 the counters and every RNG state, so --resume continues exactly where the run stopped. The
@@ -31,9 +32,8 @@ from .flow import FlowMatching
 from .images import grid_image
 from .posthoc_ema import save_snapshot, snapshot_folder
 from .rng import seed_everything
-from .settings import class_names
 from .speed import Speed
-from .train_state import TrainState, build_state
+from .train_state import TrainState, build_state, open_resume
 from .unet import count_parameters
 
 
@@ -42,38 +42,45 @@ def make_objective(cfg: DiffusionConfig, device="cpu"):
     return FlowMatching(cfg, device) if cfg.objective == "flow" else NoiseSchedule(cfg, device)
 
 
-def diffusion_loss(model, schedule: NoiseSchedule, x0, y, generator, loss: str,
-                   p_uncond: float = 0.0, snr_gamma: float = 0.0) -> torch.Tensor:
-    """Noise x0 to a random time per image and score the model's prediction of the
-    objective's target (the noise, v, or flow matching's velocity). With p_uncond > 0 some labels become the null class,
-    so the same network also learns the unconditional model that classifier-free guidance
-    needs. With snr_gamma > 0 each image's loss is weighted by Min-SNR-gamma."""
+def diffusion_loss(model, schedule: NoiseSchedule, batch: tuple, generator,
+                   recipe: TrainConfig) -> torch.Tensor:
+    """Noise each image of the batch (x0, y) to a random time and score the model's prediction
+    of the objective's target (the noise, v, or flow matching's velocity). A batch of
+    distillation pairs (x0, y, noise) brings each image's own noise: the one its teacher drew
+    it from (distill.py). With recipe.p_uncond > 0 some labels become the null class, so the
+    same network also learns the unconditional model that classifier-free guidance needs. With
+    recipe.snr_gamma > 0 each image's loss is weighted by Min-SNR-gamma."""
+    x0, y = batch[0], batch[1]
     b, gen_device = x0.shape[0], generator.device
     t = schedule.sample_timesteps(b, generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    if p_uncond > 0:
-        drop = (torch.rand(b, generator=generator, device=gen_device) < p_uncond).to(y.device)
+    if len(batch) > 2:
+        noise = batch[2]
+    else:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device)
+    if recipe.p_uncond > 0:
+        drop = (torch.rand(b, generator=generator, device=gen_device) < recipe.p_uncond).to(y.device)
         y = torch.where(drop, torch.full_like(y, model.null_label), y)
     pred = model(schedule.add_noise(x0, noise, t), schedule.net_time(t), y)  # (B, C, S, S)
     target = schedule.target(x0, noise, t)
-    if snr_gamma <= 0:
-        return F.l1_loss(pred, target) if loss == "l1" else F.mse_loss(pred, target)
-    error = (pred - target).abs() if loss == "l1" else (pred - target).square()
+    if recipe.snr_gamma <= 0:
+        return F.l1_loss(pred, target) if recipe.loss == "l1" else F.mse_loss(pred, target)
+    error = (pred - target).abs() if recipe.loss == "l1" else (pred - target).square()
     per_image = error.flatten(1).mean(dim=1)  # (B,)
-    return (schedule.min_snr_weight(t, snr_gamma) * per_image).mean()
+    return (schedule.min_snr_weight(t, recipe.snr_gamma) * per_image).mean()
 
 
 class NonFiniteLoss(Exception):
     """The loss came out NaN or inf; the step was not taken."""
 
 
-def train_step(state: TrainState, schedule: NoiseSchedule, x0, y, recipe: TrainConfig,
+def train_step(state: TrainState, schedule: NoiseSchedule, batch: tuple, recipe: TrainConfig,
                speed: Speed, is_distributed: bool = False) -> float:
-    """One optimizer step on the batch (x0, y); returns the loss (the mean over processes).
-    A loss that is not finite raises NonFiniteLoss before the weights change."""
-    with speed.autocast(x0.device.type):
-        loss = diffusion_loss(state.net, schedule, speed.layout(x0), y, state.generator,
-                              recipe.loss, recipe.p_uncond, recipe.snr_gamma)
+    """One optimizer step on the batch (x0, y) (or distillation pairs (x0, y, noise)); returns
+    the loss (the mean over processes). A loss that is not finite raises NonFiniteLoss before
+    the weights change."""
+    batch = tuple(speed.layout(v) if v.dim() == 4 else v for v in batch)  # images, noise
+    with speed.autocast(batch[0].device.type):
+        loss = diffusion_loss(state.net, schedule, batch, state.generator, recipe)
     # Read at once, so that every process sees the same value and all stop together on NaN
     # (docs/BENCHMARKS.md: what this wait costs on a GPU).
     mean_loss = loss.detach()
@@ -108,8 +115,8 @@ def fit(run: Run, state: TrainState, data: ImageData, schedule: NoiseSchedule,
                   f"{recipe.epochs}", dynamic_ncols=True, disable=not run.main) as bar:
             state.start_clock()
             for idx in batches[state.step_in_epoch:]:
-                x0, y = data.batch(idx, run.device)
-                loss = train_step(state, schedule, x0, y, recipe, run.speed, run.distributed)
+                batch = data.batch(idx, run.device)
+                loss = train_step(state, schedule, batch, recipe, run.speed, run.distributed)
                 log_loss(run, state, bar, loss)
                 if every(recipe.save_every, state.step):
                     save(run, state)
@@ -229,35 +236,11 @@ class Run:
     writer: object = None  # TensorBoard's SummaryWriter, on the main process only
     saved: dict | None = None  # the checkpoint written last
     last_saved: int | None = None  # its step
+    init: dict | None = None  # weights a new run starts from (a student starts as its teacher)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def open_resume(run: Run) -> dict:
-    """The checkpoint to continue, checked against the run's config, which takes the saved
-    run's seed and learning rate: a resumed run continues the interrupted one exactly, whatever
-    the command line says about those."""
-    loaded = checkpoint.load_model_checkpoint(run.out)
-    saved = checkpoint.config_of(loaded)
-    if "optimizer" not in loaded:
-        raise UserError(f"{run.out} holds sampling weights only (an export or a converted file: "
-                        f"no optimizer, no RNG states), so it cannot be resumed; train anew "
-                        f"with another --out, or fine-tune it with LoRA")
-    if class_names(saved.model) != class_names(run.cfg.model):
-        raise UserError(f"{run.cfg.train.data} holds the classes "
-                        f"{', '.join(class_names(run.cfg.model))}; {run.out} was trained on "
-                        f"{', '.join(class_names(saved.model))}; resume on the same classes")
-    if saved.model != run.cfg.model or saved.diffusion != run.cfg.diffusion:
-        raise UserError(f"{run.out} holds a model of another architecture or schedule (preset "
-                        f"'{loaded.get('preset')}'); resume with the same preset and model "
-                        f"settings, or write to another --out")
-    if saved.train.batch_size != run.cfg.train.batch_size:
-        raise UserError(f"{run.out} counts its place in the epoch in batches of "
-                        f"{saved.train.batch_size}: resume with that batch size")
-    run.cfg.train.seed, run.cfg.train.lr = saved.train.seed, saved.train.lr
-    return loaded
 
 
 def prepare(run: Run, data: ImageData | None, resume: dict | None) -> tuple:
@@ -267,14 +250,18 @@ def prepare(run: Run, data: ImageData | None, resume: dict | None) -> tuple:
     if data is None:
         data = load_mnist(train=True, img_size=cfg.model.img_size)
     speed.setup()
-    if speed.data_on_device:  # the whole uint8 set fits on a GPU: no host copies per batch
-        data = ImageData(data.images.to(device), data.labels.to(device))
+    if speed.data_on_device:  # the whole set fits on a GPU: no host copies per batch
+        data = data.to(device)
     steps_per_epoch = len(epoch_batches(len(data), recipe.batch_size, recipe.seed, 0, run.rank,
                                         run.world))
     total_steps = recipe.epochs * steps_per_epoch
     if recipe.max_steps:
         total_steps = min(total_steps, recipe.max_steps)
     state = build_state(cfg, device, speed, total_steps, run.rank)
+    if resume is None and run.init is not None:  # a student starts as its teacher
+        checkpoint.load_state(state.model, run.init, "the starting weights")
+        if state.ema is not None:
+            state.ema.model.load_state_dict(state.model.state_dict())
     if resume is not None:
         if resume["step_in_epoch"] > steps_per_epoch:
             raise UserError(f"{run.out} stopped at batch {resume['step_in_epoch']} of an epoch "
@@ -295,12 +282,22 @@ def prepare(run: Run, data: ImageData | None, resume: dict | None) -> tuple:
 def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
           data: ImageData | None = None, log=print) -> dict:
     """Train (or resume) and return the final checkpoint dict."""
+    return run_training(new_run(cfg, preset, out, device, log), logdir, resume, data)
+
+
+def new_run(cfg: Config, preset: str | None, out, device, log=print) -> Run:
+    """The run's facts: its processes (under torchrun, one per GPU), its device and speed."""
+    rank, world, device, is_distributed = distributed.setup(torch.device(device))
+    return Run(cfg, preset, Path(out), device, Speed.for_device(cfg.train, device), rank, world,
+               is_distributed, log if rank == 0 else lambda *a, **k: None)  # rank 0 speaks
+
+
+def run_training(run: Run, logdir, resume: bool = False, data=None) -> dict:
+    """Set the run up (fresh, from run.init, or resumed from run.out), fit(), save."""
     from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
 
-    rank, world, device, is_distributed = distributed.setup(torch.device(device))
-    run = Run(cfg, preset, Path(out), device, Speed.for_device(cfg.train, device), rank, world,
-              is_distributed, log if rank == 0 else lambda *a, **k: None)  # rank 0 speaks
-    loaded = open_resume(run) if resume else None
+    cfg, out, device, preset = run.cfg, run.out, run.device, run.preset
+    loaded = open_resume(run.out, run.cfg) if resume else None
     if loaded is None and run.out.exists():
         run.log(f"note: {out} exists and will be replaced at the first save (use --resume to "
                 f"continue it)")
@@ -312,7 +309,7 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     run.log(f"config (preset '{preset}'):\n{cfg}")
     on = run.speed.enabled()
     run.log(f"{count_parameters(state.model):,} trainable parameters; {len(data):,} "
-            f"training images; device {device}" + (f"; {world} processes" if is_distributed else "")
+            f"training images; device {device}" + (f"; {run.world} processes" if run.distributed else "")
             + (f"; speed options: {', '.join(on)}" if on else ""))
     if state.epoch >= recipe.epochs or out_of_budget(run, state):
         # A run that would train nothing writes nothing: an existing file is never replaced
@@ -336,9 +333,9 @@ def train(cfg: Config, preset: str, out, logdir, device, resume: bool = False,
     finally:
         if run.writer is not None:
             run.writer.close()
-    if is_distributed:
+    if run.distributed:
         run.log(f"replicas agree: max |w_rank - w_0| = {distributed.replica_divergence(state.model):.3g} "
-                f"over {world} processes")
+                f"over {run.world} processes")
     run.log(f"saved {out} (epoch {state.epoch}, step {state.step}, "
             f"{state.train_seconds / 60:.1f} train minutes); TensorBoard logs in {logdir}")
     return run.saved

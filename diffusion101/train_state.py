@@ -1,7 +1,8 @@
 """What a training run changes as it trains, in one object: the model, the optimizer, the
 learning-rate schedule, the EMA, the generator of timesteps and noise, the counters and the
-clock. Built fresh (build_state) or restored from a checkpoint (TrainState.load_state_dict),
-so a resumed run continues exactly where the interrupted one stopped."""
+clock. Built fresh (build_state) or restored from a checkpoint (open_resume checks it fits the
+run, TrainState.load_state_dict reads it), so a resumed run continues exactly where the
+interrupted one stopped."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ from . import checkpoint
 from .config import Config, TrainConfig, UserError
 from .ema import EMA
 from .rng import rng_state, set_rng_state
+from .settings import check_memory, class_names
 from .speed import Speed
 from .unet import UNet
 
@@ -83,9 +85,35 @@ class TrainState:
                             f"file is damaged or was written by another version") from None
 
 
+def open_resume(out, cfg: Config) -> dict:
+    """The checkpoint to continue, checked against the run's config, which takes the saved
+    run's seed and learning rate: a resumed run continues the interrupted one exactly, whatever
+    the command line says about those."""
+    loaded = checkpoint.load_model_checkpoint(out)
+    saved = checkpoint.config_of(loaded)
+    if "optimizer" not in loaded:
+        raise UserError(f"{out} holds sampling weights only (an export or a converted file: "
+                        f"no optimizer, no RNG states), so it cannot be resumed; train anew "
+                        f"with another --out, or fine-tune it with LoRA")
+    if class_names(saved.model) != class_names(cfg.model):
+        raise UserError(f"{cfg.train.data} holds the classes "
+                        f"{', '.join(class_names(cfg.model))}; {out} was trained on "
+                        f"{', '.join(class_names(saved.model))}; resume on the same classes")
+    if saved.model != cfg.model or saved.diffusion != cfg.diffusion:
+        raise UserError(f"{out} holds a model of another architecture or schedule (preset "
+                        f"'{loaded.get('preset')}'); resume with the same preset and model "
+                        f"settings, or write to another --out")
+    if saved.train.batch_size != cfg.train.batch_size:
+        raise UserError(f"{out} counts its place in the epoch in batches of "
+                        f"{saved.train.batch_size}: resume with that batch size")
+    cfg.train.seed, cfg.train.lr = saved.train.seed, saved.train.lr
+    return loaded
+
+
 def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int = 0) -> TrainState:
     """A fresh model, optimizer, schedule, EMA and generator, laid out as `speed` says."""
     recipe = cfg.train
+    check_memory(cfg.model, recipe.batch_size, device, training=True)
     layout = torch.channels_last if speed.channels_last else torch.contiguous_format
     model = UNet(cfg.model).to(device, memory_format=layout)
     optimizer = make_optimizer(model.parameters(), recipe, fused=speed.fused_optimizer)

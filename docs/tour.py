@@ -26,7 +26,7 @@ from diffusion101.dataset import ImageData, load_mnist
 from diffusion101.denoise import make_sampler, predict
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.evaluate import score
-from diffusion101.model_files import BOLD_LORA_PATH, FLOW_PATH
+from diffusion101.model_files import BOLD_LORA_PATH, FLOW_PATH, SHIPPED_PATH, STUDENT_PATH
 from diffusion101.train import train
 from diffusion101.unet import UNet
 
@@ -58,7 +58,9 @@ def show_row(axes, images, titles=None):
             ax.set_title(titles[i], fontsize=8)
 
 
-model = d.load()  # the shipped checkpoint: the `cpu` recipe with noise prediction
+# The shipped checkpoint: DDPM with noise prediction (d.load() alone gives its few-step
+# student, chapter 10).
+model = d.load(SHIPPED_PATH)
 print(model.config.sample)
 
 # %% [markdown]
@@ -247,7 +249,7 @@ save(fig, "attention")
 # ![the base and the base with the bold adapter](tour/lora.png)
 
 # %%
-bold = d.load(loras=[BOLD_LORA_PATH])
+bold = d.load(SHIPPED_PATH, loras=[BOLD_LORA_PATH])
 fig, axes = plt.subplots(2, 10, figsize=(10, 2.4))
 show_row(axes[0], d.sample(model, seed=1))
 show_row(axes[1], d.sample(bold, seed=1))
@@ -301,7 +303,7 @@ save(fig, "training")
 # a straight mix of data and noise, `x_t = (1 - t) x_0 + t eps` with t from 0 (data) to 1
 # (noise), and the network learns the velocity `eps - x_0` of that line. Sampling solves the
 # ODE back along it with Euler or Heun steps (`diffusion101/flow.py`). The package ships a
-# flow model beside the DDPM one: the same network and recipe (`--preset cpu-flow`, 1,200
+# flow model beside the DDPM one: the same network, trained by the `cpu` preset (1,200
 # training steps, where the DDPM checkpoint had 6,000). Below, one seed and one digit walked by
 # each: DDPM's DPM-Solver++ over 20 steps and flow matching's Heun over 8 (15 network calls),
 # `x_t` above the predicted `x_0`. The flow's prediction is a digit from its first step on:
@@ -362,9 +364,44 @@ save(fig, "flow_steps")
 
 
 # %% [markdown]
+# ## 10. Distillation: a student that jumps where its teacher walks
+#
+# The shipped checkpoint walks 20 DPM-Solver++ steps, two network calls each with guidance.
+# Its paths curve: at a noisy `x_t` many digits are still possible, the network's answer is
+# their average, and one big step along that average lands between them, on a blur (the 1-
+# and 2-step rows of chapter 4). `diffusion101-distill` makes a student that never has to
+# average. The teacher first walks 10,000 noises to its digits, guidance included; the
+# student, a copy of its network, then learns flow matching on those pairs. Each noise is tied
+# to one digit, so the path between them is a straight line, and one Euler step along it lands
+# on the digit (rectified flow's distillation, Liu et al. 2023). It trains at the times its
+# walk of 4 steps visits, so it walks 1, 2 or 4 steps, one network call each, the guidance
+# built in. Below, from the same seed: the teacher at 20 steps and at 4, the student at 1, 2
+# and 4, each row with the seconds it took here.
+#
+# ![the teacher at 20 and 4 steps beside the student at 1, 2 and 4](tour/student_steps.png)
+
+# %%
+student = d.load(STUDENT_PATH)
+print(student.config.sample)
+rows = [("teacher", model, 20), ("teacher", model, 4)]
+rows += [("student", student, n_steps) for n_steps in (1, 2, 4)]
+fig, axes = plt.subplots(len(rows), 10, figsize=(10, 1.4 * len(rows)))
+for axes_row, (name, m, n_steps) in zip(axes, rows):
+    start = time.perf_counter()
+    images = d.sample(m, classes=range(10), seed=0, steps=n_steps)
+    seconds = time.perf_counter() - start
+    show_row(axes_row, images)
+    axes_row[0].set_ylabel(f"{name}\n{n_steps} step{'s' if n_steps > 1 else ''}\n{seconds:.2f} s",
+                           fontsize=8, rotation=0, labelpad=28)
+save(fig, "student_steps")
+
+
+# %% [markdown]
 # ## Where next
 #
-# - `diffusion101-train --preset cpu` trains the recipe behind the shipped checkpoint in about
-#   a quarter of an hour; `tensorboard --logdir runs` shows it learn.
+# - `diffusion101-train --preset cpu` trains today's `cpu` recipe (flow matching) in about a
+#   quarter of an hour; `tensorboard --logdir runs` shows it learn. `--preset cpu-ddpm` trains
+#   the DDPM recipe; `diffusion101-distill --teacher model.pt` makes a few-step student of
+#   either.
 # - `docs/USAGE.md` lists every option; `docs/EXPERIMENTS.md` says what each choice of the
 #   `cpu` preset bought, measured.

@@ -46,6 +46,9 @@ def test_options_reach_the_sampler_and_seed_matters(tiny_path):
     ({"classes": ["³"]}, "no class"), ({"n": 0}, "n must be"),
     ({"seed": -1}, "seed"), ({"steps": 0}, "sample.steps"),
     ({"guidance": float("nan")}, "sample.guidance"), ({"sampler": "euler"}, "sample.sampler"),
+    ({"guidance_interval": 0.5}, "guidance_interval must be a pair"),
+    ({"classes": {1: 2}}, "classes must be a label, a name or a list"),
+    ({"classes": {1, 2}}, "classes must be"), ({"guidance": 2.0}, "null class"),
 ])
 def test_bad_arguments_are_refused_in_one_line(tiny_path, kwargs, match):
     model = d.load(tiny_path)
@@ -53,11 +56,32 @@ def test_bad_arguments_are_refused_in_one_line(tiny_path, kwargs, match):
         d.sample(model, **kwargs)
 
 
+def test_every_argument_of_load_and_sample_is_checked_and_refused_as_a_user_error(tiny_path):
+    # what the docs promise: a UserError (a ValueError) naming the argument, not whatever
+    # error the code below happens to meet
+    cases = [(dict(path=123), "is no path"), (dict(path=tiny_path, loras=[("a.pt",)]), "neither"),
+             (dict(path=tiny_path, loras=[(1, 2)]), "neither"), (dict(path=tiny_path, loras=5), "a list"),
+             (dict(path=tiny_path, use_ema="no"), "use_ema must be"),
+             (dict(path=tiny_path, device="tpu"), "unknown device")]
+    if not torch.cuda.is_available():
+        cases.append((dict(path=tiny_path, device="cuda"), "no CUDA device"))
+    for kwargs, match in cases:
+        with pytest.raises(UserError, match=match):
+            d.load(**kwargs)
+    assert issubclass(UserError, ValueError)
+    with pytest.raises(UserError, match="model must be what d.load"):
+        d.sample(str(tiny_path))
+    with pytest.raises(UserError, match="not found"):  # one adapter given as a path: one file
+        d.load(tiny_path, loras=str(tiny_path.with_name("lora.pt")))
+
+
 def test_adapters_without_a_path_go_onto_the_default_checkpoint(tmp_path, monkeypatch):
     from diffusion101.model_files import BOLD_LORA_PATH, SHIPPED_PATH
     monkeypatch.chdir(tmp_path)  # no model.pt here: the shipped checkpoint
-    base, bold = d.load(), d.load(loras=[BOLD_LORA_PATH])
-    assert bold.config == base.config == d.load(SHIPPED_PATH).config
+    from diffusion101.model_files import STUDENT_PATH
+    assert d.load().config == d.load(STUDENT_PATH).config  # the 4-step student, and with
+    base, bold = d.load(SHIPPED_PATH), d.load(loras=[BOLD_LORA_PATH])  # adapters its teacher
+    assert bold.config == base.config
     assert not torch.equal(d.sample(base, classes=[3]), d.sample(bold, classes=[3]))
 
 

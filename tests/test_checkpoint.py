@@ -91,7 +91,7 @@ def test_weights_of_another_architecture_refused(tmp_path):
     ckpt = tiny_checkpoint()
     ckpt["config"]["model"]["channels"] = [8, 32]  # config says one thing, weights another
     checkpoint.save(ckpt, tmp_path / "m.pt")
-    with pytest.raises(UserError, match="does not fit this architecture"):
+    with pytest.raises(UserError, match="its config describes a network of 19,489 parameters"):
         models.load_model(tmp_path / "m.pt")
 
 

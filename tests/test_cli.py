@@ -116,3 +116,110 @@ def test_lora_specs_and_their_strengths(tmp_path):
             parse_lora_specs([spec])
     with pytest.raises(UserError, match="empty path"):
         parse_lora_specs([""])
+
+
+def _main_code(body: str) -> str:
+    """A program whose main() runs `body`, under run_cli, as every command does."""
+    return ("import os, sys\nfrom diffusion101.cli import run_cli\ndef main(argv):\n"
+            + "".join(f"    {line}\n" for line in body.splitlines()) + "sys.exit(run_cli(main))\n")
+
+
+def _run_main(body: str, tmp_path, **kw):
+    return subprocess.run([sys.executable, "-c", _main_code(body)], cwd=tmp_path,
+                          capture_output=True, text=True, **kw)
+
+
+def _loop():
+    os.symlink("loop", "loop")
+    open("loop", "rb")
+
+
+def _folder():
+    os.mkdir("d")
+    open("d", "wb")
+
+
+def _full_disk():
+    raise OSError(28, "No space left on device")
+
+
+def _no_memory():
+    raise MemoryError()
+
+
+@pytest.mark.parametrize("fail, words", [
+    (lambda: open("x" * 300 + ".png", "wb"), "File name too long"),
+    (_loop, "Too many levels of symbolic links"), (_folder, "Is a directory"),
+    (_full_disk, "No space left on device"), (_no_memory, "out of memory"),
+])
+def test_operating_system_and_memory_errors_become_one_line(tmp_path, monkeypatch, capsys, fail, words):
+    from diffusion101.cli import run_cli
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(lambda argv: fail()) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    # `diffusion101-... | head -1`: the first line is read, then the pipe closes
+    body = "for i in range(100000):\n    print('line', i, flush=True)"
+    proc = subprocess.Popen([sys.executable, "-c", _main_code(body)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert first == b"line 0\n" and proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_path_an_ascii_console_cannot_show_is_escaped(tmp_path):
+    body = "from diffusion101.config import UserError\nraise UserError('cannot read donn\\u00e9es.pt')"
+    proc = _run_main(body, tmp_path, env=dict(os.environ, PYTHONIOENCODING="ascii"))
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: cannot read donn\\xe9es.pt"
+
+
+def test_an_output_that_is_no_regular_file_is_refused_before_anything_is_written(tmp_path):
+    # the atomic writer renames its temporary file over the output: /dev/null, a FIFO or a
+    # link to a device would be replaced by a regular file (as root, the system's own)
+    os.mkfifo(tmp_path / "pipe.npz")
+    (tmp_path / "null.json").symlink_to("/dev/null")
+    for out in ("/dev/null", tmp_path / "pipe.npz", tmp_path / "null.json"):
+        with pytest.raises(UserError, match="a device, a FIFO or a socket"):
+            check_outputs({"--npz": out})
+    assert (tmp_path / "null.json").is_symlink() and os.path.exists("/dev/null")
+
+
+@pytest.mark.parametrize("name", ["newdir/.", "newdir/..", ".", "a/", "./"])
+def test_a_file_name_that_names_a_folder_is_refused(name):
+    import argparse
+
+    from diffusion101.cli import file_name
+    with pytest.raises(argparse.ArgumentTypeError, match="names a folder"):
+        file_name(name)
+    assert file_name("newdir/x.png") == "newdir/x.png" and file_name("./x.pt") == "./x.pt"
+
+
+def test_every_command_locks_its_outputs_and_no_input_is_a_lock_file(tmp_path):
+    # export (like every command, through check_outputs) refuses a file that a training run
+    # holds; and a command never truncates and deletes an input that happens to be its lock
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import export
+    from conftest import tiny_checkpoint
+    from diffusion101 import checkpoint
+    checkpoint.save(tiny_checkpoint(), tmp_path / "src.pt")
+    held = tmp_path / "held.pt"
+    held.write_bytes(b"a run's checkpoint")
+    code = (f"import sys, time; from diffusion101.cli import lock_output; "
+            f"lock_output({str(held)!r}); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert run_cli(export, [str(tmp_path / "src.pt"), str(held)]) == 2
+        assert held.read_bytes() == b"a run's checkpoint"
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = tmp_path / ".x.pt.lock"
+    lock.write_bytes(b"my notes")
+    with pytest.raises(UserError, match="is the lock file of --out"):
+        check_outputs({"--out": tmp_path / "x.pt"}, {"--ckpt": lock})
+    assert lock.read_bytes() == b"my notes"

@@ -157,3 +157,50 @@ def test_set_and_files_reach_only_the_config_fields():
     with pytest.raises(UserError, match="unknown config section '__class__'"):
         Config.from_dict({"__class__": {"model": 1}})
     assert "model" not in vars(Config)  # the class itself was not given a field
+
+
+def test_sampling_settings_that_would_fail_at_the_first_grid_fail_before_the_first_step(tmp_path):
+    # a guided sampler on a model without a null class, an auto rule without its guide, a
+    # sampler of the other objective: each would only fail when training draws its grid
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import train as train_command
+    for setting, words in (("sample.guidance=2", "needs a model trained with a null class"),
+                           ("sample.guidance_rule=auto", "needs sample.guide"),
+                           ("sample.sampler=euler", "use ddpm, ddim or dpm")):
+        cfg = get_preset("tiny")
+        apply_override(cfg, setting)
+        with pytest.raises(UserError, match=words):
+            validate(cfg)
+        out = tmp_path / "m.pt"
+        assert run_cli(train_command, ["--preset", "tiny", "--set", setting, "--out", str(out)]) == 2
+        assert not out.exists()
+    guided = get_preset("tiny")
+    guided.model.null_class, guided.train.p_uncond, guided.sample.guidance = True, 0.1, 2.0
+    validate(guided)  # with its null class, the same guidance is fine
+
+
+def test_memory_is_estimated_before_it_is_spent(tmp_path, monkeypatch):
+    from diffusion101 import checkpoint, settings
+    from diffusion101.model_files import load_model
+    from diffusion101.unet import UNet
+    from conftest import tiny_checkpoint
+    for name in ("tiny", "cpu", "reference"):  # counted on the meta device, as built for real
+        m = get_preset(name).model
+        assert settings.parameter_count(m) == sum(p.numel() for p in UNet(m).parameters())
+        assert settings.activation_floats(m, training=True) > settings.activation_floats(m, training=False) > 0
+    monkeypatch.setattr(settings, "device_memory", lambda device: 2 ** 30)  # a 1 GiB machine
+    cpu = get_preset("cpu").model
+    settings.check_memory(cpu, 20, "cpu")  # the grid of digits 0-9, guided
+    settings.check_memory(cpu, 128, "cpu", training=True)
+    with pytest.raises(UserError, match=r"sampling 200,000 images at once .* needs about [\d,.]+ GiB"):
+        settings.check_memory(cpu, 200_000, "cpu")
+    big = get_preset("cpu").model
+    big.img_size = 512
+    with pytest.raises(UserError, match="training in batches of 128"):
+        settings.check_memory(big, 128, "cpu", training=True)
+    # a small file whose config asks for a huge network: refused from the counts alone
+    crafted = tiny_checkpoint()
+    crafted["config"]["model"]["channels"] = [8192, 8192]
+    checkpoint.save(crafted, tmp_path / "crafted.pt")
+    with pytest.raises(UserError, match=r"describes a network of [\d,]+ parameters, but its weights hold"):
+        load_model(tmp_path / "crafted.pt")

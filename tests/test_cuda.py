@@ -60,10 +60,10 @@ def _losses(options: dict, data: ImageData, steps: int) -> list:
     state = build_state(cfg, CUDA, speed, total_steps=steps)
     state.net = speed.network(state.model)
     if speed.data_on_device:
-        data = ImageData(data.images.to(CUDA), data.labels.to(CUDA))
+        data = data.to(CUDA)
     scheduler = NoiseSchedule(cfg.diffusion, CUDA)
     x0, y = data.batch(torch.arange(16), CUDA)
-    return [train_step(state, scheduler, x0, y, cfg.train, speed) for _ in range(steps)]
+    return [train_step(state, scheduler, (x0, y), cfg.train, speed) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("option", [{"precision": "bf16"}, {"channels_last": "on"},

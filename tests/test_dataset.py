@@ -153,3 +153,16 @@ def test_the_shapes_set_is_rgb_and_one_folder_per_shape(tmp_path):
     # one bright shape on black: a good part of every picture is background
     black = (data.images.amax(dim=1) < 16).float().mean(dim=(1, 2))
     assert (black > 0.2).all() and (data.images.amax(dim=(1, 2, 3)) >= 64).all()
+
+
+def test_only_regular_files_are_read_from_an_image_folder(tmp_path):
+    # a FIFO named like an image would block training forever at its first read; a link to a
+    # device the same. Only regular files (or links to them) count as images.
+    import os
+    root = _folder(tmp_path / "data", {"a": [Image.new("L", (8, 8), 50)], "b": [Image.new("L", (8, 8), 90)]})
+    os.mkfifo(root / "a" / "pipe.png")
+    os.symlink("/dev/zero", root / "b" / "zeros.png")
+    os.symlink(root / "a" / "0.png", root / "b" / "linked.png")  # a link to an image is one
+    logged = []
+    data, _ = dataset.load_image_folder(root, 8, log=logged.append)
+    assert data.labels.tolist() == [0, 1, 1] and logged == [f"{root}: skipped 2 file(s) that are not images"]

@@ -127,12 +127,12 @@ def test_npz_that_cannot_be_scored_is_refused_with_one_line(tmp_path, test_digit
 
 
 def test_evaluate_json_with_the_shipped_checkpoint(tmp_path):
-    # no --ckpt and no model.pt: the shipped checkpoint, whose path must still go into the JSON
-    run_script("evaluate", "--n", "10", "--steps", "2", "--timestep-spacing", "logsnr", "--json", "r.json",
+    # no --ckpt and no model.pt: the shipped student, whose path must still go into the JSON
+    run_script("evaluate", "--n", "10", "--steps", "2", "--json", "r.json",
                cwd=tmp_path)
     import json
     m = json.loads((tmp_path / "r.json").read_text())
-    assert m["ckpt"].endswith("cpu.safetensors") and m["n"] == 10 and m["timestep_spacing"] == "logsnr"
+    assert m["ckpt"].endswith("cpu_student.safetensors") and m["n"] == 10 and m["steps"] == 2
 
 
 def test_generated_labels_follow_the_test_sets_proportions(test_digits):
@@ -145,3 +145,47 @@ def test_generated_labels_follow_the_test_sets_proportions(test_digits):
     assert evaluate.test_set_labels(20)[:10].tolist() == list(range(10))  # interleaved
     assert torch.equal(torch.bincount(evaluate.test_set_labels(10000), minlength=10),
                        torch.bincount(test_digits.labels, minlength=10))  # N = 10,000: exactly the test set
+
+
+def test_an_npz_is_read_within_limits_whatever_it_claims(tmp_path, test_digits):
+    # read the headers first: a claim of 71 TiB, a member that is no array, a stream that does
+    # not inflate, images too big or not square are refused before any array is allocated
+    import io
+    import zipfile
+    images, labels = test_digits.images[:20].numpy(), test_digits.labels[:20].numpy()
+
+    def npz(path, members: dict, compress=zipfile.ZIP_STORED):
+        with zipfile.ZipFile(path, "w", compress) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return path
+
+    def npy(array=None, header=None) -> bytes:
+        f = io.BytesIO()
+        if header is None:
+            np.save(f, array)
+        else:
+            np.lib.format.write_array_header_1_0(f, header)
+        return f.getvalue()
+    huge = {"descr": "|u1", "fortran_order": False, "shape": (10 ** 7, 2800, 2800)}  # 71 TiB
+    cases = {
+        "claims 71 TiB": ({"images.npy": npy(header=huge), "labels.npy": npy(labels)}, "claims"),
+        "no array": ({"images.npy": b"just text", "labels.npy": npy(labels)}, "cannot be read"),
+        "too big": ({"images.npy": npy(np.zeros((10, 300, 300), np.uint8)), "labels.npy": npy(labels[:10])},
+                    "square images of 8 to 256"),
+        "not square": ({"images.npy": npy(np.zeros((10, 28, 32), np.uint8)), "labels.npy": npy(labels[:10])},
+                       "square images"),
+    }
+    for name, (members, message) in cases.items():
+        with pytest.raises(UserError, match=message):
+            evaluate.evaluate_npz(npz(tmp_path / f"{name}.npz", members))
+    good = npz(tmp_path / "deflated.npz", {"images.npy": npy(images), "labels.npy": npy(labels)},
+               zipfile.ZIP_DEFLATED)
+    assert evaluate.evaluate_npz(good)["n"] == 20
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        start = zf.getinfo("images.npy").header_offset + 30 + len("images.npy") + 200
+    data[start:start + 64] = bytes(64)  # the deflate stream broken inside images.npy
+    (tmp_path / "broken.npz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="cannot be read"):
+        evaluate.evaluate_npz(tmp_path / "broken.npz")

@@ -170,7 +170,7 @@ def test_a_flow_model_learns_a_fixed_batch_and_trains_through_the_loop(tmp_path,
     losses = []
     for _ in range(100):
         state.generator.manual_seed(0)  # the same times and noise every step: a fixed batch
-        losses.append(train_step(state, objective, x0, y, cfg.train, Speed()))
+        losses.append(train_step(state, objective, (x0, y), cfg.train, Speed()))
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     cfg.train.max_steps = 5
     ckpt = train(cfg, "tiny", tmp_path / "f.pt", tmp_path / "runs", "cpu", data=fake_data,
@@ -179,12 +179,12 @@ def test_a_flow_model_learns_a_fixed_batch_and_trains_through_the_loop(tmp_path,
 
 
 def test_settings_that_flow_matching_cannot_take_are_refused():
-    cfg = get_preset("cpu-flow")
+    cfg = get_preset("cpu")
     validate(cfg)
     cfg.train.snr_gamma = 5.0
     with pytest.raises(UserError, match="snr_gamma"):
         validate(cfg)
-    cfg = get_preset("cpu-flow")
+    cfg = get_preset("cpu")
     cfg.sample.sampler = "dpm"
     with pytest.raises(UserError, match="use euler or heun"):
         validate(cfg)

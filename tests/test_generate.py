@@ -16,14 +16,14 @@ from diffusion101.model_files import SHIPPED_PATH
 
 @pytest.mark.parametrize("bad", ["0.5", "a,b", "0.7,0.2", "-0.1,0.5", "0,1.5"])
 def test_bad_guidance_interval(bad):
-    cfg = get_preset("cpu")
+    cfg = get_preset("cpu-ddpm")
     with pytest.raises(UserError):
         resolve_sampler(cfg, guidance_interval=parse_interval(bad))
     assert resolve_sampler(cfg, guidance_interval=parse_interval("0.1,0.7")).guidance_interval == (0.1, 0.7)
 
 
 def test_options_left_at_none_keep_the_checkpoints_and_another_sampler_gets_its_steps():
-    cfg = get_preset("cpu")
+    cfg = get_preset("cpu-ddpm")
     assert resolve_sampler(cfg) == cfg.sample
     assert resolve_sampler(cfg, sampler="ddim").steps == 25
     assert resolve_sampler(cfg, sampler="ddpm").steps == cfg.diffusion.timesteps

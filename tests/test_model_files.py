@@ -17,9 +17,9 @@ def test_export_keeps_the_ema_weights_only(tmp_path):
     full["optimizer"] = {"state": {}, "param_groups": []}
     checkpoint.save(full, tmp_path / "full.pt")
     models.export_for_sampling(tmp_path / "full.pt", tmp_path / "slim.pt",
-                                   ["sample.guidance=3"], log=lambda *a: None)
+                                   ["sample.steps=50"], log=lambda *a: None)
     model, slim, cfg = models.load_model(tmp_path / "slim.pt")
-    assert cfg.sample.guidance == 3.0
+    assert cfg.sample.steps == 50
     with pytest.raises(UserError, match="only change sampler defaults"):
         models.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["model.norm=group"])
     with pytest.raises(UserError, match=r"sample\.guidance"):
@@ -35,8 +35,10 @@ def test_default_checkpoint_prefers_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     said = []
     assert models.default_checkpoint("x.pt", log=said.append) == "x.pt"
-    assert models.default_checkpoint(None, log=said.append) == models.SHIPPED_PATH
-    assert "shipped checkpoint" in said[0]
+    assert models.default_checkpoint(None, log=said.append) == models.STUDENT_PATH
+    assert "shipped student" in said[0]
+    # with adapters, the checkpoint the shipped adapter was trained on
+    assert models.default_checkpoint(None, log=said.append, adapters=True) == models.SHIPPED_PATH
     (tmp_path / "model.pt").write_bytes(b"")
     assert models.default_checkpoint(None, log=said.append) == "model.pt"
 

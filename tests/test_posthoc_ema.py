@@ -108,3 +108,50 @@ def test_the_command_writes_an_earlier_ema_and_refuses_bad_flags(tmp_path, fake_
         with pytest.raises(UserError, match=message):
             posthoc_ema([str(folder), str(tmp_path / "other.pt"), *flags])
     assert not (tmp_path / "other.pt").exists()
+
+
+def test_a_rebuild_trusts_no_snapshot(tmp_path, fake_data):
+    # another run's snapshot in the folder, a float16 or NaN one, a step name that would make
+    # the decay loop run for hours: each refused, or computed in closed form
+    from diffusion101.posthoc_ema import LOOP_LIMIT, combined_decay
+    from diffusion101.ema import decay_at
+    _run(tmp_path, fake_data, every=4, steps=8)
+    folder = snapshot_folder(tmp_path / "m.pt")
+    good = checkpoint.load_model_checkpoint(folder / "step_0000008.pt")
+    for change, words in ((lambda s: s["config"]["train"].update(seed=99), "another run"),
+                          (lambda s: s["model"].update(
+                              {k: v.half() for k, v in s["model"].items() if v.is_floating_point()}),
+                           "float16"),
+                          (lambda s: next(v for v in s["model"].values()
+                                          if v.is_floating_point()).fill_(float("nan")), "NaN")):
+        bad = {**good, "config": {**good["config"], "train": dict(good["config"]["train"])},
+               "model": {k: v.clone() for k, v in good["model"].items()}}
+        change(bad)
+        checkpoint.save(bad, folder / "step_0000012.pt")
+        with pytest.raises(UserError, match=words):
+            rebuild(folder, 0.9)
+    (folder / "step_0000012.pt").unlink()
+    checkpoint.save(good, folder / f"step_{10 ** 15}.pt")  # a huge step: at once, not for hours
+    rebuild(folder, 0.999)
+    rebuild(folder, gamma=7.0)
+    # the closed forms are the products they replace
+    for decay, start, stop in ((0.9, 0, LOOP_LIMIT + 7), (0.999, 5, LOOP_LIMIT + 500), (0.0, 2, LOOP_LIMIT + 2)):
+        exact = math.prod(decay_at(decay, i) for i in range(start, stop))
+        assert combined_decay(decay, start, stop) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+    exact = math.prod((1 - 1 / (i + 1)) ** 4.0 for i in range(50, LOOP_LIMIT + 50))
+    assert combined_decay(0.0, 50, LOOP_LIMIT + 50, gamma=3.0) == pytest.approx(exact, rel=1e-9)
+
+
+def test_a_second_run_into_the_same_out_and_an_output_among_the_snapshots_are_refused(tmp_path, fake_data):
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import posthoc_ema
+    _run(tmp_path, fake_data, every=4, steps=8)
+    folder = snapshot_folder(tmp_path / "m.pt")
+    before = sorted(p.name for p in folder.iterdir())
+    assert run_cli(posthoc_ema, [str(folder), str(folder / "step_0000009.pt"), "--decay", "0.9"]) == 2
+    assert sorted(p.name for p in folder.iterdir()) == before
+    from diffusion101.commands import train as train_command
+    saved = (tmp_path / "m.pt").read_bytes()
+    assert run_cli(train_command, ["--preset", "tiny", "--set", "train.snapshot_every=4", "--out",
+                                   str(tmp_path / "m.pt")]) == 2  # without --resume: a new run
+    assert sorted(p.name for p in folder.iterdir()) == before and (tmp_path / "m.pt").read_bytes() == saved

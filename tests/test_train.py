@@ -51,7 +51,7 @@ def test_options_learn_one_fixed_batch_through_train_step(overrides):
     losses = []
     for _ in range(100):
         state.generator.manual_seed(0)  # the same timesteps and noise every step: a fixed batch
-        losses.append(train_step(state, sched, x0, y, cfg.train, speed))
+        losses.append(train_step(state, sched, (x0, y), cfg.train, speed))
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
@@ -178,9 +178,9 @@ def test_cuda_code_paths_run_on_cpu(tmp_path, fake_data):
 
 
 def _cpu16():
-    """The cpu preset's recipe (EMA, null class, v, cosine schedule, AdamW, warmup, clipping)
-    on a 16 px network."""
-    cfg = get_preset("cpu")
+    """The cpu-ddpm preset's recipe (EMA, null class, v, cosine schedule, AdamW, warmup,
+    clipping) on a 16 px network."""
+    cfg = get_preset("cpu-ddpm")
     cfg.model.img_size, cfg.model.channels, cfg.model.time_emb_dim = 16, (8, 16), 16
     cfg.train.batch_size, cfg.train.warmup_steps, cfg.sample.steps = 16, 5, 5
     return cfg

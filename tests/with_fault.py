@@ -19,10 +19,10 @@ from diffusion101.cli import run_cli
 def patch_train_step(fault: str, at_step: int) -> None:
     real = train.train_step
 
-    def faulty(state, schedule, x0, y, *args, **kwargs):
+    def faulty(state, schedule, batch, *args, **kwargs):
         if fault == "nan_at_step" and state.step + 1 == at_step:
-            x0 = x0 * float("nan")
-        loss = real(state, schedule, x0, y, *args, **kwargs)
+            batch = (batch[0] * float("nan"), *batch[1:])
+        loss = real(state, schedule, batch, *args, **kwargs)
         if fault == "kill_after_step" and state.step == at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return loss

@@ -1,0 +1,10 @@
+"""Distill a teacher checkpoint into a few-step student (rectified-flow distillation).
+
+The same as the `diffusion101-distill` command; `python scripts/distill.py --help` lists the flags."""
+import sys
+
+from diffusion101.cli import run_cli
+from diffusion101.commands import distill_student as main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
