@@ -6,11 +6,13 @@ the files saved before are byte-for-byte intact.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,19 @@ def make_bad_inputs(d: Path) -> None:
     (d / "gap" / "square" / "readme.md").write_text("no image")
     (d / "broken" / "square" / "bad.png").write_bytes(b"not a png")
     (d / "empty").mkdir()
+    for c in ("circle", "square"):  # a FIFO named like an image beside each image
+        (d / "fifo" / c).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(d / "fifo" / c / "0.png")
+        os.mkfifo(d / "fifo" / c / "1.png")
+    os.mkfifo(d / "pipe.npz")
+    with zipfile.ZipFile(d / "claims.npz", "w") as zf:  # a header that claims 71 TiB of images
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "|u1", "fortran_order": False, "shape": (10 ** 7, 2800, 2800)})
+        zf.writestr("images.npy", header.getvalue())
+        labels = io.BytesIO()
+        np.save(labels, np.zeros(10, np.int64))
+        zf.writestr("labels.npy", labels.getvalue())
     for i in range(1001):
         (d / "many" / f"c{i}").mkdir(parents=True)
     data = (d / "model.safetensors").read_bytes()
@@ -137,6 +152,19 @@ FILE_CASES = [
     ("distill: --out is the teacher", "distill", ["--teacher", "model.pt", "--out", "./model.pt"], None),
     ("distill: a teacher whose walk is random (DDPM)", "distill", ["--teacher", "model.pt", "--out",
      "student.pt"], None),
+    ("--npz /dev/null (a device)", "denoise", ["--ckpt", "model.pt", "--npz", "/dev/null", "--out", "g.png"], None),
+    ("--npz naming a FIFO", "denoise", ["--ckpt", "model.pt", "--npz", "pipe.npz", "--out", "g.png"], None),
+    ("--out newdir/. (a folder)", "denoise", ["--ckpt", "model.pt", "--out", "newdir/."], None),
+    ("guidance on a model without a null class, in training", "train", ["--preset", "tiny", "--set",
+     "sample.guidance=2", "--out", "g.pt"], None),
+    ("--n-per-digit 10000 of the shipped student (all at once)", "denoise", ["--ckpt",
+     ROOT / "diffusion101" / "weights" / "cpu_student.safetensors", "--n-per-digit", "10000",
+     "--out", "grid.png"], None),
+    ("an npz whose header claims 71 TiB", "evaluate", ["--npz", "claims.npz"], None),
+    ("--data: a FIFO named 1.png in each class", "train", ["--preset", "tiny", "--data", "fifo",
+     "--max-steps", "1", "--out", "fifo.pt", "--logdir", "runs"], None),
+    ("post-hoc EMA written into its own snapshot folder", "posthoc_ema", ["snaps.snapshots",
+     "snaps.snapshots/step_0000009.pt", "--decay", "0.9"], None),
 ]
 
 
@@ -158,6 +186,8 @@ def main():
     subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
     make_bad_inputs(d)
     os.symlink("loop.pt", d / "loop.pt")
+    run("train", "--preset", "tiny", "--max-steps", "4", "--set", "train.snapshot_every=2",
+        "--out", "snaps.pt", "--logdir", "runs", cwd=d)
     watched = ["model.pt", "lora.pt", "grid.png"]
     cases = [
         ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",

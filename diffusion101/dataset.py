@@ -8,6 +8,7 @@ image, no worker processes.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -65,15 +66,24 @@ def prepare_raw(data_dir: Path = DATA_DIR, root: Path | None = None) -> Path:
                             f"expected {sums.get(gz.name, '?')[:12]}...")
         target = raw / name
         stamp = raw / f"{name}.sha256"
-        # The stamp records which verified .gz the unpacked file came from.
-        if target.is_file() and stamp.is_file() and stamp.read_text() == digest:
+        # The stamp records which verified .gz the unpacked file came from, and its size: a
+        # file cut short (a full disk, a copy stopped half-way) under a stamp that survived
+        # is unpacked again.
+        if target.is_file() and stamp.is_file() and \
+                stamp.read_text() == f"{digest} {target.stat().st_size}":
             continue
-        raw.mkdir(parents=True, exist_ok=True)
         tmp = raw / f".{name}.tmp{os.getpid()}"
-        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
-        os.replace(tmp, target)
-        stamp.write_text(digest)
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+            os.replace(tmp, target)
+            stamp.write_text(f"{digest} {target.stat().st_size}")
+        except OSError as e:  # a full disk, HOME set to a file, a read-only cache
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot unpack MNIST into {raw} ({e.strerror or e}); set "
+                            f"DIFFUSION101_CACHE to a writable folder with 60 MB free") from None
     return root
 
 

@@ -22,7 +22,11 @@ def same_file(a, b) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist yet
+        pass
+    try:
         return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def atomic_write(path, write_fn) -> None:

@@ -223,3 +223,14 @@ def test_every_command_locks_its_outputs_and_no_input_is_a_lock_file(tmp_path):
     with pytest.raises(UserError, match="is the lock file of --out"):
         check_outputs({"--out": tmp_path / "x.pt"}, {"--ckpt": lock})
     assert lock.read_bytes() == b"my notes"
+
+
+def test_a_loop_of_links_as_an_input_is_one_line(tmp_path, monkeypatch, capsys):
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import sample
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop.pt", "loop.pt")
+    check_outputs({"--out": "grid.png"}, {"--ckpt": "loop.pt"})  # no file: no clash either
+    assert run_cli(sample, ["--ckpt", "loop.pt", "--out", "grid.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loop.pt" in err[0] and not (tmp_path / "grid.png").exists(), err

@@ -166,3 +166,19 @@ def test_only_regular_files_are_read_from_an_image_folder(tmp_path):
     logged = []
     data, _ = dataset.load_image_folder(root, 8, log=logged.append)
     assert data.labels.tolist() == [0, 1, 1] and logged == [f"{root}: skipped 2 file(s) that are not images"]
+
+
+def test_the_mnist_cache_is_unpacked_again_when_cut_and_refused_in_one_line_when_unwritable(tmp_path):
+    # a file cut short under a stamp that survived is unpacked again; a cache under a file
+    # (HOME set to a file) is one line, and no temporary file is left behind
+    cache = tmp_path / "cache"
+    dataset.prepare_raw(dataset.DATA_DIR, cache)
+    target = cache / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    whole = target.read_bytes()
+    target.write_bytes(whole[:100])
+    dataset.prepare_raw(dataset.DATA_DIR, cache)
+    assert target.read_bytes() == whole
+    (tmp_path / "home").write_text("a file, not a folder")
+    with pytest.raises(UserError, match="cannot unpack MNIST into .*DIFFUSION101_CACHE"):
+        dataset.prepare_raw(dataset.DATA_DIR, tmp_path / "home" / ".cache")
+    assert not [p for p in cache.rglob(".*tmp*")]

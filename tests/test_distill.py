@@ -131,7 +131,7 @@ def _recipe(**kw):
     return Recipe(**{"steps": 2, "pairs": 32, "max_steps": 6, "batch_size": 16, **kw})
 
 
-def test_a_student_is_an_ordinary_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+def test_a_student_is_an_ordinary_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, fake_data):
     import diffusion101 as d
     from diffusion101 import train as training
     _flow_teacher(tmp_path / "t.pt")
@@ -162,6 +162,11 @@ def test_a_student_is_an_ordinary_checkpoint_that_resumes_exactly(tmp_path, monk
     export_for_sampling(tmp_path / "a.pt", tmp_path / "a.safetensors", **quiet)
     images = [d.sample(d.load(tmp_path / f"a.{ext}"), classes=[3, 7], seed=5) for ext in ("pt", "safetensors")]
     assert images[0].shape == (2, 16, 16) and torch.equal(images[0], images[1])
+    # and it takes LoRA like any flow model
+    from diffusion101.lora_finetune import finetune
+    finetune(tmp_path / "a.pt", tmp_path / "lora.pt", "cpu", lora={"max_steps": 2}, data=fake_data, **quiet)
+    adapted = d.sample(d.load(tmp_path / "a.pt", loras=[tmp_path / "lora.pt"]), classes=[3, 7], seed=5)
+    assert adapted.shape == images[0].shape and torch.isfinite(adapted).all()
 
 
 def _refused(argv, capsys):
