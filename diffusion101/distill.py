@@ -104,7 +104,7 @@ def student_config(teacher: Config, recipe: Recipe, n_pairs: int) -> Config:
                         max_steps=recipe.max_steps, batch_size=recipe.batch_size, lr=recipe.lr,
                         loss="mse", optimizer="adamw", lr_schedule="cosine",
                         warmup_steps=min(100, recipe.max_steps // 10), ema_decay=0.995,
-                        grad_clip=1.0, seed=recipe.seed)
+                        grad_clip=1.0, seed=recipe.seed, data=teacher.train.data)
     diffusion = DiffusionConfig(objective="flow", clip="none", t_sampling="walk",
                                 walk_steps=recipe.steps, timesteps=teacher.diffusion.timesteps)
     cfg = Config(model=teacher.model, diffusion=diffusion, train=train, lora=teacher.lora,

@@ -127,6 +127,15 @@ def test_the_student_loss_falls_on_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_a_teacher_of_named_rgb_classes_gets_a_student_of_them():
+    cfg = get_preset("tiny")
+    cfg.model.class_names, cfg.model.num_classes, cfg.model.in_channels = ("circle", "square"), 2, 3
+    cfg.train.data = "shapes"
+    student = distillation.student_config(cfg, Recipe(), 100)
+    assert student.model == cfg.model and student.train.data == "shapes"  # (validated: a
+    # student of a folder's classes trained "on mnist" would be refused)
+
+
 def _recipe(**kw):
     return Recipe(**{"steps": 2, "pairs": 32, "max_steps": 6, "batch_size": 16, **kw})
 
