@@ -68,9 +68,7 @@ def train(argv=None) -> None:
         "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
     device = resolve_device(a.device)
     Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
-    if Path(a.out).suffix.lower() == checkpoint.SAFETENSORS:
-        raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
-                        f"optimizer and RNG states); export it as .safetensors afterwards")
+    check_training_out(a.out)
     data = training_data(cfg)  # a folder's classes set the model's labels: before any file
     logdir = a.logdir or f"runs/{preset}"
     snapshots = snapshot_folder(a.out) if cfg.train.snapshot_every else None
@@ -293,6 +291,13 @@ def train_evaluation_classifier(argv=None) -> None:
     train_classifier(a.epochs, a.batch_size, a.lr, a.seed, a.out)
 
 
+def check_training_out(out) -> None:
+    """A checkpoint that can resume keeps the optimizer and RNG states: a .pt file."""
+    if Path(out).suffix.lower() == checkpoint.SAFETENSORS:
+        raise UserError(f"--out {out}: a training checkpoint is a .pt file (it keeps the "
+                        f"optimizer and RNG states); export it as .safetensors afterwards")
+
+
 def data_path(spec: str):
     """The folder a --data (or train.data) names, for the path checks; None for MNIST."""
     return None if spec == "mnist" else spec
@@ -365,9 +370,7 @@ def distill_student(argv=None) -> None:
                     batch_size=a.batch_size, lr=a.lr, seed=a.seed or 0)
     recipe.check()
     device = resolve_device(a.device)
-    if Path(a.out).suffix.lower() == checkpoint.SAFETENSORS:
-        raise UserError(f"--out {a.out}: a training checkpoint is a .pt file (it keeps the "
-                        f"optimizer and RNG states); export it as .safetensors afterwards")
+    check_training_out(a.out)
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
     distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)

@@ -149,13 +149,12 @@ def make_pairs(teacher, cfg: Config, walk: SampleConfig, n: int | None, seed: in
         log(f"pairs: {done:,} of {n:,} made; the teacher walks {walk.sampler} {walk.steps} "
             f"steps at guidance {walk.guidance:g}")
     device, m, start = next(teacher.parameters()).device, teacher.cfg, time.perf_counter()
-    sampler = make_sampler(walk, cfg.diffusion, device)
+    sampler, batch = make_sampler(walk, cfg.diffusion, device), sampling_batch(device)
     with tqdm(total=n, initial=min(done, n), desc="pairs", dynamic_ncols=True) as bar:
         for first in range(done, n, CHUNK):
             size = min(CHUNK, n - first)
             labels = torch.arange(first, first + size) % m.num_classes
             noise = torch.stack([pair_noise(seed, k, m) for k in range(first, first + size)])
-            batch = sampling_batch(device)
             images = torch.cat([sample(teacher, sampler, y.to(device), walk, start=z)[0].cpu()
                                 for y, z in zip(labels.split(batch), noise.split(batch))])
             for k, v in zip(parts, (finite_samples(images), labels, noise)):

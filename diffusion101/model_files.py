@@ -9,7 +9,7 @@ import torch
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
 from .config import UserError, get_preset
-from .settings import apply_override, check_memory, parameter_count, validate
+from .settings import apply_override, parameter_count, validate
 from .unet import UNet
 
 
@@ -23,7 +23,6 @@ def load_model(path, device="cpu"):
     if held < needed:
         raise UserError(f"{path}: its config describes a network of {needed:,} parameters, but "
                         f"its weights hold {held:,} numbers; the file is damaged or hand-edited")
-    check_memory(cfg.model, 0, "cpu")
     model = UNet(cfg.model)
     load_state(model, ckpt["model"], str(path))
     return model.to(device), ckpt, cfg

@@ -4,6 +4,7 @@ the rules that tie fields together, and class names and labels."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import os
 
@@ -257,9 +258,15 @@ def validate_classes(m: ModelConfig, data: str) -> None:
 
 
 def parameter_count(m: ModelConfig) -> int:
-    """The network's parameters, counted on the meta device, where nothing is allocated."""
+    """The network's parameters, counted on the meta device, where nothing is allocated (once
+    per architecture: every sampling request asks)."""
+    return _parameter_count(dataclasses.astuple(m))
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_count(fields: tuple) -> int:
     with torch.device("meta"):  # (the network's own code counts, not a formula that could drift)
-        return sum(p.numel() for p in UNet(m).parameters())
+        return sum(p.numel() for p in UNet(ModelConfig(*fields)).parameters())
 
 
 def activation_floats(m: ModelConfig, training: bool) -> int:
@@ -290,10 +297,11 @@ def check_memory(m: ModelConfig, images: int, device, training: bool = False) ->
     memory, before anything is allocated (a config with channels=8192,8192, a request for
     100,000 digits at once). Training keeps, per parameter, the weights, the gradient, Adam's
     two moments and the EMA."""
-    floats = parameter_count(m) * (5 if training else 1) + images * activation_floats(m, training)
+    params = parameter_count(m)
+    floats = params * (5 if training else 1) + images * activation_floats(m, training)
     need, have = 4 * floats, device_memory(device)
     if need > have:
         what = f"training in batches of {images}" if training else f"sampling {images:,} images at once"
-        raise UserError(f"{what} with this network ({parameter_count(m):,} parameters, "
+        raise UserError(f"{what} with this network ({params:,} parameters, "
                         f"{m.img_size} px) needs about {need / 2 ** 30:,.1f} GiB; the {device} device "
                         f"has {have / 2 ** 30:,.1f} GiB: ask for fewer images, or a smaller network")
