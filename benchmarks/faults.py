@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -26,17 +28,41 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOP_FAULTS = ("kill_after_step", "nan_at_step")
 
 
+# A case's env may hold CTRL_C_AFTER (seconds): SIGINT is sent that long after the command
+# starts, as a Ctrl-C in the terminal would. Script "api" runs its one argument as Python, the
+# way a notebook would call the API: a clean refusal is a UserError, shown as exit 2.
+CTRL_C = "CTRL_C_AFTER"
+API = """import sys
+import diffusion101 as d
+from diffusion101.config import UserError
+try:
+    {code}
+except UserError as e:
+    print(f"UserError: {{e}}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
 def run(script, *args, cwd, env=None):
-    fault = (env or {}).get("DIFFUSION101_FAULT", "")
+    env = dict(env or {})
+    fault, after = env.get("DIFFUSION101_FAULT", ""), env.pop(CTRL_C, None)
     if fault.startswith(LOOP_FAULTS):
         command, env = [str(ROOT / "tests" / "with_fault.py"), fault, "train"], None
+    elif script == "api":
+        command, args = ["-c", API.format(code=args[0])], ()
     else:
         command = [str(ROOT / "scripts" / f"{script}.py")]
-    proc = subprocess.run([sys.executable, *command, *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    lines = [ln for ln in proc.stderr.strip().splitlines() if "it/s" not in ln and "s/it" not in ln and ln.strip()]
-    return proc.returncode, (lines[-1] if lines else ""), "Traceback" in proc.stderr
+    proc = subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})},
+                            # SIGINT as a terminal's child has it (a background shell ignores it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    if after is not None:
+        time.sleep(float(after))
+        proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate()
+    lines = [ln for ln in stderr.strip().splitlines() if "it/s" not in ln and "s/it" not in ln and ln.strip()]
+    return proc.returncode, (lines[-1] if lines else ""), "Traceback" in stderr
 
 
 def make_bad_inputs(d: Path) -> None:
@@ -166,6 +192,28 @@ FILE_CASES = [
     ("post-hoc EMA written into its own snapshot folder", "posthoc_ema", ["snaps.snapshots",
      "snaps.snapshots/step_0000009.pt", "--decay", "0.9"], None),
 ]
+# Issue 35's Ctrl-C rows (the moment is a wall-clock delay: what it hit, the line says) and the
+# Python API's arguments, called as a notebook would
+INTERRUPT_CASES = [
+    (f"Ctrl-C {after} s after the sampling command starts", "denoise", ["--ckpt", "model.pt",
+     "--out", "grid.png"], {CTRL_C: after}) for after in ("0.1", "0.4", "0.8", "1.5")
+] + [
+    (f"Ctrl-C {after} s after a training run starts (a save every 5 steps)", "train", ["--preset",
+     "tiny", "--max-steps", "400", "--save-every", "5", "--out", "int.pt", "--logdir", "runs"],
+     {CTRL_C: after}) for after in ("0.4", "3")
+]
+API_CASES = [(f"API: `{code}`", "api", [code], None) for code in (
+    "d.load(123)", "d.load('absent.pt')", "d.load('lora.pt')", "d.load('model.pt', device='cuda')",
+    "d.load('model.pt', device='tpu')", "d.load('model.pt', use_ema='no')",
+    "d.load('model.pt', loras=[('lora.pt',)])", "d.load('model.pt', loras='lora.pt:2')",
+    "d.load('model.pt', loras=[('lora.pt', float('nan'))])", "d.load('truncated.pt')",
+    "d.sample('model.pt')", "d.sample(d.load('model.pt'), guidance_interval=0.5)",
+    "d.sample(d.load('model.pt'), classes={1: 2})", "d.sample(d.load('model.pt'), classes=b'12')",
+    "d.sample(d.load('model.pt'), classes=[10])", "d.sample(d.load('model.pt'), n=0)",
+    "d.sample(d.load('model.pt'), n=10 ** 6)", "d.sample(d.load('model.pt'), steps=2.5)",
+    "d.sample(d.load('model.pt'), guidance=2)", "d.sample(d.load('model.pt'), sampler='euler')",
+    "d.sample(d.load('model.pt'), foo=1)",
+)]
 
 
 def main():
@@ -226,7 +274,7 @@ def main():
         ("--lr nan", "train", ["--preset", "tiny", "--lr", "nan", "--out", "model.pt"], None),
         ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
         ("model.in_channels=3 on MNIST", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
-        *FOLDER_CASES, *FILE_CASES,
+        *FOLDER_CASES, *FILE_CASES, *INTERRUPT_CASES, *API_CASES,
     ]
     print("| fault or bad input | exit code | what it printed (stderr, last line) | traceback | files saved before |")
     print("|---|---|---|---|---|")
@@ -242,6 +290,8 @@ def main():
                     f"{torch.load(d / 'kill.pt', weights_only=True)['step']}"
         if title.startswith("malicious"):
             extra = f"; marker file created: {marker.exists()}"
+        if title.startswith("Ctrl-C") and (d / "int.pt").exists():
+            extra = f"; int.pt loads at step {torch.load(d / 'int.pt', weights_only=True)['step']}"
         if title.startswith("killed between"):
             extra = f"; model.pt still loads at step {torch.load(d / 'model.pt', weights_only=True)['step']}"
         line = line.replace("|", "\\|") or "(nothing)"

@@ -72,7 +72,8 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
     rules' other fields (apg_eta, apg_momentum, apg_norm_threshold, guide_cfg) and flow's shift."""
     if not isinstance(model, Model):
         raise UserError(f"model must be what d.load() returns, not {type(model).__name__}")
-    if isinstance(classes, (dict, set, frozenset)):  # a dict's keys, a set's order: not meant
+    if isinstance(classes, (dict, set, frozenset, bytes, bytearray)):  # keys, a set's order or
+        # a byte string's character codes: never what was meant
         raise UserError(f"classes must be a label, a name or a list of them, not a "
                         f"{type(classes).__name__}")
     if guidance_interval is not None and not (isinstance(guidance_interval, (list, tuple))

@@ -152,7 +152,9 @@ _LOCKS = []  # (fd, lock path) held until release_locks(), which runs at exit
 
 
 def lock_path(path) -> Path:
-    path = Path(path)
+    """The lock file beside the file `path` names, links followed: two names of one file
+    (a link and its target) share one lock."""
+    path = Path(os.path.realpath(path))
     return path.with_name(f".{path.name}.lock")
 
 

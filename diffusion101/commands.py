@@ -3,8 +3,8 @@ declares them as commands (diffusion101-train, -finetune, -sample, -evaluate, -e
 -convert, -make-style-data, -make-shapes, -train-classifier, -posthoc-ema, -distill);
 scripts/*.py run the same functions.
 
-Each function takes argv (None: sys.argv) and raises UserError for bad input; the *_command
-entry points wrap them in cli.run_cli, which turns that into one line on stderr and exit 2.
+Each function takes argv (None: sys.argv) and raises UserError for bad input; the entry points
+(entry.py) run them under cli.run_cli, which turns that into one line on stderr and exit 2.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from . import checkpoint, evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
                   check_number, check_outputs, check_seed, file_name, input_path,
-                  parse_classes, parse_lora_specs, run_cli, sampler_options)
+                  parse_classes, parse_lora_specs, sampler_options)
 from .config import UserError
 from .dataset import training_data, write_shapes, write_style_data
 from .distill import Recipe, distill as distill_run, pairs_path
@@ -374,24 +374,3 @@ def distill_student(argv=None) -> None:
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
     distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
-
-
-# The entry points of pyproject.toml's [project.scripts]: an exit code, errors as one line.
-def _entry(main):
-    def command() -> int:
-        return run_cli(main)
-    command.__doc__ = main.__doc__
-    return command
-
-
-train_command = _entry(train)
-finetune_command = _entry(finetune_lora)
-sample_command = _entry(sample)
-evaluate_command = _entry(evaluate)
-export_command = _entry(export)
-convert_command = _entry(convert)
-make_style_data_command = _entry(make_style_data)
-make_shapes_command = _entry(make_shapes)
-train_classifier_command = _entry(train_evaluation_classifier)
-posthoc_ema_command = _entry(posthoc_ema)
-distill_command = _entry(distill_student)

@@ -31,8 +31,10 @@ def same_file(a, b) -> bool:
 
 def atomic_write(path, write_fn) -> None:
     """Write through write_fn(file) to a temporary file in the same folder, fsync, then
-    os.replace: a crash at any point leaves either the old file or the new one, never half."""
-    path = Path(path)
+    os.replace: a crash at any point leaves either the old file or the new one, never half.
+    A link is written through: the rename replaces the file it points to, never the link (which
+    would leave that file stale, or, as root, turn /dev/stdout into a plain file)."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"cannot save {path}: folder {folder} does not exist")

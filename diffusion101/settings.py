@@ -134,8 +134,9 @@ def check_class_name(name: str, where: str) -> None:
 
 
 def _as_label(c) -> int:
-    """An integer of any kind as an int; -1 for anything else (True is no label)."""
-    if isinstance(c, (str, bool)):
+    """An integer of any kind as an int; -1 for anything else (True is no label, nor is a
+    one-element array, which operator.index would take)."""
+    if isinstance(c, (str, bool)) or getattr(c, "ndim", 0) != 0:
         return -1
     try:
         return operator.index(c)

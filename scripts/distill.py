@@ -3,8 +3,7 @@
 The same as the `diffusion101-distill` command; `python scripts/distill.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import distill_student as main
+from diffusion101.entry import distill_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -3,8 +3,7 @@
 The same as the `diffusion101-evaluate` command; `python scripts/evaluate.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import evaluate as main
+from diffusion101.entry import evaluate_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

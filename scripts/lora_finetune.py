@@ -3,8 +3,7 @@
 The same as the `diffusion101-finetune` command; `python scripts/lora_finetune.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import finetune_lora as main
+from diffusion101.entry import finetune_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

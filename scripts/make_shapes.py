@@ -3,8 +3,7 @@
 The same as the `diffusion101-make-shapes` command; `python scripts/make_shapes.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import make_shapes as main
+from diffusion101.entry import make_shapes_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -3,8 +3,7 @@
 The same as the `diffusion101-posthoc-ema` command; `python scripts/posthoc_ema.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import posthoc_ema as main
+from diffusion101.entry import posthoc_ema_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -3,8 +3,7 @@
 The same as the `diffusion101-train` command; `python scripts/train.py --help` lists the flags."""
 import sys
 
-from diffusion101.cli import run_cli
-from diffusion101.commands import train as main
+from diffusion101.entry import train_command as main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -214,6 +214,8 @@ def test_every_command_locks_its_outputs_and_no_input_is_a_lock_file(tmp_path):
     try:
         assert holder.stdout.readline() == "locked\n"
         assert run_cli(export, [str(tmp_path / "src.pt"), str(held)]) == 2
+        (tmp_path / "alias.pt").symlink_to(held)  # another name of the file: the same lock
+        assert run_cli(export, [str(tmp_path / "src.pt"), str(tmp_path / "alias.pt")]) == 2
         assert held.read_bytes() == b"a run's checkpoint"
     finally:
         holder.kill()
@@ -223,6 +225,21 @@ def test_every_command_locks_its_outputs_and_no_input_is_a_lock_file(tmp_path):
     with pytest.raises(UserError, match="is the lock file of --out"):
         check_outputs({"--out": tmp_path / "x.pt"}, {"--ckpt": lock})
     assert lock.read_bytes() == b"my notes"
+
+
+def test_an_output_that_is_a_link_is_written_through_never_replaced(tmp_path):
+    # the rename lands on the file the link names: the link stays a link (as root, a link such
+    # as /dev/stdout would otherwise become a plain file), and the old target is not left stale
+    from diffusion101.files import atomic_write
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "grid.png"
+    target.write_bytes(b"old")
+    link = tmp_path / "grid.png"
+    link.symlink_to(target)
+    check_outputs({"--out": link}, lock=False)
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["grid.png", "grid.png", "real"]
 
 
 def test_a_loop_of_links_as_an_input_is_one_line(tmp_path, monkeypatch, capsys):

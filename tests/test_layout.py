@@ -6,6 +6,8 @@ import ast
 import graphlib
 import io
 import re
+import subprocess
+import sys
 import tokenize
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def test_no_import_cycle_and_the_model_imports_no_job():
     order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     assert set(order) == set(MODULES)
     jobs = {"train", "lora_finetune", "generate", "evaluate", "api", "cli", "commands",
-            "model_files"}
+            "model_files", "entry"}
     for low in ("config", "settings", "cross_attn", "conv_block", "unet", "time_position_emb",
                 "diffusion", "flow", "guidance", "denoise", "lora", "ema", "checkpoint", "files", "images",
                 "fid", "dataset", "rng", "distributed", "speed", "train_state"):
@@ -53,6 +55,8 @@ LAZY = ("torchvision", "matplotlib", "torch.utils.tensorboard", "fcntl")
 
 def test_imports_sit_at_the_top_unless_slow_or_optional():
     for name, path in MODULES.items():
+        if name == "entry":  # its one job is to import the commands inside the boundary
+            continue
         for func in _functions(path):
             for node in ast.walk(func):
                 if isinstance(node, ast.Import):
@@ -126,22 +130,37 @@ def test_the_reading_path_imports_only_what_a_reader_needs():
 
 def test_scripts_are_thin_and_leave_sys_path_alone():
     import tomllib
-    from diffusion101 import commands
+    from diffusion101 import commands, entry
     for path in SCRIPTS:
         text = path.read_text()
         assert "sys.path" not in text, path.name
         tree = ast.parse(text)
         kinds = [type(n).__name__ for n in tree.body]
-        # a docstring, imports, and `if __name__ == "__main__": sys.exit(run_cli(main))`
+        # a docstring, imports, and `if __name__ == "__main__": sys.exit(main())`, where main
+        # is an entry point of entry.py (the one-line boundary before the heavy imports)
         assert kinds[0] == "Expr" and kinds[-1] == "If", (path.name, kinds)
         assert set(kinds[1:-1]) <= {"Import", "ImportFrom"}, (path.name, kinds)
-        assert ast.unparse(tree.body[-1].body[0]) == "sys.exit(run_cli(main))", path.name
+        assert ast.unparse(tree.body[-1].body[0]) == "sys.exit(main())", path.name
+        assert re.search(r"^from diffusion101\.entry import \w+_command as main$", text, re.M)
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert len(declared) == len(SCRIPTS)
     for command, target in declared.items():
         module, _, attr = target.partition(":")
-        assert command.startswith("diffusion101-") and module == "diffusion101.commands"
-        assert callable(getattr(commands, attr)), target
+        assert command.startswith("diffusion101-") and module == "diffusion101.entry"
+        assert callable(getattr(entry, attr)), target
+    # every entry point runs a command of commands.py
+    names = {n.args[0].value for n in ast.walk(ast.parse(MODULES["entry"].read_text()))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "_entry"}
+    assert len(names) == len(declared) and all(callable(getattr(commands, n)) for n in names)
+
+
+def test_the_entry_points_import_nothing_heavy():
+    """entry.py and the package's __init__ stay light: torch (a second or more to import) is
+    imported inside the one-line boundary, so that a Ctrl-C while it loads is one line too."""
+    code = "import sys, diffusion101.entry; print(sorted(m for m in sys.modules if m in " \
+           "('torch', 'numpy', 'diffusion101.commands', 'diffusion101.cli')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # A measured figure: a percentage, or FID / accuracy followed by a number.
