@@ -93,6 +93,13 @@ def make_bad_inputs(d: Path) -> None:
         Image.new("L", (8, 8)).save(d / "fifo" / c / "0.png")
         os.mkfifo(d / "fifo" / c / "1.png")
     os.mkfifo(d / "pipe.npz")
+    os.symlink("/dev/null", d / "null.npz")
+    (d / "real").mkdir()
+    (d / "real" / "grid.png").write_bytes(b"a grid through a link")
+    os.symlink("real/grid.png", d / "linked.png")
+    lora = torch.load(d / "lora.pt", weights_only=True)  # finite weights that overflow: NaN samples
+    torch.save({**lora, "lora": {k: v * 1e30 for k, v in lora["lora"].items()}}, d / "huge_lora.pt")
+    torch.save({1: torch.ones(2)}, d / "intkeys.pt")
     with zipfile.ZipFile(d / "claims.npz", "w") as zf:  # a header that claims 71 TiB of images
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
@@ -178,7 +185,19 @@ FILE_CASES = [
     ("distill: --out is the teacher", "distill", ["--teacher", "model.pt", "--out", "./model.pt"], None),
     ("distill: a teacher whose walk is random (DDPM)", "distill", ["--teacher", "model.pt", "--out",
      "student.pt"], None),
-    ("--npz /dev/null (a device)", "denoise", ["--ckpt", "model.pt", "--npz", "/dev/null", "--out", "g.png"], None),
+    ("--npz null.npz, a link to /dev/null (a device)", "denoise", ["--ckpt", "model.pt", "--npz", "null.npz",
+     "--out", "g.png"], None),
+    ("--npz /dev/null (no .npz name)", "denoise", ["--ckpt", "model.pt", "--npz", "/dev/null", "--out", "g.png"], None),
+    ("--out grid.jpg (a PNG under a JPEG's name)", "denoise", ["--ckpt", "model.pt", "--out", "grid.jpg"], None),
+    ("--out - (standard output)", "denoise", ["--ckpt", "model.pt", "--out", "-"], None),
+    ("export onto a .txt name", "export_checkpoint", ["model.pt", "model.txt"], None),
+    ("--out linked.png, a link to real/grid.png (written through)", "denoise", ["--ckpt", "model.pt",
+     "--out", "linked.png"], None),
+    ("--set model.img_size=1024 (MNIST held at 1024 px)", "train", ["--preset", "tiny", "--set",
+     "model.img_size=1024", "--out", "big.pt"], None),
+    ("evaluate with an adapter whose samples come out NaN", "evaluate", ["--ckpt", "model.pt", "--lora",
+     "huge_lora.pt", "--n", "10"], None),
+    ("convert a state dict keyed by numbers", "convert_checkpoint", ["--trust", "intkeys.pt", "conv.pt"], None),
     ("--npz naming a FIFO", "denoise", ["--ckpt", "model.pt", "--npz", "pipe.npz", "--out", "g.png"], None),
     ("--out newdir/. (a folder)", "denoise", ["--ckpt", "model.pt", "--out", "newdir/."], None),
     ("guidance on a model without a null class, in training", "train", ["--preset", "tiny", "--set",
@@ -290,6 +309,9 @@ def main():
                     f"{torch.load(d / 'kill.pt', weights_only=True)['step']}"
         if title.startswith("malicious"):
             extra = f"; marker file created: {marker.exists()}"
+        if title.startswith("--out linked.png"):
+            extra = f"; linked.png still a link: {(d / 'linked.png').is_symlink()}, its target " \
+                    f"now a PNG: {(d / 'real' / 'grid.png').read_bytes()[:4] == bytes([137, 80, 78, 71])}"
         if title.startswith("Ctrl-C") and (d / "int.pt").exists():
             extra = f"; int.pt loads at step {torch.load(d / 'int.pt', weights_only=True)['step']}"
         if title.startswith("killed between"):

@@ -229,7 +229,8 @@ def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
     expected = model.state_dict()
     for name, t in state.items():
         if not (isinstance(name, str) and isinstance(t, torch.Tensor)):
-            raise UserError(f"{where}: entry {name!r} is a {type(t).__name__}, not a named tensor; "
+            what = f"is a {type(t).__name__}" if isinstance(name, str) else "has no string name"
+            raise UserError(f"{where}: entry {name!r} {what}, not a named tensor; "
                             f"this is no state dict of weights")
         if name in expected and t.dtype != expected[name].dtype:
             raise UserError(f"{where}: tensor '{name}' is {t.dtype}; this architecture keeps it "

@@ -93,12 +93,30 @@ def input_path(text: str) -> str:
 
 
 def file_name(text: str) -> str:
-    """A file to write: not empty, and not a folder ('out/', '.', '..')."""
+    """A file to write: not empty, and not a folder ('out/', '.', '..') or '-' (standard output,
+    by the usual convention, which no command writes)."""
     input_path(text)
     last = text.replace(os.altsep or os.sep, os.sep).rsplit(os.sep, 1)[-1]  # as typed:
     if last in ("", ".", ".."):  # Path('new/.').name would be 'new', a file named new
         raise argparse.ArgumentTypeError(f"'{text}' names a folder; give a file name")
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-' (standard output) cannot be written; give a file name")
     return text
+
+
+def output_file(what: str, *suffixes: str):
+    """The argparse type of a file output: file_name, and a name whose suffix (any case) is
+    one of `suffixes`, since the suffix says what is written there: a grid named .jpg, an npz
+    named .png, a training checkpoint named .safetensors would each hold something else than
+    its name says."""
+    def check(text: str) -> str:
+        file_name(text)
+        if Path(text).suffix.lower() not in suffixes:
+            ends = " or ".join(suffixes)
+            raise argparse.ArgumentTypeError(f"'{text}': {what} is written as a {ends} file; "
+                                             f"give a name ending in {ends}")
+        return text
+    return check
 
 
 def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None,
@@ -139,11 +157,11 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {path}: folder {folder} is not writable")
     files = [(flag, path) for flag, path, is_folder in wanted if not is_folder]
-    for flag, path in files:  # its lock file is written and deleted: it must be no input
-        for in_flag, in_path in inputs.items():
+    for flag, path in files:  # its lock file is written and deleted: no input, no other output
+        for in_flag, in_path in [*inputs.items(), *files]:
             if same_file(lock_path(path), in_path):
                 raise UserError(f"{in_flag} {in_path} is the lock file of {flag} {path}; "
-                                f"rename it first")
+                                f"{'rename it first' if in_flag in inputs else 'give another name'}")
     for flag, path in files if lock else ():
         lock_output(path, flag)
 

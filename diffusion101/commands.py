@@ -16,7 +16,7 @@ from pathlib import Path
 from . import checkpoint, evaluate as evaluation
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
-                  check_number, check_outputs, check_seed, file_name, input_path,
+                  check_number, check_outputs, check_seed, input_path, output_file,
                   parse_classes, parse_lora_specs, sampler_options)
 from .config import UserError
 from .dataset import training_data, write_shapes, write_style_data
@@ -26,9 +26,16 @@ from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .posthoc_ema import SNAPSHOT_PREFIX, export_rebuilt, snapshot_folder
-from .settings import class_names
+from .settings import class_names, is_guided
 from .speed import Speed, resolve_device
 from .train import train as train_run
+
+
+# What each kind of file output may be named: its suffix says its format.
+MODEL_SUFFIXES = (".pt", checkpoint.SAFETENSORS)
+# A checkpoint that can resume keeps the optimizer and RNG states: torch's format only.
+TRAINING_OUT = output_file("a training checkpoint (it keeps the optimizer and RNG states; "
+                           "export it as .safetensors afterwards)", ".pt")
 
 
 def train(argv=None) -> None:
@@ -45,7 +52,7 @@ def train(argv=None) -> None:
     p.add_argument("--data", default=None, type=input_path,
                    help="'mnist' (default), or a folder with one sub-folder of images per class "
                         "(their sorted names become the labels; train.data)")
-    p.add_argument("--out", default="model.pt", type=file_name,
+    p.add_argument("--out", default="model.pt", type=TRAINING_OUT,
                    help="checkpoint path (default: model.pt)")
     p.add_argument("--logdir", default=None, type=input_path, help="TensorBoard folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -66,9 +73,12 @@ def train(argv=None) -> None:
         "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
         "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
         "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
+    if cfg.sample.guidance_rule == "auto" and is_guided(cfg.sample):
+        raise UserError("sample.guidance_rule=auto: training draws its grids and evaluations "
+                        "without a guide network; train with cfg or apg, and sample with "
+                        "--guidance-rule auto --guide CKPT")
     device = resolve_device(a.device)
     Speed.for_device(cfg.train, device)  # a speed setting this device cannot take: before any file
-    check_training_out(a.out)
     data = training_data(cfg)  # a folder's classes set the model's labels: before any file
     logdir = a.logdir or f"runs/{preset}"
     snapshots = snapshot_folder(a.out) if cfg.train.snapshot_every else None
@@ -86,7 +96,7 @@ def finetune_lora(argv=None) -> None:
     p = Parser(description=finetune_lora.__doc__)
     p.add_argument("--base", default="model.pt", type=input_path,
                    help="the trained model (default: model.pt)")
-    p.add_argument("--out", default="lora.pt", type=file_name,
+    p.add_argument("--out", default="lora.pt", type=output_file("an adapter", *MODEL_SUFFIXES),
                    help="adapter path (default: lora.pt; .safetensors writes that format)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int)
@@ -123,15 +133,15 @@ def sample(argv=None) -> None:
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="fuse adapters into the weights (default) or add them in the forward "
                         "pass (--no-merge)")
-    p.add_argument("--out", default="imgs/digits.png", type=file_name,
+    p.add_argument("--out", default="imgs/digits.png", type=output_file("the grid", ".png"),
                    help="grid PNG; the progression figure "
                    "goes beside it as <name>_progress.png")
     p.add_argument("--classes", "--digits", dest="classes", default=None,
                    help="classes to draw, by label or name: 3,7 or circle,square (default: all)")
     p.add_argument("--n-per-class", "--n-per-digit", dest="n_per_class", type=int, default=1)
-    p.add_argument("--npz", default=None, type=file_name,
+    p.add_argument("--npz", default=None, type=output_file("--npz", ".npz"),
                    help="also write images (uint8 N,H,W; N,H,W,3 in RGB) and labels here")
-    p.add_argument("--gif", default=None, type=file_name, help="also write the first row's walk from noise to "
+    p.add_argument("--gif", default=None, type=output_file("--gif", ".gif"), help="also write the first row's walk from noise to "
                    "digits as an animated GIF here")
     add_sampler_flags(p)
     add_common(p)
@@ -173,7 +183,7 @@ def evaluate(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=0,
                    help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
     add_sampler_flags(p)
-    p.add_argument("--json", default=None, type=file_name, help="also write the numbers here")
+    p.add_argument("--json", default=None, type=output_file("--json", ".json"), help="also write the numbers here")
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
@@ -206,7 +216,7 @@ def export(argv=None) -> None:
     """
     p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=input_path)
-    p.add_argument("dst", type=file_name, help="a .pt, or a .safetensors (portable: the config "
+    p.add_argument("dst", type=output_file("a model file", *MODEL_SUFFIXES), help="a .pt, or a .safetensors (portable: the config "
                    "as JSON in its metadata)")
     p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
@@ -224,7 +234,7 @@ def convert(argv=None) -> None:
     """
     p = Parser(description=convert.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("old", type=input_path)
-    p.add_argument("new", type=file_name)
+    p.add_argument("new", type=output_file("a model file", *MODEL_SUFFIXES))
     p.add_argument("--preset", default="reference", help="the architecture the old file holds")
     p.add_argument("--trust", action="store_true", help="required: I trust this file's code")
     a = p.parse_args(argv)
@@ -281,7 +291,7 @@ def train_evaluation_classifier(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(CLASSIFIER_PATH), type=file_name)
+    p.add_argument("--out", default=str(CLASSIFIER_PATH), type=output_file("the classifier", ".pt"))
     a = p.parse_args(argv)
     check_number("--epochs", a.epochs, 1, 1000, integer=True)
     check_number("--batch-size", a.batch_size, 1, 100_000, integer=True)
@@ -289,13 +299,6 @@ def train_evaluation_classifier(argv=None) -> None:
     check_seed(a.seed)
     check_outputs({"--out": a.out})
     train_classifier(a.epochs, a.batch_size, a.lr, a.seed, a.out)
-
-
-def check_training_out(out) -> None:
-    """A checkpoint that can resume keeps the optimizer and RNG states: a .pt file."""
-    if Path(out).suffix.lower() == checkpoint.SAFETENSORS:
-        raise UserError(f"--out {out}: a training checkpoint is a .pt file (it keeps the "
-                        f"optimizer and RNG states); export it as .safetensors afterwards")
 
 
 def data_path(spec: str):
@@ -313,7 +316,8 @@ def posthoc_ema(argv=None) -> None:
     """
     p = Parser(description=posthoc_ema.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshots", type=input_path, help="the run's snapshot folder (<out>.snapshots)")
-    p.add_argument("out", type=file_name, help="the model file to write (.pt or .safetensors)")
+    p.add_argument("out", type=output_file("a model file", *MODEL_SUFFIXES),
+                   help="the model file to write (.pt or .safetensors)")
     p.add_argument("--decay", type=float, default=None,
                    help="the EMA decay, in [0, 1), with training's warm-up")
     p.add_argument("--gamma", type=float, default=None,
@@ -345,7 +349,7 @@ def distill_student(argv=None) -> None:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="model.pt", type=input_path,
                    help="the teacher: a model checkpoint, .pt or .safetensors (default: model.pt)")
-    p.add_argument("--out", default="student.pt", type=file_name,
+    p.add_argument("--out", default="student.pt", type=TRAINING_OUT,
                    help="the student checkpoint (default: student.pt); the teacher's pairs are "
                         "kept beside it in <out>.pairs.pt")
     defaults = Recipe()
@@ -370,7 +374,6 @@ def distill_student(argv=None) -> None:
                     batch_size=a.batch_size, lr=a.lr, seed=a.seed or 0)
     recipe.check()
     device = resolve_device(a.device)
-    check_training_out(a.out)
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
     distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)

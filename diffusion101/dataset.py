@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .config import UserError
-from .settings import MAX_CLASSES, check_class_name, validate
+from .settings import MAX_CLASSES, check_class_name, check_fits, validate
 
 # torchvision (slow to import) is imported where it is used.
 
@@ -87,15 +87,29 @@ def prepare_raw(data_dir: Path = DATA_DIR, root: Path | None = None) -> Path:
     return root
 
 
+# Images resized at once: their float copies are the resize's temporary memory, kept bounded
+# (a chunk of images of RESIZE_PIXELS pixels in all).
+RESIZE_PIXELS = 2 ** 26
+
+
+def check_image_set(n: int, channels: int, size: int, where: str) -> None:
+    """Refuse a training set that cannot be held in memory (uint8, `n` images of `size` px)
+    with the resize's temporary floats, before one image is read."""
+    check_fits(n * channels * size * size + 3 * 4 * RESIZE_PIXELS, "cpu",
+               f"{where}: {n:,} images of {size} px held in memory",
+               "train at a smaller model.img_size, or on fewer images")
+
+
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, size, size) uint8, bilinear like torchvision's Resize on PIL."""
     if images.shape[-1] == size:
         return images
     from torchvision.transforms.v2 import functional as TF
-    out = []
-    for chunk in images.split(4096):  # bounded temporary memory
-        out.append(TF.resize(chunk[:, None], [size, size], antialias=True)[:, 0])
-    return torch.cat(out)
+    out = torch.empty((len(images), size, size), dtype=torch.uint8)  # no second copy to join
+    step = max(1, RESIZE_PIXELS // (size * size))
+    for i in range(0, len(images), step):
+        out[i:i + step] = TF.resize(images[i:i + step, None], [size, size], antialias=True)[:, 0]
+    return out
 
 
 @dataclass
@@ -122,6 +136,7 @@ def load_mnist(train: bool = True, img_size: int = 28) -> ImageData:
     from torchvision.datasets import MNIST
     root = prepare_raw()
     ds = MNIST(str(root), train=train, download=False)
+    check_image_set(len(ds.data), 1, img_size, "MNIST")
     return ImageData(resize_uint8(ds.data, img_size), ds.targets.long())
 
 
@@ -235,7 +250,10 @@ def load_image_folder(root, img_size: int, channels: int = 1, known=None,
     skipped = n_files - len(folder.samples)
     if skipped:
         log(f"{root}: skipped {skipped} file(s) that are not images")
-    images = torch.stack([read_folder_image(path, img_size, channels) for path, _ in folder.samples])
+    check_image_set(len(folder.samples), channels, img_size, str(root))
+    images = torch.empty((len(folder.samples), channels, img_size, img_size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(folder.samples):  # into place: no list to stack, no copy
+        images[i] = read_folder_image(path, img_size, channels)
     label_of = [known.index(n) if known is not None else i for i, n in enumerate(names)]
     labels = torch.tensor([label_of[i] for _, i in folder.samples], dtype=torch.long)
     return ImageData(images[:, 0] if channels == 1 else images, labels), names

@@ -1,27 +1,45 @@
 """The commands' entry points: pyproject.toml's [project.scripts] and scripts/*.py call these.
 
 This module imports nothing heavy. Importing torch and the package takes a second or more on a
-cold start, and a Ctrl-C in that second would otherwise print Python's traceback: each entry
-point starts the one-line boundary first, then imports the command (commands.py) and hands it
-to cli.run_cli, the boundary for everything after."""
+cold start, and a Ctrl-C in that second would raise KeyboardInterrupt inside torch's own import
+code, which may print a traceback, turn it into another error, or swallow it (the command then
+runs on as if the key had not been pressed). So each entry point only notes a Ctrl-C while it
+imports the command (commands.py), answers it once the imports are done (one line, exit 130),
+and otherwise hands the command to cli.run_cli, the boundary for everything after."""
 from __future__ import annotations
 
+import signal
 import sys
 
 INTERRUPTED = "error: interrupted while starting; nothing was written"
 
 
 def run(name: str, argv=None) -> int:
-    """Run commands.<name>(argv) under cli.run_cli; an interrupt while importing it: exit 130."""
+    """Run commands.<name>(argv) under cli.run_cli; a Ctrl-C while importing it: exit 130."""
+    pressed = []
+    previous = _on_sigint(lambda signum, frame: pressed.append(signum))
     try:
         from . import cli, commands
-    except KeyboardInterrupt:
+    finally:
+        _on_sigint(previous)
+    if pressed:
         try:
             print(INTERRUPTED, file=sys.stderr)
         except OSError:  # stderr itself is gone: the exit code says it
             pass
         return 130
     return cli.run_cli(getattr(commands, name), argv)
+
+
+def _on_sigint(handler):
+    """Install `handler` for SIGINT and return the one it replaces; leave an ignored SIGINT
+    ignored (a job started in the background), and a thread other than the main one alone."""
+    try:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN or handler is None:
+            return None
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _entry(name: str):

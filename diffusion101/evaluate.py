@@ -22,7 +22,7 @@ from . import checkpoint
 from .classifier import CLASSIFIER_PATH, DigitClassifier, classify
 from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
-from .denoise import make_sampler, sample, sampling_batch
+from .denoise import finite_samples, make_sampler, sample, sampling_batch
 from .fid import feature_stats, frechet_distance
 from .settings import class_names, interval_text, is_mnist_model
 
@@ -126,7 +126,7 @@ def generate_images(model, cfg, n: int, device, seed: int, sample_cfg=None,
     start = time.perf_counter()
     for chunk in labels.split(batch_size):
         images, _ = sample(model, sampler, chunk.to(device), sample_cfg, generator, guide=guide)
-        out.append(images.cpu())
+        out.append(finite_samples(images, "nothing was scored").cpu())  # not as black digits
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return torch.cat(out), labels, time.perf_counter() - start

@@ -15,7 +15,7 @@ from .config import TrainConfig, UserError
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .lora import inject_lora, lora_state_dict
 from .model_files import load_model
-from .settings import class_names, is_mnist_model, validate
+from .settings import check_memory, class_names, is_mnist_model, validate
 from .train import NonFiniteLoss, Run, fit, make_objective
 from .train_state import TrainState, make_lr_schedule
 from .unet import count_parameters
@@ -93,6 +93,9 @@ def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, da
         raise UserError(f"--epochs 0 and no --max-steps: nothing to train; {out} was not written")
     if isinstance(data, str):
         data = load_finetune_data(data, cfg.model)
+    # counted as a whole training run (a bound: the frozen weights need no optimizer state)
+    check_memory(cfg.model, cfg.lora.batch_size, device, training=True,
+                 held=data.images.numel() if torch.device(device).type == "cpu" else 0)
     if full:
         log(f"full fine-tune: all {sum(p.numel() for p in model.parameters()):,} parameters train")
     else:

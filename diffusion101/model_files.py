@@ -34,6 +34,8 @@ REFERENCE_NAMES = {"half_emb": "freqs"}  # the timestep embedding's frequencies
 
 def from_reference_names(state: dict) -> dict:
     def rename(key: str) -> str:
+        if not isinstance(key, str):  # left for load_state to refuse with its name
+            return key
         head, _, last = key.rpartition(".")
         last = REFERENCE_NAMES.get(last, last)
         return f"{head}.{last}" if head else last

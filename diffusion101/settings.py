@@ -280,8 +280,8 @@ def activation_floats(m: ModelConfig, training: bool) -> int:
     blocks = [(sides[i], chs[i], chs[i + 1]) for i in range(len(m.channels))]  # encoder
     blocks += [(sides[i], 2 * chs[i + 1], chs[i + 1]) for i in range(len(m.channels) - 1)]
     work = [r * r * (c_in + 4 * c_out + m.q_dim + m.v_dim + m.ffn_dim) for r, c_in, c_out in blocks]
-    if training:
-        return sum(work)
+    if training:  # autograd keeps about twice the maps counted here (each norm's and
+        return 2 * sum(work)  # activation's input too): checked against peak RSS, RELIABILITY.md
     return sum(r * r * c for r, _, c in blocks[:len(m.channels) - 1]) + max(work)
 
 
@@ -293,16 +293,23 @@ def device_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(m: ModelConfig, images: int, device, training: bool = False) -> None:
+def check_memory(m: ModelConfig, images: int, device, training: bool = False,
+                 held: int = 0) -> None:
     """Refuse, with the number, a network and a batch of `images` that cannot fit the device's
     memory, before anything is allocated (a config with channels=8192,8192, a request for
     100,000 digits at once). Training keeps, per parameter, the weights, the gradient, Adam's
-    two moments and the EMA."""
+    two moments and the EMA; `held`: bytes already held on that device (the training set)."""
     params = parameter_count(m)
     floats = params * (5 if training else 1) + images * activation_floats(m, training)
-    need, have = 4 * floats, device_memory(device)
+    what = f"training in batches of {images}" if training else f"sampling {images:,} images at once"
+    check_fits(4 * floats + held, device, f"{what} with this network ({params:,} parameters, "
+               f"{m.img_size} px{', beside the training set' if held else ''})",
+               "ask for fewer images, or a smaller network")
+
+
+def check_fits(need: int, device, what: str, advice: str) -> None:
+    """Refuse what needs more bytes than the device has, in one line with both numbers."""
+    have = device_memory(device)
     if need > have:
-        what = f"training in batches of {images}" if training else f"sampling {images:,} images at once"
-        raise UserError(f"{what} with this network ({params:,} parameters, "
-                        f"{m.img_size} px) needs about {need / 2 ** 30:,.1f} GiB; the {device} device "
-                        f"has {have / 2 ** 30:,.1f} GiB: ask for fewer images, or a smaller network")
+        raise UserError(f"{what} needs about {need / 2 ** 30:,.1f} GiB; the {device} device has "
+                        f"{have / 2 ** 30:,.1f} GiB: {advice}")

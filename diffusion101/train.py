@@ -186,7 +186,11 @@ def evaluate(run: Run, state: TrainState) -> None:
     state.lap()
     n = run.cfg.train.eval_n
     with eval_mode(state.sampling_model()) as model:
-        metrics = evaluate_model(model, run.cfg, n=n, device=run.device, seed=1234)
+        try:
+            metrics = evaluate_model(model, run.cfg, n=n, device=run.device, seed=1234)
+        except UserError as e:  # samples of NaN: training goes on (its loss is finite)
+            run.log(f"eval at step {state.step} skipped: {e}")
+            return state.start_clock()
     minutes = state.train_seconds / 60
     for name, value in (("accuracy", metrics["accuracy"]), ("fid", metrics["fid"]),
                         ("train_minutes", minutes)):
@@ -206,6 +210,8 @@ def log_grid(run: Run, state: TrainState) -> None:
         sampler = make_sampler(cfg.sample, cfg.diffusion, run.device)
         images, _ = sample_classes(model, sampler, cfg.sample, range(classes), 1, cfg.train.seed,
                                    run.device)
+    if not torch.isfinite(images).all():  # drawn black, it would look like a dead model
+        return run.log(f"grid at step {state.step} not drawn: its samples came out NaN or inf")
     run.writer.add_image("samples", grid_image(images, nrow=classes), state.step)
 
 
@@ -257,7 +263,9 @@ def prepare(run: Run, data: ImageData | None, resume: dict | None) -> tuple:
     total_steps = recipe.epochs * steps_per_epoch
     if recipe.max_steps:
         total_steps = min(total_steps, recipe.max_steps)
-    state = build_state(cfg, device, speed, total_steps, run.rank)
+    on_device = data.images.device.type == torch.device(device).type  # (CPU: one memory)
+    state = build_state(cfg, device, speed, total_steps, run.rank,
+                        held=data.images.numel() if on_device else 0)
     if resume is None and run.init is not None:  # a student starts as its teacher
         checkpoint.load_state(state.model, run.init, "the starting weights")
         if state.ema is not None:

@@ -110,10 +110,12 @@ def open_resume(out, cfg: Config) -> dict:
     return loaded
 
 
-def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int = 0) -> TrainState:
-    """A fresh model, optimizer, schedule, EMA and generator, laid out as `speed` says."""
+def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int = 0,
+                held: int = 0) -> TrainState:
+    """A fresh model, optimizer, schedule, EMA and generator, laid out as `speed` says; `held`:
+    the bytes the training set holds on that device (its memory is counted before it is spent)."""
     recipe = cfg.train
-    check_memory(cfg.model, recipe.batch_size, device, training=True)
+    check_memory(cfg.model, recipe.batch_size, device, training=True, held=held)
     layout = torch.channels_last if speed.channels_last else torch.contiguous_format
     model = UNet(cfg.model).to(device, memory_format=layout)
     optimizer = make_optimizer(model.parameters(), recipe, fused=speed.fused_optimizer)

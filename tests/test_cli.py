@@ -224,6 +224,8 @@ def test_every_command_locks_its_outputs_and_no_input_is_a_lock_file(tmp_path):
     lock.write_bytes(b"my notes")
     with pytest.raises(UserError, match="is the lock file of --out"):
         check_outputs({"--out": tmp_path / "x.pt"}, {"--ckpt": lock})
+    with pytest.raises(UserError, match="is the lock file of --out .* give another name"):
+        check_outputs({"--out": tmp_path / "x.pt", "--npz": lock})  # deleted at exit otherwise
     assert lock.read_bytes() == b"my notes"
 
 

@@ -159,7 +159,7 @@ def test_set_and_files_reach_only_the_config_fields():
     assert "model" not in vars(Config)  # the class itself was not given a field
 
 
-def test_sampling_settings_that_would_fail_at_the_first_grid_fail_before_the_first_step(tmp_path):
+def test_sampling_settings_that_would_fail_at_the_first_grid_fail_before_the_first_step(tmp_path, capsys):
     # a guided sampler on a model without a null class, an auto rule without its guide, a
     # sampler of the other objective: each would only fail when training draws its grid
     from diffusion101.cli import run_cli
@@ -177,6 +177,15 @@ def test_sampling_settings_that_would_fail_at_the_first_grid_fail_before_the_fir
     guided = get_preset("tiny")
     guided.model.null_class, guided.train.p_uncond, guided.sample.guidance = True, 0.1, 2.0
     validate(guided)  # with its null class, the same guidance is fine
+    # autoguidance with its guide named: a fine model file's setting, but training's grids
+    # load no guide network, so the training command refuses it before the first step
+    (tmp_path / "guide.pt").write_bytes(b"")
+    auto = ["--set", "model.null_class=true", "--set", "train.p_uncond=0.1", "--set",
+            "sample.guidance=2", "--set", "sample.guidance_rule=auto", "--set",
+            f"sample.guide={tmp_path / 'guide.pt'}"]
+    capsys.readouterr()
+    assert run_cli(train_command, ["--preset", "tiny", *auto, "--out", str(out)]) == 2
+    assert "without a guide network" in capsys.readouterr().err and not out.exists()
 
 
 def test_memory_is_estimated_before_it_is_spent(tmp_path, monkeypatch):

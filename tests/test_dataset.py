@@ -20,7 +20,7 @@ def test_real_mnist_counts_and_labels():
     assert train.labels[:5].tolist() == [5, 0, 4, 1, 9]
 
 
-def test_batched_resize_matches_torchvision_pil_path():
+def test_batched_resize_matches_torchvision_pil_path(monkeypatch):
     # The reference applies Resize((48, 48)) to each PIL image, then ToTensor and x * 2 - 1.
     test = dataset.load_mnist(train=False, img_size=28)
     ours = dataset.resize_uint8(test.images[:64], 48)
@@ -30,6 +30,9 @@ def test_batched_resize_matches_torchvision_pil_path():
         assert (ours[i].int() - ref.int()).abs().max().item() <= 1  # rounding only
     x, y = dataset.ImageData(ours, test.labels[:64]).batch(torch.arange(4))
     assert x.shape == (4, 1, 48, 48) and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.int64
+    # in chunks (a bounded temporary): the same bytes as one resize of all of them
+    monkeypatch.setattr(dataset, "RESIZE_PIXELS", 5 * 48 * 48)
+    assert torch.equal(dataset.resize_uint8(test.images[:64], 48), ours)
 
 
 def test_epoch_order_is_a_seeded_permutation_split_by_rank():
@@ -166,6 +169,26 @@ def test_only_regular_files_are_read_from_an_image_folder(tmp_path):
     logged = []
     data, _ = dataset.load_image_folder(root, 8, log=logged.append)
     assert data.labels.tolist() == [0, 1, 1] and logged == [f"{root}: skipped 2 file(s) that are not images"]
+
+
+def test_a_training_set_that_cannot_be_held_in_memory_is_refused_before_it_is_read(tmp_path,
+                                                                                 monkeypatch):
+    # MNIST at 512 px is 14.6 GiB of uint8 (and 0.75 GiB of the resize's floats): counted first,
+    # not found out by the OOM killer (a SIGKILL, no message) after minutes of resizing
+    from diffusion101 import settings
+    monkeypatch.setattr(settings, "device_memory", lambda device: 2 ** 30)  # a 1 GiB machine
+    read = []
+    monkeypatch.setattr(dataset, "resize_uint8", lambda *a: read.append(a))
+    with pytest.raises(UserError, match=r"MNIST: 60,000 images of 512 px held in memory needs "
+                                        r"about 15.4 GiB; the cpu device has 1.0 GiB"):
+        dataset.load_mnist(img_size=512)
+    root = _folder(tmp_path / "data", {"a": [Image.new("L", (8, 8))] * 3, "b": [Image.new("L", (8, 8))]})
+    monkeypatch.setattr(dataset, "read_folder_image", lambda *a: read.append(a))
+    monkeypatch.setattr(dataset, "RESIZE_PIXELS", 0)
+    monkeypatch.setattr(settings, "device_memory", lambda device: 4 * 3 * 64 * 64 - 1)
+    with pytest.raises(UserError, match="4 images of 64 px held in memory"):
+        dataset.load_image_folder(root, 64, channels=3)
+    assert read == []
 
 
 def test_the_mnist_cache_is_unpacked_again_when_cut_and_refused_in_one_line_when_unwritable(tmp_path):

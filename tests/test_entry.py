@@ -6,27 +6,29 @@ import pytest
 
 from diffusion101 import entry
 
-# A program that makes `import torch` raise KeyboardInterrupt, as a Ctrl-C while torch loads
-# would, then runs an entry point as the installed command does: the moment is not left to a
-# timer, so the test does not depend on how fast the machine imports.
-INTERRUPT_IMPORT = """
-import sys
+# A program that sends itself SIGINT while `import torch` runs, as a Ctrl-C in the second that
+# torch takes to load would, then runs an entry point as the installed command does: the moment
+# is not left to a timer, so the test does not depend on how fast the machine imports.
+CTRL_C_DURING_IMPORT = """
+import os, signal, sys
 class CtrlC:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 sys.meta_path.insert(0, CtrlC())
 from diffusion101.entry import {name}
-sys.exit({name}({argv!r}))
+code = {name}({argv!r})
+assert "torch.nn" in sys.modules  # the imports were not cut short: they ran to their end
+sys.exit(code)
 """
 
 
 @pytest.mark.parametrize("name", ["sample_command", "train_command"])
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, name):
     argv = ["--out", str(tmp_path / "x.pt")]
-    proc = subprocess.run([sys.executable, "-c", INTERRUPT_IMPORT.format(name=name, argv=argv)],
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORT.format(name=name, argv=argv)],
                           capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, proc.stderr
     assert proc.stderr.splitlines() == [entry.INTERRUPTED]
     assert list(tmp_path.iterdir()) == []
 

@@ -10,6 +10,7 @@ from PIL import Image
 from diffusion101.cli import parse_interval
 from diffusion101.config import Config, UserError, get_preset
 from diffusion101.generate import Outputs, generate, load_for_sampling, resolve_sampler
+from diffusion101.evaluate import evaluate_model
 from diffusion101.images import PADDING
 from diffusion101.model_files import SHIPPED_PATH
 
@@ -114,3 +115,22 @@ def test_samples_that_came_out_nan_are_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="came out NaN or inf"):
         d.sample(model, classes=[3])
+    with pytest.raises(UserError, match="10 of 10 samples came out NaN or inf.*nothing was scored"):
+        evaluate_model(NaNNet(), cfg, 10, "cpu", 0)
+
+
+def test_training_skips_a_grid_or_an_evaluation_whose_samples_came_out_nan():
+    # the loss is finite (the sampler, not the weights, may be what failed): training goes on,
+    # says so, and draws no black grid into TensorBoard
+    from types import SimpleNamespace
+
+    from diffusion101 import train
+    images, logged = [], []
+    writer = SimpleNamespace(add_image=lambda *a: images.append(a), add_scalar=lambda *a: images.append(a))
+    run = SimpleNamespace(writer=writer, cfg=get_preset("tiny"), device="cpu", log=logged.append)
+    state = SimpleNamespace(sampling_model=NaNNet, step=7, train_seconds=0.0, lap=lambda: None,
+                            start_clock=lambda: None)
+    train.log_grid(run, state)
+    train.evaluate(run, state)
+    assert images == [] and logged[0] == "grid at step 7 not drawn: its samples came out NaN or inf"
+    assert logged[1].startswith("eval at step 7 skipped: 100 of 100 samples came out NaN")

@@ -65,3 +65,14 @@ def test_converter_reads_reference_format_files_and_the_result_samples(tmp_path)
         images, _ = sample_classes(converted.eval(), sampler_by_name("ddpm", ccfg.diffusion),
                                   ccfg.sample, range(10), 1, 0, "cpu")
         assert images.shape == (10, 1, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("state, match", [
+    ({1: torch.ones(2)}, "entry 1 has no string name"), ({"a": {"b": torch.ones(2)}}, "entry 'a' is a dict"),
+    ({"w": "text"}, "entry 'w' is a str"), ([torch.ones(2)], "holds a list"),
+])
+def test_convert_refuses_what_is_no_state_dict_of_named_tensors_in_one_line(tmp_path, state, match):
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=match):
+        models.convert_pickled(tmp_path / "old.pt", tmp_path / "new.pt", "tiny", trusted=True)
+    assert not (tmp_path / "new.pt").exists()

@@ -1,4 +1,6 @@
 """The scripts end to end on `tiny`, as a user runs them, and every bad input's one-line error."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -214,16 +216,24 @@ def test_outputs_that_would_destroy_inputs_are_refused_before_any_work(work, tmp
                                                                        monkeypatch):
     monkeypatch.chdir(work)
     keep = {p: (work / p).read_bytes() for p in ("model.pt", "lora.pt")}
-    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "model.pt", match="also --ckpt")
+    # outputs named as their kind wants, that are the checkpoint under another name
+    os.link(work / "model.pt", work / "hard.png")
+    os.symlink("model.pt", work / "soft.gif")
+    os.link(work / "model.pt", work / "hard.json")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "hard.png", match="also --ckpt")
     _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "./x.png", "--npz", "x.png",
-             match="same file")
-    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "model.pt", match="also --ckpt")
-    (work / "imgs").mkdir(exist_ok=True)
-    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "imgs", match="--gif imgs is a folder")
-    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "w.png", "--gif", "./w.png",
+             match="ending in .npz")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "./x.png", "--gif", "x.png",
+             match="ending in .gif")
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "soft.gif", match="also --ckpt")
+    (work / "walk.gif").mkdir(exist_ok=True)
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--gif", "walk.gif", match="--gif walk.gif is a folder")
+    (work / "w.png").write_bytes(b"an earlier grid")
+    os.link(work / "w.png", work / "w.gif")  # two outputs that are one file
+    _refused(capsys, "denoise", "--ckpt", "model.pt", "--out", "w.png", "--gif", "./w.gif",
              match="same file")
     _refused(capsys, "export_checkpoint", "model.pt", "./model.pt", match="also src")
-    _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "model.pt", match="also --ckpt")
+    _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "hard.json", match="also --ckpt")
     _refused(capsys, "lora_finetune", "--base", "model.pt", "--out", "model.pt", match="also --base")
     (work / "afile").write_text("x")
     # a bad --logdir is found before the data is loaded or a step is taken
@@ -404,7 +414,7 @@ def test_files_of_the_wrong_kind_and_paths_that_name_folders_are_refused(work, t
     _refused(capsys, "train", "--resume", "--out", tmp_path / "export.pt", "--logdir", tmp_path / "r",
              match="so it cannot be resumed")
     _refused(capsys, "train", "--preset", "tiny", "--out", tmp_path / "m.safetensors",
-             match="a training checkpoint is a .pt file")
+             match="is written as a .pt file")
     ckpt = torch.load(work / "model.pt", weights_only=True)
     torch.save({**ckpt, "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}},
                tmp_path / "damaged.pt")
@@ -417,6 +427,17 @@ def test_files_of_the_wrong_kind_and_paths_that_name_folders_are_refused(work, t
                                ("--gif", "", "empty path"), ("--ckpt", "", "empty path")):
         _refused(capsys, "denoise", "--ckpt", "model.pt", flag, value, match=match)
     _refused(capsys, "train", "--preset", "tiny", "--out", "fresh/", match="names a folder")
+    # every file output's name ends as what is written there (any case), or it is refused
+    for script, args, match in (
+            ("denoise", ["--out", "g.jpg"], "ending in .png"), ("denoise", ["--npz", "x.png"], ".npz"),
+            ("denoise", ["--gif", "x.png"], ".gif"), ("denoise", ["--out", "-"], "standard output"),
+            ("evaluate", ["--json", "x.txt"], ".json"), ("export_checkpoint", ["model.pt", "m.bin"], ".safetensors"),
+            ("lora_finetune", ["--out", "l.txt"], ".pt or .safetensors"), ("train", ["--out", "t"], ".pt"),
+            ("posthoc_ema", ["snaps", "p.txt"], ".pt or"), ("convert_checkpoint", ["--trust", "model.pt", "c.txt"], ".pt or"),
+            ("train_classifier", ["--out", "c.safetensors"], ".pt"), ("distill", ["--out", "s.safetensors"], ".pt")):
+        _refused(capsys, script, *args, match=match)
+    _ran(capsys, "export_checkpoint", "model.pt", tmp_path / "upper.SAFETENSORS")
+    assert (tmp_path / "upper.SAFETENSORS").read_bytes()[8:9] == b"{"  # safetensors' JSON header
     _refused(capsys, "evaluate", "--ckpt", "model.pt", "--json", "", match="empty path")
     _refused(capsys, "export_checkpoint", "model.pt", "out/", match="names a folder")
     assert not (work / "new").exists() and not (work / "fresh").exists()
