@@ -291,8 +291,9 @@ def parse_classes(text: str | None, names: tuple) -> list:
     """'0,3,7' -> [0, 3, 7]; 'circle,square' -> their labels; None -> every class."""
     if text is None:
         return list(range(len(names)))
+    shown = text if len(text) <= 60 else text[:57] + "..."  # the error line stays one line
     return class_labels([s.strip() for s in text.split(",") if s.strip()], names,
-                        f"--classes '{text}'")
+                        f"--classes '{shown}'")
 
 
 def parse_lora_specs(specs) -> list:

@@ -146,7 +146,12 @@ def _as_label(c) -> int:
 
 def class_labels(classes, names: tuple, where: str = "digits") -> list:
     """The labels of `classes`, each a label (an int) or a class name; a name wins over a
-    number, so a folder whose classes are '1', '2', '3' is sampled by those names."""
+    number, so a folder whose classes are '1', '2', '3' is sampled by those names. At most
+    MAX_CLASSES of them: each is a column of the grid and of its progression figure."""
+    classes = list(classes)
+    if len(classes) > MAX_CLASSES:
+        raise UserError(f"{where}: {len(classes):,} classes asked for; at most {MAX_CLASSES} "
+                        f"(repeat them with --n-per-class, or n in the API)")
     labels = []
     for c in classes:
         if isinstance(c, str) and c in names:

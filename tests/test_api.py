@@ -50,7 +50,7 @@ def test_options_reach_the_sampler_and_seed_matters(tiny_path):
     ({"classes": {1: 2}}, "classes must be a label, a name or a list"),
     ({"classes": {1, 2}}, "classes must be"), ({"guidance": 2.0}, "null class"),
     ({"classes": b"12"}, "classes must be"), ({"classes": [torch.tensor([1])]}, "no class"),
-    ({"classes": torch.tensor([[1]])}, "no class"),
+    ({"classes": torch.tensor([[1]])}, "no class"), ({"classes": [0] * 1001}, "at most 1000"),
 ])
 def test_bad_arguments_are_refused_in_one_line(tiny_path, kwargs, match):
     model = d.load(tiny_path)
