@@ -210,6 +210,8 @@ FILE_CASES = [
      "--max-steps", "1", "--out", "fifo.pt", "--logdir", "runs"], None),
     ("post-hoc EMA written into its own snapshot folder", "posthoc_ema", ["snaps.snapshots",
      "snaps.snapshots/step_0000009.pt", "--decay", "0.9"], None),
+    ("post-hoc EMA written to a link that names one of its snapshots", "posthoc_ema",
+     ["snaps.snapshots", "snaplink.pt", "--decay", "0.9"], None),
 ]
 # Issue 35's Ctrl-C rows (the moment is a wall-clock delay: what it hit, the line says) and the
 # Python API's arguments, called as a notebook would
@@ -255,7 +257,8 @@ def main():
     os.symlink("loop.pt", d / "loop.pt")
     run("train", "--preset", "tiny", "--max-steps", "4", "--set", "train.snapshot_every=2",
         "--out", "snaps.pt", "--logdir", "runs", cwd=d)
-    watched = ["model.pt", "lora.pt", "grid.png"]
+    os.symlink("snaps.snapshots/step_0000002.pt", d / "snaplink.pt")
+    watched = ["model.pt", "lora.pt", "grid.png", "snaps.snapshots/step_0000002.pt"]
     cases = [
         ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",
          "--save-every", "3", "--out", "kill.pt", "--logdir", "runs"], {"DIFFUSION101_FAULT": "kill_after_step:5"}),

@@ -143,6 +143,9 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
             if same_file(path, in_path):
                 raise UserError(f"{flag} {path} is also {in_flag}: writing it would destroy the "
                                 f"input; choose another name")
+            if not is_folder and in_path.is_dir() and _inside(path, in_path):
+                raise UserError(f"{flag} {path} lies inside {in_flag} {in_path}, which is read; "
+                                f"write it elsewhere")
         for other_flag, other, _ in wanted[:i]:
             if same_file(path, other):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); "
@@ -164,6 +167,11 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
                                 f"{'rename it first' if in_flag in inputs else 'give another name'}")
     for flag, path in files if lock else ():
         lock_output(path, flag)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether the file `path` names (links followed: it is written through) lies in `folder`."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 _LOCKS = []  # (fd, lock path) held until release_locks(), which runs at exit

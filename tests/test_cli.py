@@ -244,6 +244,19 @@ def test_an_output_that_is_a_link_is_written_through_never_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["grid.png", "grid.png", "real"]
 
 
+def test_a_file_output_inside_a_folder_that_is_read_is_refused_even_through_a_link(tmp_path):
+    # (post-hoc EMA's snapshots, an image folder): the write would replace what is read
+    data = tmp_path / "data" / "0"
+    data.mkdir(parents=True)
+    (data / "img.png").write_bytes(b"an image")
+    (tmp_path / "m.pt").symlink_to(data / "img.png")
+    for out in (data / "m.pt", tmp_path / "m.pt"):
+        with pytest.raises(UserError, match="lies inside --data"):
+            check_outputs({"--out": out}, {"--data": tmp_path / "data"}, lock=False)
+    check_outputs({"--out": tmp_path / "n.pt"}, {"--data": tmp_path / "data"}, lock=False)
+    assert (data / "img.png").read_bytes() == b"an image"
+
+
 def test_a_loop_of_links_as_an_input_is_one_line(tmp_path, monkeypatch, capsys):
     from diffusion101.cli import run_cli
     from diffusion101.commands import sample

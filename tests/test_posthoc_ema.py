@@ -150,6 +150,12 @@ def test_a_second_run_into_the_same_out_and_an_output_among_the_snapshots_are_re
     before = sorted(p.name for p in folder.iterdir())
     assert run_cli(posthoc_ema, [str(folder), str(folder / "step_0000009.pt"), "--decay", "0.9"]) == 2
     assert sorted(p.name for p in folder.iterdir()) == before
+    # a link outside that names a snapshot: written through, it would replace that snapshot
+    first = sorted(folder.iterdir())[0]
+    kept = first.read_bytes()
+    (tmp_path / "ema.pt").symlink_to(first)
+    assert run_cli(posthoc_ema, [str(folder), str(tmp_path / "ema.pt"), "--decay", "0.9"]) == 2
+    assert first.read_bytes() == kept
     from diffusion101.commands import train as train_command
     saved = (tmp_path / "m.pt").read_bytes()
     assert run_cli(train_command, ["--preset", "tiny", "--set", "train.snapshot_every=4", "--out",
