@@ -17,11 +17,12 @@ INTERRUPTED = "error: interrupted while starting; nothing was written"
 def run(name: str, argv=None) -> int:
     """Run commands.<name>(argv) under cli.run_cli; a Ctrl-C while importing it: exit 130."""
     pressed = []
-    previous = _on_sigint(lambda signum, frame: pressed.append(signum))
+    put_back = _note_sigint(pressed)
     try:
         from . import cli, commands
     finally:
-        _on_sigint(previous)
+        if put_back is not None:
+            signal.signal(signal.SIGINT, put_back)
     if pressed:
         try:
             print(INTERRUPTED, file=sys.stderr)
@@ -31,15 +32,17 @@ def run(name: str, argv=None) -> int:
     return cli.run_cli(getattr(commands, name), argv)
 
 
-def _on_sigint(handler):
-    """Install `handler` for SIGINT and return the one it replaces; leave an ignored SIGINT
-    ignored (a job started in the background), and a thread other than the main one alone."""
+def _note_sigint(pressed: list):
+    """Make SIGINT append to `pressed` instead of raising; return the handler to put back
+    afterwards (Python's own when the one replaced was not set from Python), or None where
+    SIGINT was left alone: ignored (a job started in the background), or not the main thread."""
     try:
-        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN or handler is None:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
             return None
-        return signal.signal(signal.SIGINT, handler)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     except ValueError:  # not the main thread
         return None
+    return signal.default_int_handler if previous is None else previous
 
 
 def _entry(name: str):
