@@ -141,8 +141,9 @@ def sample(argv=None) -> None:
     p.add_argument("--n-per-class", "--n-per-digit", dest="n_per_class", type=int, default=1)
     p.add_argument("--npz", default=None, type=output_file("--npz", ".npz"),
                    help="also write images (uint8 N,H,W; N,H,W,3 in RGB) and labels here")
-    p.add_argument("--gif", default=None, type=output_file("--gif", ".gif"), help="also write the first row's walk from noise to "
-                   "digits as an animated GIF here")
+    p.add_argument("--gif", default=None, type=output_file("--gif", ".gif"),
+                   help="also write the first row's walk from noise to digits as an animated "
+                        "GIF here")
     add_sampler_flags(p)
     add_common(p)
     a = p.parse_args(argv)
@@ -183,7 +184,8 @@ def evaluate(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=0,
                    help="digits sampled at once (default: 100 on CPU, 1000 on CUDA)")
     add_sampler_flags(p)
-    p.add_argument("--json", default=None, type=output_file("--json", ".json"), help="also write the numbers here")
+    p.add_argument("--json", default=None, type=output_file("--json", ".json"),
+                   help="also write the numbers here")
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
@@ -216,8 +218,8 @@ def export(argv=None) -> None:
     """
     p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=input_path)
-    p.add_argument("dst", type=output_file("a model file", *MODEL_SUFFIXES), help="a .pt, or a .safetensors (portable: the config "
-                   "as JSON in its metadata)")
+    p.add_argument("dst", type=output_file("a model file", *MODEL_SUFFIXES),
+                   help="a .pt, or a .safetensors (portable: the config as JSON in its metadata)")
     p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
     a = p.parse_args(argv)
@@ -291,7 +293,8 @@ def train_evaluation_classifier(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(CLASSIFIER_PATH), type=output_file("the classifier", ".pt"))
+    p.add_argument("--out", default=str(CLASSIFIER_PATH),
+                   type=output_file("the classifier", ".pt"))
     a = p.parse_args(argv)
     check_number("--epochs", a.epochs, 1, 1000, integer=True)
     check_number("--batch-size", a.batch_size, 1, 100_000, integer=True)

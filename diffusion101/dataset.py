@@ -124,6 +124,13 @@ class ImageData:
     def to(self, device) -> "ImageData":
         return ImageData(self.images.to(device), self.labels.to(device))
 
+    def bytes_on(self, device) -> int:
+        """The bytes the images hold on `device`'s memory (0 when they live elsewhere): what
+        training counts beside the network before it starts (on a CPU, one memory)."""
+        if self.images.device.type != torch.device(device).type:
+            return 0
+        return self.images.numel() * self.images.element_size()
+
     def batch(self, idx: torch.Tensor, device="cpu"):
         """Images as (B, C, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
         idx = idx.to(self.images.device)  # the set may live on the GPU already

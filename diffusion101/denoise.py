@@ -109,13 +109,14 @@ def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConf
     return x, (torch.stack(frames, dim=1) if frames else None)
 
 
-def finite_samples(images: torch.Tensor, unused: str = "nothing was written") -> torch.Tensor:
+def finite_samples(images: torch.Tensor, then: str = "nothing was written") -> torch.Tensor:
     """The images, or a UserError if any came out NaN or inf: such samples must be neither
-    written (a black PNG, an all-zero npz) nor scored."""
+    written (a black PNG, an all-zero npz) nor scored. `then` ends the error's line: what the
+    caller did not do."""
     bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
     if bad.any():
         raise UserError(f"{int(bad.sum())} of {len(images)} samples came out NaN or inf (an "
-                        f"unstable schedule, or weights or adapters too large?); {unused}")
+                        f"unstable schedule, or weights or adapters too large?); {then}")
     return images
 
 

@@ -94,8 +94,7 @@ def finetune(base_path, out, device, lora: dict | None = None, seed: int = 0, da
     if isinstance(data, str):
         data = load_finetune_data(data, cfg.model)
     # counted as a whole training run (a bound: the frozen weights need no optimizer state)
-    check_memory(cfg.model, cfg.lora.batch_size, device, training=True,
-                 held=data.images.numel() if torch.device(device).type == "cpu" else 0)
+    check_memory(cfg.model, cfg.lora.batch_size, device, training=True, held=data.bytes_on(device))
     if full:
         log(f"full fine-tune: all {sum(p.numel() for p in model.parameters()):,} parameters train")
     else:

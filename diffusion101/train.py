@@ -263,9 +263,7 @@ def prepare(run: Run, data: ImageData | None, resume: dict | None) -> tuple:
     total_steps = recipe.epochs * steps_per_epoch
     if recipe.max_steps:
         total_steps = min(total_steps, recipe.max_steps)
-    on_device = data.images.device.type == torch.device(device).type  # (CPU: one memory)
-    state = build_state(cfg, device, speed, total_steps, run.rank,
-                        held=data.images.numel() if on_device else 0)
+    state = build_state(cfg, device, speed, total_steps, run.rank, held=data.bytes_on(device))
     if resume is None and run.init is not None:  # a student starts as its teacher
         checkpoint.load_state(state.model, run.init, "the starting weights")
         if state.ema is not None:
