@@ -112,6 +112,13 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def bytes_on(device, *tensors: torch.Tensor) -> int:
+    """The bytes `tensors` hold in `device`'s memory (0 when they live elsewhere): what training
+    counts of its data beside the network before it starts (on a CPU, one memory)."""
+    kind = torch.device(device).type
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
+
+
 @dataclass
 class ImageData:
     """Labelled images in memory: MNIST, or a folder of one's own."""
@@ -125,11 +132,7 @@ class ImageData:
         return ImageData(self.images.to(device), self.labels.to(device))
 
     def bytes_on(self, device) -> int:
-        """The bytes the images hold on `device`'s memory (0 when they live elsewhere): what
-        training counts beside the network before it starts (on a CPU, one memory)."""
-        if self.images.device.type != torch.device(device).type:
-            return 0
-        return self.images.numel() * self.images.element_size()
+        return bytes_on(device, self.images)
 
     def batch(self, idx: torch.Tensor, device="cpu"):
         """Images as (B, C, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import BIG, Config, DiffusionConfig, SampleConfig, TrainConfig, UserError, num
+from .dataset import bytes_on
 from .denoise import finite_samples, make_sampler, sample, sampling_batch
 from .files import atomic_write, same_file
 from .model_files import load_model
@@ -69,6 +70,9 @@ class Pairs:
 
     def to(self, device) -> "Pairs":
         return Pairs(self.images.to(device), self.labels.to(device), self.noise.to(device))
+
+    def bytes_on(self, device) -> int:
+        return bytes_on(device, self.images, self.noise)
 
     def batch(self, idx: torch.Tensor, device="cpu") -> tuple:
         """(x0, y, noise) of the pairs idx: train.diffusion_loss noises x0 with that noise."""
