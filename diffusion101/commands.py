@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from . import checkpoint, evaluate as evaluation
+from . import checkpoint, evaluate as evaluation, web
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
                   check_number, check_outputs, check_seed, input_path, output_file,
@@ -25,6 +25,7 @@ from .files import atomic_write
 from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
+from .onnx_export import ONNX_SUFFIX
 from .posthoc_ema import SNAPSHOT_PREFIX, export_rebuilt, snapshot_folder
 from .settings import class_names, is_guided
 from .speed import Speed, resolve_device
@@ -212,14 +213,17 @@ def evaluate(argv=None) -> None:
 
 
 def export(argv=None) -> None:
-    """Write a small sampling-only copy of a checkpoint (EMA weights, config; no optimizer).
+    """Write a small sampling-only copy of a checkpoint (EMA weights, config; no optimizer),
+    or its network as an ONNX graph (needs the [onnx] extra).
 
       diffusion101-export model.pt shipped.safetensors --set sample.guidance=3
+      diffusion101-export model.pt model.onnx
     """
     p = Parser(description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=input_path)
-    p.add_argument("dst", type=output_file("a model file", *MODEL_SUFFIXES),
-                   help="a .pt, or a .safetensors (portable: the config as JSON in its metadata)")
+    p.add_argument("dst", type=output_file("a model file", *MODEL_SUFFIXES, ONNX_SUFFIX),
+                   help="a .pt, a .safetensors (portable: the config as JSON in its metadata), "
+                        "or an .onnx (the network's forward, for onnxruntime)")
     p.add_argument("--set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="sampler defaults to carry, e.g. --set sample.guidance=3")
     a = p.parse_args(argv)
@@ -378,3 +382,26 @@ def distill_student(argv=None) -> None:
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
     distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
+
+
+def demo(argv=None) -> None:
+    """Build the demo page (the shipped student and flow model in the browser, with
+    onnxruntime-web) into a folder, and serve it on 127.0.0.1 until Ctrl-C.
+
+      diffusion101-demo                 # builds demo/ the first time, then serves it
+      diffusion101-demo --build-only    # a folder for any static host (GitHub Pages)
+    """
+    p = Parser(description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="demo", type=input_path,
+                   help="the page's folder (default: demo); built when it holds no page yet")
+    p.add_argument("--port", type=int, default=8101, help="0: any free port (default: 8101)")
+    p.add_argument("--rebuild", action="store_true", help="build the page again first")
+    p.add_argument("--build-only", action="store_true", help="build the page, do not serve it")
+    a = p.parse_args(argv)
+    check_number("--port", a.port, 0, 65535, integer=True)
+    folder = Path(a.dir)
+    if a.rebuild or a.build_only or not (folder / web.MARK).is_file():
+        check_outputs({}, folders={"--dir": folder}, lock=False)
+        web.build_page(folder)
+    if not a.build_only:
+        web.serve(folder, a.port)

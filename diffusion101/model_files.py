@@ -9,6 +9,7 @@ import torch
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
 from .config import UserError, get_preset
+from .onnx_export import export_onnx, is_onnx
 from .settings import apply_override, parameter_count, validate
 from .unet import UNet
 
@@ -80,7 +81,8 @@ STUDENT_PATH = SHIPPED_PATH.with_name("cpu_student.safetensors")
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     """A small checkpoint for sampling only: the weights that sampling uses (EMA when there)
-    under "model", the config and counters; no optimizer, no RNG states. `overrides`
+    under "model", the config and counters; no optimizer, no RNG states. Named .onnx, the
+    network with those weights as an ONNX graph, the config in its metadata. `overrides`
     ('sample.guidance=3', ...) set the sampler defaults the file carries; nothing else may
     change, since the weights were trained for the rest."""
     ckpt = load_model_checkpoint(src)
@@ -95,8 +97,14 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     from_ema = weights is not ckpt["model"] or ckpt.get("exported_from_ema", False)  # (re-export)
     out = model_file(cfg, ckpt.get("preset"), {"model": weights, **counters,
                                                "exported_from_ema": from_ema})
-    save(out, dst)
-    log(f"wrote {dst}: sampling weights only ({Path(dst).stat().st_size / 1e6:.1f} MB)")
+    if is_onnx(dst):  # the network's forward as a graph (onnx_export.py), the config beside it
+        model = UNet(cfg.model)
+        load_state(model, weights, str(src))
+        export_onnx(model, cfg, ckpt.get("preset"), dst)
+    else:
+        save(out, dst)
+    what = "the network as an ONNX graph" if is_onnx(dst) else "sampling weights only"
+    log(f"wrote {dst}: {what} ({Path(dst).stat().st_size / 1e6:.1f} MB)")
     return out
 
 

@@ -90,3 +90,13 @@ def sampler_by_name(name: str, cfg, steps=None, eta: float = 0.0, timestep_spaci
     sample_cfg = SampleConfig(sampler=name, steps=cfg.timesteps if steps is None else steps,
                               eta=eta, timestep_spacing=timestep_spacing)
     return make_sampler(sample_cfg, cfg, device)
+
+
+@pytest.fixture(scope="session")
+def demo_page(tmp_path_factory):
+    """The demo page built once for the session (web.build_page: the shipped student and flow
+    model exported to ONNX, onnxruntime-web from the npm registry or the cache)."""
+    from diffusion101 import web
+    folder = tmp_path_factory.mktemp("page") / "demo"
+    web.build_page(folder, log=lambda *a: None)
+    return folder
