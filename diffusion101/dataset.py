@@ -32,7 +32,8 @@ FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFUSION101_CACHE", Path.home() / ".cache" / "diffusion101"))
+    # set but empty counts as unset: Path("") is the working folder, which is no cache
+    return Path(os.environ.get("DIFFUSION101_CACHE") or Path.home() / ".cache" / "diffusion101")
 
 
 def _sha256(path: Path) -> str:

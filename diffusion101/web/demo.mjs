@@ -70,7 +70,7 @@ async function predict(net, x, t, labels, w) {
 }
 
 // The Euler walk (flow.py's FlowEuler): x <- x + (t_next - t) v, and x0 = x - t v, the image
-// the velocity points at. onStep(i, x_t, x0) sees each step as it is taken.
+// the velocity points at. onStep(i, x_t, x0, t, t_next) sees each step as it is taken.
 export async function walk(net, labels, { steps, w, seed, start = null, onStep = null }) {
   const meta = net.meta;
   let x = start ?? startNoise(meta, labels, seed);
@@ -92,7 +92,7 @@ export async function walk(net, labels, { steps, w, seed, start = null, onStep =
       if (meta.clip === 'x_t') next[k] = Math.min(1, Math.max(-1, next[k]));
     }
     x = next;
-    if (onStep) await onStep(i, x, x0, t);
+    if (onStep) await onStep(i, x, x0, t, grid[i + 1]);
   }
   return x;
 }
@@ -119,11 +119,11 @@ function draw(canvas, meta, images, n) {
   ctx.putImageData(pixels, 0, 0);
 }
 
-function frameRow(meta, n, i, t) {
+function frameRow(i, t, tNext) {
   const row = document.createElement('div');
   row.className = 'frame';
   const label = document.createElement('span');
-  label.textContent = `step ${i + 1}: t ${t.toFixed(2)} \u2192`;
+  label.textContent = `step ${i + 1}: t ${t.toFixed(2)} \u2192 ${tNext.toFixed(2)}`;
   const xt = document.createElement('canvas'), x0 = document.createElement('canvas');
   xt.title = 'x_t after the step';
   x0.title = 'the predicted x_0';
@@ -139,8 +139,8 @@ async function runPanel(net, panel, labels, steps, w, seed) {
   const began = performance.now();
   const x = await walk(net, labels, {
     steps, w, seed,
-    onStep: async (i, xt, x0, t) => {
-      const { row, xt: a, x0: b } = frameRow(meta, n, i, t);
+    onStep: async (i, xt, x0, t, tNext) => {
+      const { row, xt: a, x0: b } = frameRow(i, t, tNext);
       draw(a, meta, xt, n);
       draw(b, meta, x0, n);
       frames.append(row);
@@ -210,7 +210,7 @@ function controls(names, teacherMeta) {
   const show = () => { $('guidance-value').textContent = Number($('guidance').value).toFixed(2); };
   show();
   $('guidance').oninput = show;
-  for (const id of ['seed', 'student-steps', 'teacher-steps', 'guidance']) $(id).onchange = run;
+  for (const id of ['seed', 'student-steps', 'teacher-steps', 'guidance']) $(id).onchange = () => run();
 }
 
 async function load(ort, meta) {
