@@ -1,5 +1,6 @@
 import gzip
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,15 @@ def test_the_mnist_cache_is_unpacked_again_when_cut_and_refused_in_one_line_when
     with pytest.raises(UserError, match="cannot unpack MNIST into .*DIFFUSION101_CACHE"):
         dataset.prepare_raw(dataset.DATA_DIR, tmp_path / "home" / ".cache")
     assert not [p for p in cache.rglob(".*tmp*")]
+
+
+def test_an_empty_or_unset_cache_variable_is_the_default_cache(monkeypatch, tmp_path):
+    """DIFFUSION101_CACHE= (set, empty) once meant the working folder: MNIST (53 MB) and the
+    page's runtime unpacked wherever the command ran."""
+    default = Path.home() / ".cache" / "diffusion101"
+    monkeypatch.setenv("DIFFUSION101_CACHE", "")
+    assert dataset.cache_dir() == default
+    monkeypatch.delenv("DIFFUSION101_CACHE")
+    assert dataset.cache_dir() == default
+    monkeypatch.setenv("DIFFUSION101_CACHE", str(tmp_path))
+    assert dataset.cache_dir() == tmp_path

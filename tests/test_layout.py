@@ -39,7 +39,7 @@ def test_no_import_cycle_and_the_model_imports_no_job():
     order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     assert set(order) == set(MODULES)
     jobs = {"train", "lora_finetune", "generate", "evaluate", "api", "cli", "commands",
-            "model_files", "entry"}
+            "model_files", "entry", "web"}
     for low in ("config", "settings", "cross_attn", "conv_block", "unet", "time_position_emb",
                 "diffusion", "flow", "guidance", "denoise", "lora", "ema", "checkpoint", "files", "images",
                 "fid", "dataset", "rng", "distributed", "speed", "train_state"):

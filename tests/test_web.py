@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion101 import denoise, web
+from diffusion101 import cli, commands, denoise, web
 from diffusion101.config import UserError
 from diffusion101.evaluate import load_classifier
 from diffusion101.classifier import classify
@@ -186,3 +186,15 @@ def test_a_page_without_its_model_or_runtime_says_so_in_one_sentence(browser, de
     finally:
         server.shutdown()
     assert said in sentence and sentence.endswith(".") and sentence.count(". ") == 0, sentence
+
+
+def test_the_command_refuses_a_bad_port_or_folder_in_one_line(tmp_path, capsys):
+    (tmp_path / "page.txt").write_text("a file")
+    for args, said in [(["--port", "70000"], "--port"),
+                       (["--dir", str(tmp_path / "page.txt"), "--build-only"], "page.txt")]:
+        assert cli.run_cli(commands.demo, args) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), (out, err)
+        assert said in lines[0], lines
+    assert (tmp_path / "page.txt").read_text() == "a file"
