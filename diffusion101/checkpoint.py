@@ -134,7 +134,37 @@ def load(path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} {path} is truncated or corrupt and cannot be read") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} is not a Diffusion-101 file (no dict inside)")
+    check_storage(obj, f"{what} {path}")
     return obj
+
+
+def tensors_in(obj):
+    """(where, tensor) for every tensor in a loaded file, in dicts and lists of any depth."""
+    stack = [("", obj)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield where, item
+        elif isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+
+
+def check_storage(obj, where: str) -> None:
+    """Refuse a tensor whose shape claims more numbers than the file stores for it: a view of
+    one stored number with stride 0 (or any overlapping view) can name 10^12 elements in a
+    few KB, and the first operation that reads it (a finite check, a copy, an export)
+    allocates them all. Checked on the loaded views' metadata only: nothing is allocated."""
+    for name, t in tensors_in(obj):
+        if t.numel() == 0:
+            continue
+        held = t.untyped_storage().nbytes() // t.element_size()
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if t.numel() > held or last >= held:
+            raise UserError(f"{where}: tensor '{name}' claims {t.numel():,} numbers (shape "
+                            f"{tuple(t.shape)}) but the file stores {held:,} for it; it is "
+                            f"damaged or made to exhaust memory, and nothing of it was used")
 
 
 def is_tensor_dict(value) -> bool:
@@ -235,6 +265,10 @@ def load_state(model: torch.nn.Module, state: dict, where: str) -> None:
         if name in expected and t.dtype != expected[name].dtype:
             raise UserError(f"{where}: tensor '{name}' is {t.dtype}; this architecture keeps it "
                             f"as {expected[name].dtype}")
+        if name in expected and t.shape != expected[name].shape:  # before any pass over it
+            raise UserError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}; this "
+                            f"architecture's is {tuple(expected[name].shape)}")
+    check_storage(state, where)  # a state built in memory (convert) has not been through load()
     check_finite(state, where)
     try:
         model.load_state_dict(state, strict=True)

@@ -175,7 +175,7 @@ def test_bad_safetensors_files_are_refused_in_one_line(tmp_path):
         written("name.safetensors", tensors={**state, "extra.weight": torch.ones(2)}):
             "does not fit this architecture",
         written("shape.safetensors", tensors={**state, "output.bias": torch.ones(2)}):
-            "does not fit this architecture",
+            r"tensor 'output.bias' has shape \(2,\); this architecture's is \(1,\)",
         written("dtype.safetensors", tensors={**state, "output.bias": state["output.bias"].half()}):
             "'output.bias' is torch.float16",
         written("nan.safetensors", tensors={**state, "output.bias": state["output.bias"] * float("nan")}):
@@ -224,3 +224,49 @@ def test_a_state_dict_with_entries_that_are_no_tensors_is_refused_by_name():
     for bad in ({**state, "note": "hello"}, {**state, "output.bias": [0.0]}, {**state, 3: state["output.bias"]}):
         with pytest.raises(UserError, match="not a named tensor"):
             checkpoint.load_state(model, bad, "old.pt")
+
+
+def _bomb(elements: int) -> torch.Tensor:
+    """A view of one stored number that claims `elements` of them (stride 0): a few bytes in
+    a file, elements * 4 bytes once anything reads it whole."""
+    return torch.zeros(1).expand(elements)
+
+
+@pytest.mark.parametrize("where", ["model", "ema", "optimizer", "lora"])
+def test_a_tensor_that_claims_more_than_its_file_holds_is_refused_unread(tmp_path, where):
+    """Every way a tensor enters is checkpoint.load; in the weights, the EMA copy, deep in an
+    optimizer's state, in an adapter: refused before one element is read (10^12 numbers,
+    4 TB, would kill the process: the test passes only because nothing is allocated)."""
+    if where == "lora":
+        obj = {"format": checkpoint.LORA_FORMAT, "lora": {"a.lora_A": _bomb(10 ** 12)},
+               "lora_config": {"r": 4, "alpha": 4.0, "targets": ["w_q"]},
+               "base_fingerprint": "0" * 64, "config": tiny_checkpoint(0)["config"], "steps": 1}
+    else:
+        obj = tiny_checkpoint(0)
+        bomb = _bomb(10 ** 12)
+        if where == "optimizer":
+            obj["optimizer"] = {"state": {0: {"exp_avg": [bomb]}}, "param_groups": []}
+        else:
+            obj[where] = {**obj["model"], "output.bias": bomb}
+    torch.save(obj, tmp_path / "bomb.pt")
+    assert (tmp_path / "bomb.pt").stat().st_size < 200_000
+    with pytest.raises(UserError, match=r"claims 1,000,000,000,000 numbers .* stores 1 for it"):
+        if where == "lora":
+            checkpoint.load_lora_file(tmp_path / "bomb.pt")
+        else:
+            models.load_model(tmp_path / "bomb.pt")
+
+
+def test_an_overlapping_view_is_refused_and_a_slice_loads(tmp_path):
+    base = torch.arange(1000.0)
+    overlapping = base.as_strided((1000, 1000), (0, 1))  # a million numbers from a thousand
+    torch.save({"format": "x", "t": [overlapping]}, tmp_path / "overlap.pt")
+    with pytest.raises(UserError, match=r"tensor 't\[0\]' claims 1,000,000 numbers"):
+        checkpoint.load(tmp_path / "overlap.pt")
+    ok = base[4:12]  # a slice of a bigger storage holds its shape: loads
+    torch.save({"format": "x", "t": ok}, tmp_path / "slice.pt")
+    assert torch.equal(checkpoint.load(tmp_path / "slice.pt")["t"], ok)
+    state = {**tiny_checkpoint(0)["model"]}
+    state["output.bias"] = _bomb(10 ** 9)  # a state built in memory (convert) is checked too
+    with pytest.raises(UserError, match="has shape"):
+        checkpoint.load_state(UNet(get_preset("tiny").model), state, "converted")
