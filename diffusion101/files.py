@@ -29,6 +29,30 @@ def same_file(a, b) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+class WriteRecorder:
+    """The temporary file as a writer sees it. Every write goes through; an OSError it raises
+    (a full disk, a quota) is kept, because some writers turn it into an error of their own
+    that names no cause (torch.save: a RuntimeError, "unexpected pos"). The fault
+    disk_full:N makes the disk full once N bytes are written, as a real one would be, in the
+    middle of a writer's own code (disk_full alone: at 0 bytes)."""
+
+    def __init__(self, f):
+        self.file, self.error = f, None
+
+    def write(self, data):
+        try:
+            full_at = fault("disk_full")
+            if full_at is not None and self.file.tell() + len(data) > int(full_at or 0):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # seek, tell, flush, fileno...: the file's own
+        return getattr(self.file, name)
+
+
 def atomic_write(path, write_fn) -> None:
     """Write through write_fn(file) to a temporary file in the same folder, fsync, then
     os.replace: a crash at any point leaves either the old file or the new one, never half.
@@ -41,9 +65,15 @@ def atomic_write(path, write_fn) -> None:
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            write_fn(f)
-            if fault("disk_full") is not None:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            recorder = WriteRecorder(f)
+            try:
+                write_fn(recorder)
+            except Exception:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None  # the cause the writer's own error hid
+            if recorder.error is not None:  # a writer that went on after a failed write
+                raise recorder.error
             f.flush()
             os.fsync(f.fileno())
         if fault("kill_before_replace") is not None:
