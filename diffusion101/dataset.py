@@ -66,12 +66,10 @@ def prepare_raw(data_dir: Path = DATA_DIR, root: Path | None = None) -> Path:
             raise UserError(f"MNIST file corrupt: {gz} has sha256 {digest[:12]}..., "
                             f"expected {sums.get(gz.name, '?')[:12]}...")
         target = raw / name
-        stamp = raw / f"{name}.sha256"
-        # The stamp records which verified .gz the unpacked file came from, and its size: a
-        # file cut short (a full disk, a copy stopped half-way) under a stamp that survived
-        # is unpacked again.
-        if target.is_file() and stamp.is_file() and \
-                stamp.read_text() == f"{digest} {target.stat().st_size}":
+        # The unpacked file is used only when its own sha256 is the one SHA256SUMS lists for
+        # it (hashing it takes a few ms): a file cut short, edited, or another file of that
+        # name is unpacked again, whatever lies beside it in the cache.
+        if target.is_file() and _sha256(target) == sums.get(name):
             continue
         tmp = raw / f".{name}.tmp{os.getpid()}"
         try:
@@ -79,7 +77,6 @@ def prepare_raw(data_dir: Path = DATA_DIR, root: Path | None = None) -> Path:
             with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                 dst.write(src.read())
             os.replace(tmp, target)
-            stamp.write_text(f"{digest} {target.stat().st_size}")
         except OSError as e:  # a full disk, HOME set to a file, a read-only cache
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -218,3 +218,19 @@ def test_an_empty_or_unset_cache_variable_is_the_default_cache(monkeypatch, tmp_
     assert dataset.cache_dir() == default
     monkeypatch.setenv("DIFFUSION101_CACHE", str(tmp_path))
     assert dataset.cache_dir() == tmp_path
+
+
+def test_an_unpacked_file_is_used_only_when_its_content_is_proven(tmp_path):
+    """No stamp to trust: the cache's file itself must hash to the listed sum. A file of the
+    right size but other bytes, and a cut file under an old stamp rewritten to its size, are
+    both unpacked again."""
+    cache = tmp_path / "cache"
+    dataset.prepare_raw(dataset.DATA_DIR, cache)
+    raw = cache / "MNIST" / "raw"
+    labels, images = raw / "t10k-labels-idx1-ubyte", raw / "t10k-images-idx3-ubyte"
+    whole_labels, whole_images = labels.read_bytes(), images.read_bytes()
+    labels.write_bytes(whole_labels[:16] + bytes(len(whole_labels) - 16))  # same size
+    images.write_bytes(whole_images[:1000])
+    (raw / "t10k-images-idx3-ubyte.sha256").write_text("anything 1000")
+    dataset.prepare_raw(dataset.DATA_DIR, cache)
+    assert labels.read_bytes() == whole_labels and images.read_bytes() == whole_images
