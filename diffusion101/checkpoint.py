@@ -57,11 +57,12 @@ TENSOR_PART = {MODEL_FORMAT: "model", LORA_FORMAT: "lora"}
 TRAINING_PARTS = ("optimizer", "lr_schedule", "ema", "rng")
 
 
-def save(obj: dict, path) -> None:
+def save(obj: dict, path, derived: bool = False) -> None:
     """A model or adapter file: safetensors when the name ends in .safetensors, else a torch
-    pickle of tensors and plain values."""
+    pickle of tensors and plain values. (`derived`: a name the command made up, as
+    files.atomic_write takes it.)"""
     if Path(path).suffix.lower() != SAFETENSORS:  # .SAFETENSORS too
-        atomic_write(path, lambda f: torch.save(obj, f))
+        atomic_write(path, lambda f: torch.save(obj, f), derived)
         return
     if any(part in obj for part in TRAINING_PARTS):
         raise UserError(f"{path}: a training checkpoint (optimizer, EMA, RNG states) stays .pt; "
@@ -70,7 +71,7 @@ def save(obj: dict, path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in obj[part].items()}
     metadata = {k: (v if k == "format" else json.dumps(v)) for k, v in obj.items() if k != part}
     data = safetensors.torch.save(tensors, metadata)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), derived)
 
 
 def is_safetensors(path: Path) -> bool:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from .config import SEED_MAX, Config, UserError, get_preset
-from .files import same_file
+from .denoise import make_sampler
+from .files import same_file, written_path
 from .settings import apply_override, check_range, check_strength, class_labels, validate
 
 
@@ -120,13 +121,14 @@ def output_file(what: str, *suffixes: str):
 
 
 def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | None = None,
-                  lock: bool = True) -> None:
+                  lock: bool = True, derived=()) -> None:
     """Refuse, before any work, output paths that cannot be used: a file output that is one of
     the inputs (under any name), two outputs that are one file, a folder where a file is
     wanted (or the reverse), a device or FIFO, a folder that cannot be created or written;
     then lock every file output for the life of the command (lock_output), so that no other
     command writes it meanwhile. Each argument maps a flag to a path (None: not given);
-    `folders` are outputs that are folders."""
+    `folders` are outputs that are folders; `derived`, the flags of outputs whose names the
+    command made up (files.written_path: never written through a link)."""
     inputs = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
     wanted = [(k, Path(v), False) for k, v in outputs.items() if v is not None]
     wanted += [(k, Path(v), True) for k, v in (folders or {}).items() if v is not None]
@@ -150,6 +152,8 @@ def check_outputs(outputs: dict, inputs: dict | None = None, folders: dict | Non
             if same_file(path, other):
                 raise UserError(f"{flag} and {other_flag} are the same file ({path}); "
                                 f"give them different names")
+        if not is_folder:  # a link: written through only if named, and to a file of its kind
+            written_path(path, flag in derived)
         folder = path if is_folder else (path.parent if str(path.parent) else Path("."))
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -340,4 +344,6 @@ def build_config(preset: str, overrides, shortcuts: dict, base: Config | None = 
         if value is not None:
             apply_override(cfg, f"{key}={value}")
     validate(cfg)
+    # The sampler built now: a walk it cannot take fails before any work, not at the first grid
+    make_sampler(cfg.sample, cfg.diffusion)
     return cfg

@@ -22,7 +22,8 @@ from .config import UserError
 from .dataset import training_data, write_shapes, write_style_data
 from .distill import Recipe, distill as distill_run, pairs_path
 from .files import atomic_write
-from .generate import Outputs, generate, load_for_sampling, load_guide, resolve_sampler
+from .generate import (PROGRESS_FIGURE, Outputs, generate, load_for_sampling, load_guide,
+                       resolve_sampler)
 from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .onnx_export import ONNX_SUFFIX
@@ -155,7 +156,8 @@ def sample(argv=None) -> None:
     ckpt = default_checkpoint(a.ckpt, adapters=bool(loras))
     outputs = Outputs(Path(a.out), a.npz and Path(a.npz), a.gif and Path(a.gif))
     check_outputs(outputs.by_flag(), inputs={"--ckpt": ckpt, "--guide": a.guide,
-                                             **{f"--lora {p}": p for p, _ in loras}})
+                                             **{f"--lora {p}": p for p, _ in loras}},
+                  derived=[PROGRESS_FIGURE])
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge,
                               cuda_graph=a.cuda_graph)
     classes = parse_classes(a.classes, class_names(model.config.model))
@@ -380,7 +382,8 @@ def distill_student(argv=None) -> None:
     recipe.check()
     device = resolve_device(a.device)
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
-                  inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir})
+                  inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir},
+                  derived=["the pairs file"])
     distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
 
 

@@ -156,7 +156,7 @@ class SampleConfig:
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
     # flow: SD3's time shift of the walk's grid, t -> s t / (1 + (s - 1) t) (1: none; s > 1
     # spends more of the steps near the noise)
-    shift: float = num(1.0, 0.0, 100.0, above_lo=True)
+    shift: float = num(1.0, 0.01, 100.0)  # below 0.01 the grid's arithmetic underflows to NaN
 
 
 @dataclass

@@ -165,7 +165,8 @@ def make_pairs(teacher, cfg: Config, walk: SampleConfig, n: int | None, seed: in
                 parts[k].append(v)
             whole = {k: torch.cat(v) for k, v in parts.items()}
             atomic_write(path, lambda f: torch.save({"format": PAIRS_FORMAT, "teacher": fp,
-                                                     "walk": walk_dict, "seed": seed, **whole}, f))
+                                                     "walk": walk_dict, "seed": seed, **whole}, f),
+                         derived=True)  # named after --out
             bar.update(size)
     whole = {k: torch.cat(v)[:n] for k, v in parts.items()}
     if done < n:

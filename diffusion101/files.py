@@ -53,12 +53,32 @@ class WriteRecorder:
         return getattr(self.file, name)
 
 
-def atomic_write(path, write_fn) -> None:
+def written_path(path, derived: bool = False) -> Path:
+    """Where writing `path` lands. A link the user named is written through: the rename
+    replaces the file it points to, never the link (which would leave that file stale, or, as
+    root, turn /dev/stdout into a plain file), if that file is of the same kind (its suffix).
+    A link whose name the command derived (a progress figure beside a grid, a pairs file, a
+    snapshot), or one to a file of another kind, is refused: writing through it would replace
+    a file nobody named as an output."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if derived:
+        raise UserError(f"{path} is a link to {target}; that name is derived, not given, so "
+                        f"nothing is written through it: remove the link or choose another name")
+    if target.suffix.lower() != path.suffix.lower():
+        raise UserError(f"{path} is a link to {target}, a file of another kind; writing a "
+                        f"{path.suffix or 'file'} through it would replace it: choose another name")
+    return target
+
+
+def atomic_write(path, write_fn, derived: bool = False) -> None:
     """Write through write_fn(file) to a temporary file in the same folder, fsync, then
     os.replace: a crash at any point leaves either the old file or the new one, never half.
-    A link is written through: the rename replaces the file it points to, never the link (which
-    would leave that file stale, or, as root, turn /dev/stdout into a plain file)."""
-    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    A link is written through, or refused, as written_path says (`derived`: the command made
+    the name up)."""
+    path = written_path(path, derived)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"cannot save {path}: folder {folder} does not exist")

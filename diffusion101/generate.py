@@ -34,8 +34,11 @@ class Outputs:
 
     def by_flag(self) -> dict:
         """Each output under its command-line flag, for cli.check_outputs."""
-        return {"--out": self.grid, "--out's progress figure": progress_path(self.grid),
+        return {"--out": self.grid, PROGRESS_FIGURE: progress_path(self.grid),
                 "--npz": self.npz, "--gif": self.gif}
+
+
+PROGRESS_FIGURE = "--out's progress figure"  # an output whose name the command derives
 
 
 @dataclass

@@ -119,7 +119,7 @@ def save_progression(frames: torch.Tensor, labels, path) -> None:
     for r, label in enumerate(labels):
         draw.text((4, title + PADDING + r * step + s // 2 - 5), str(label), fill="black")
     data = png_bytes(page)
-    atomic_write(path, lambda f_: f_.write(data))
+    atomic_write(path, lambda f_: f_.write(data), derived=True)  # named after the grid
 
 
 def save_gif(frames: torch.Tensor, path, nrow: int, scale: int = 2, ms_per_frame: int = 120) -> None:

@@ -40,7 +40,7 @@ def save_snapshot(model: torch.nn.Module, cfg, preset, step: int, folder: Path) 
     folder.mkdir(parents=True, exist_ok=True)
     path = snapshot_path(folder, step)
     checkpoint.save(checkpoint.model_file(cfg, preset, {"model": model.state_dict(), "step": step}),
-                    path)
+                    path, derived=True)  # named after --out and the step
     return path
 
 

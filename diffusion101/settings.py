@@ -219,6 +219,26 @@ def validate(cfg: Config) -> None:
                         "(--guide CKPT)")
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
+    check_settings_apply(s, flow)
+
+
+def check_settings_apply(s: SampleConfig, flow: bool) -> None:
+    """A sampler setting the walk would ignore is refused, not silently dropped: DDIM's noise
+    and DDPM's timestep spacing on a flow model, flow's time shift on a DDPM model, eta on a
+    sampler other than DDIM, a guidance rule with nothing to guide."""
+    if flow and (s.eta or s.timestep_spacing != "uniform"):
+        raise UserError("sample.eta and sample.timestep_spacing shape a DDPM model's walk; a "
+                        "flow model's time grid takes sample.shift (leave eta 0, spacing uniform)")
+    if not flow and s.shift != 1.0:
+        raise UserError("sample.shift bends flow matching's time grid; a DDPM model's walk takes "
+                        "sample.timestep_spacing (leave shift 1)")
+    if s.eta and s.sampler != "ddim":
+        raise UserError(f"sample.eta is DDIM's noise; sample.sampler={s.sampler} has none "
+                        f"(leave eta 0)")
+    if s.guidance_rule != "cfg" and not is_guided(s):
+        raise UserError(f"sample.guidance_rule={s.guidance_rule} mixes guided predictions, and "
+                        f"sample.guidance={s.guidance:g} guides nothing: set a scale other than "
+                        f"1, or leave the rule cfg")
 
 
 def is_guided(sample_cfg: SampleConfig) -> bool:

@@ -266,3 +266,34 @@ def test_a_loop_of_links_as_an_input_is_one_line(tmp_path, monkeypatch, capsys):
     assert run_cli(sample, ["--ckpt", "loop.pt", "--out", "grid.png"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loop.pt" in err[0] and not (tmp_path / "grid.png").exists(), err
+
+
+@pytest.mark.parametrize("flag,name,target,derived,said", [
+    # issue 46: the progress figure's derived name as a link to the user's text file
+    ("--out's progress figure", "g_progress.png", "notes.txt", True, "that name is derived"),
+    ("--out's progress figure", "g_progress.png", "other.png", True, "that name is derived"),
+    ("the pairs file", "s.pt.pairs.pt", "keep.pt", True, "that name is derived"),
+    ("--out", "grid.png", "notes.txt", False, "a file of another kind"),
+    ("--npz", "s.npz", "photo.png", False, "a file of another kind"),
+])
+def test_a_link_is_written_through_only_when_named_and_of_the_same_kind(tmp_path, flag, name,
+                                                                        target, derived, said):
+    from diffusion101.files import atomic_write
+    (tmp_path / target).write_bytes(b"the user's file")
+    (tmp_path / name).symlink_to(tmp_path / target)
+    with pytest.raises(UserError, match=said):
+        check_outputs({flag: tmp_path / name}, lock=False, derived=[flag] if derived else [])
+    with pytest.raises(UserError, match=said):  # and the writer itself, the last line
+        atomic_write(tmp_path / name, lambda f: f.write(b"PNG"), derived=derived)
+    assert (tmp_path / target).read_bytes() == b"the user's file"
+    assert (tmp_path / name).is_symlink()
+
+
+def test_the_sample_command_refuses_a_progress_figure_link_before_any_work(tmp_path, capsys):
+    from diffusion101.commands import sample
+    from diffusion101.cli import run_cli
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "grid_progress.png").symlink_to(tmp_path / "notes.txt")
+    assert run_cli(sample, ["--out", str(tmp_path / "grid.png")]) == 2
+    assert "that name is derived" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "grid.png").exists()

@@ -213,3 +213,38 @@ def test_memory_is_estimated_before_it_is_spent(tmp_path, monkeypatch):
     checkpoint.save(crafted, tmp_path / "crafted.pt")
     with pytest.raises(UserError, match=r"describes a network of [\d,]+ parameters, but its weights hold"):
         load_model(tmp_path / "crafted.pt")
+
+
+@pytest.mark.parametrize("preset,settings,words", [
+    # a walk its sampler cannot take (issue 46's two, and two more)
+    ("cpu", ["sample.steps=20000"], "steps must be in 1..10000"),
+    ("tiny", ["sample.sampler=ddpm", "sample.steps=7"], "DDPM samples with all 100 steps"),
+    ("cpu-ddpm", ["sample.sampler=ddpm", "sample.steps=999"], "DDPM samples with all 1000 steps"),
+    ("tiny", ["sample.sampler=ddim", "sample.steps=101"], r"steps must be in 1\.\.100"),
+    # settings the walk would ignore
+    ("tiny", ["sample.shift=3"], "sample.shift bends flow matching's time grid"),
+    ("cpu", ["sample.eta=0.5"], "sample.eta and sample.timestep_spacing shape a DDPM"),
+    ("cpu", ["sample.timestep_spacing=trailing"], "a flow model's time grid takes sample.shift"),
+    ("tiny", ["sample.sampler=dpm", "sample.steps=10", "sample.eta=0.3"], "eta is DDIM's noise"),
+    ("cpu", ["sample.guidance=1", "sample.guidance_rule=apg"], "guides nothing"),
+    ("cpu", ["sample.shift=1e-300"], r"sample\.shift"),  # NaN samples once
+])
+def test_a_setting_a_run_will_use_later_is_built_and_checked_before_the_first_step(
+        tmp_path, capsys, preset, settings, words):
+    """Training, export and sampling build their sampler from the config before any work:
+    what used to train for minutes and then fail at the first grid (before its save), or be
+    silently dropped, is one line, and nothing is written."""
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import export, train
+    from diffusion101.model_files import FLOW_PATH, SHIPPED_PATH
+    sets = [a for s in settings for a in ("--set", s)]
+    out = tmp_path / "m.pt"
+    assert run_cli(train, ["--preset", preset, *sets, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and __import__("re").search(words, err[0]), err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    if preset in ("cpu", "cpu-ddpm") and all(s.startswith("sample.") for s in settings):
+        src = FLOW_PATH if preset == "cpu" else SHIPPED_PATH  # the same settings on a file
+        assert run_cli(export, [str(src), str(tmp_path / "e.pt"), *sets]) == 2
+        assert __import__("re").search(words, capsys.readouterr().err)
+        assert not (tmp_path / "e.pt").exists()
