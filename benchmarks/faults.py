@@ -2,7 +2,8 @@
 in docs/RELIABILITY.md. Each row is measured now: exit code, the line on stderr, and whether
 the files saved before are byte-for-byte intact.
 
-  python benchmarks/faults.py
+  python benchmarks/faults.py              # every row
+  python benchmarks/faults.py RANK export  # the rows whose title holds one of these words
 """
 from __future__ import annotations
 
@@ -236,6 +237,69 @@ API_CASES = [(f"API: `{code}`", "api", [code], None) for code in (
     "d.sample(d.load('model.pt'), foo=1)",
 )]
 
+# Issue 46's rows (made by make_round_four_inputs): torchrun's variables, tensors that claim more
+# than their file holds, a disk that fills inside torch.save, settings a run would use later or
+# ignore, links the user did not name; and the ONNX export and demo page's bad inputs
+TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29517"}
+TINY_RUN = ["--preset", "tiny", "--max-steps", "2", "--out", "r.pt", "--logdir", "runs"]
+STUDENT = ROOT / "diffusion101" / "weights" / "cpu_student.safetensors"
+ROUND_FOUR_CASES = [
+    ("RANK=0 set by hand (no torchrun)", "train", TINY_RUN, {"RANK": "0"}),
+    ("RANK=abc", "train", TINY_RUN, {**TORCHRUN, "RANK": "abc"}),
+    ("WORLD_SIZE=0", "train", TINY_RUN, {**TORCHRUN, "WORLD_SIZE": "0"}),
+    ("a peer that never comes (WORLD_SIZE=2, one process, a 3 s bound)", "train", TINY_RUN,
+     {**TORCHRUN, "DIFFUSION101_PEER_TIMEOUT": "3"}),
+    ("a model tensor of 10^12 numbers in a few KB (stride 0)", "denoise", ["--ckpt", "bomb.pt",
+     "--out", "grid.png"], None),
+    ("export of that file to .pt", "export_checkpoint", ["bomb.pt", "bomb_copy.pt"], None),
+    ("an adapter tensor of 10^12 numbers", "denoise", ["--ckpt", "model.pt", "--lora", "bomb_lora.pt",
+     "--out", "grid.png"], None),
+    ("--resume of a run whose optimizer state holds 10^12 numbers", "train", ["--resume", "--out",
+     "bomb_run.pt", "--max-steps", "8", "--logdir", "runs"], None),
+    ("disk full 4 KB into torch.save of model.pt", "train", ["--out", "model.pt", "--resume",
+     "--max-steps", "8", "--logdir", "runs"], {"DIFFUSION101_FAULT": "disk_full:4096"}),
+    ("training a flow model whose grid walks 20,000 steps", "train", ["--preset", "tiny", "--set",
+     "diffusion.objective=flow", "--set", "sample.sampler=euler", "--set", "sample.steps=20000",
+     "--out", "f.pt"], None),
+    ("training whose grid is DDPM in 7 of 100 steps", "train", ["--preset", "tiny", "--set",
+     "sample.sampler=ddpm", "--set", "sample.steps=7", "--out", "f.pt"], None),
+    ("export --set sample.steps=20000 of a flow model", "export_checkpoint", [STUDENT, "e.pt",
+     "--set", "sample.steps=20000"], None),
+    ("--shift 3 on a DDPM model", "denoise", ["--ckpt", "model.pt", "--shift", "3", "--out",
+     "grid.png"], None),
+    ("--eta 0.5 on a flow model", "denoise", ["--ckpt", STUDENT, "--eta", "0.5", "--out", "grid.png"], None),
+    ("--shift 1e-300", "denoise", ["--ckpt", STUDENT, "--shift", "1e-300", "--out", "grid.png"], None),
+    ("--guidance-rule apg at guidance 1", "denoise", ["--ckpt", STUDENT, "--guidance-rule", "apg",
+     "--out", "grid.png"], None),
+    ("API: `d.sample(d.load('model.pt'), shift=3)` (a DDPM model)", "api",
+     ["d.sample(d.load('model.pt'), shift=3)"], None),
+    ("the progress figure's derived name, a link to notes.txt", "denoise", ["--ckpt", "model.pt",
+     "--out", "linked_grid.png"], None),
+    ("--out a link to notes.txt (a PNG into a text file)", "denoise", ["--ckpt", "model.pt", "--out",
+     "to_notes.png"], None),
+    ("export to .onnx of an adapter", "export_checkpoint", ["lora.pt", "lora.onnx"], None),
+    ("export to .onnx of a truncated checkpoint", "export_checkpoint", ["truncated.pt", "t.onnx"], None),
+    ("demo --port 70000", "demo", ["--port", "70000"], None),
+    ("demo --dir: a folder of the user's files", "demo", ["--dir", "real", "--build-only"], None),
+]
+
+
+def make_round_four_inputs(d: Path) -> None:
+    """ROUND_FOUR_CASES' files: stride-0 tensors in a model, an adapter and a run's optimizer
+    state; links to the user's notes."""
+    bomb = torch.zeros(1).expand(10 ** 12)
+    ckpt = torch.load(d / "model.pt", weights_only=True)
+    torch.save({**ckpt, "model": {**ckpt["model"], "output.bias": bomb}}, d / "bomb.pt")
+    torch.save({**ckpt, "optimizer": {"state": {0: {"exp_avg": bomb}}, "param_groups": []}},
+               d / "bomb_run.pt")
+    lora = torch.load(d / "lora.pt", weights_only=True)
+    first = next(iter(lora["lora"]))
+    torch.save({**lora, "lora": {**lora["lora"], first: bomb}}, d / "bomb_lora.pt")
+    (d / "notes.txt").write_text("the user's notes")
+    os.symlink("notes.txt", d / "linked_grid_progress.png")
+    os.symlink("notes.txt", d / "to_notes.png")
+
 
 def main():
     d = Path(tempfile.mkdtemp())
@@ -254,11 +318,12 @@ def main():
         f"        return (os.system, ('touch {marker}',))\ntorch.save({{'model': P()}}, 'evil.pt')\n")
     subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
     make_bad_inputs(d)
+    make_round_four_inputs(d)
     os.symlink("loop.pt", d / "loop.pt")
     run("train", "--preset", "tiny", "--max-steps", "4", "--set", "train.snapshot_every=2",
         "--out", "snaps.pt", "--logdir", "runs", cwd=d)
     os.symlink("snaps.snapshots/step_0000002.pt", d / "snaplink.pt")
-    watched = ["model.pt", "lora.pt", "grid.png", "snaps.snapshots/step_0000002.pt"]
+    watched = ["model.pt", "lora.pt", "grid.png", "snaps.snapshots/step_0000002.pt", "notes.txt"]
     cases = [
         ("SIGKILL mid-epoch, then --resume", "train", ["--preset", "tiny", "--max-steps", "9",
          "--save-every", "3", "--out", "kill.pt", "--logdir", "runs"], {"DIFFUSION101_FAULT": "kill_after_step:5"}),
@@ -296,8 +361,10 @@ def main():
         ("--lr nan", "train", ["--preset", "tiny", "--lr", "nan", "--out", "model.pt"], None),
         ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
         ("model.in_channels=3 on MNIST", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
-        *FOLDER_CASES, *FILE_CASES, *INTERRUPT_CASES, *API_CASES,
+        *FOLDER_CASES, *FILE_CASES, *INTERRUPT_CASES, *API_CASES, *ROUND_FOUR_CASES,
     ]
+    only = sys.argv[1:]  # words: run only the rows whose title holds one of them
+    cases = [c for c in cases if not only or any(w in c[0] for w in only)]
     print("| fault or bad input | exit code | what it printed (stderr, last line) | traceback | files saved before |")
     print("|---|---|---|---|---|")
     for title, script, args, env in cases:

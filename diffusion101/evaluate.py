@@ -10,6 +10,7 @@ the real-data floors ship in ``diffusion101/weights/classifier.pt``.
 from __future__ import annotations
 
 import dataclasses
+import lzma
 import time
 import zipfile
 import zlib
@@ -212,8 +213,13 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
             images, labels = d["images"], d["labels"]
     except UserError:  # (a ValueError: said already)
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError,
+            NotImplementedError, RuntimeError) as e:
+        # (zipfile: a member flagged encrypted is a RuntimeError, a compression method it does
+        # not know a NotImplementedError)
         raise UserError(f"{p} cannot be read as an npz of samples ({e})") from None
+    # labels stored big-endian read right in numpy, but torch takes native byte order only
+    labels = labels.astype(labels.dtype.newbyteorder("="), copy=False)
     if len(labels) < NPZ_MIN:
         raise UserError(f"{p}: {len(labels)} images; scoring needs at least {NPZ_MIN}")
     if labels.min() < 0 or labels.max() >= num_classes:

@@ -189,3 +189,61 @@ def test_an_npz_is_read_within_limits_whatever_it_claims(tmp_path, test_digits):
     (tmp_path / "broken.npz").write_bytes(bytes(data))
     with pytest.raises(UserError, match="cannot be read"):
         evaluate.evaluate_npz(tmp_path / "broken.npz")
+
+
+def _zip_of(path, members: dict, compress):
+    import zipfile
+    with zipfile.ZipFile(path, "w", compress) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _npy(array) -> bytes:
+    import io
+    f = io.BytesIO()
+    np.save(f, array)
+    return f.getvalue()
+
+
+def _patched(path, central_offset: int, value: int, size: int):
+    """The zip at `path` with a field of every central-directory entry (and of every local
+    header, at its own offset) set to `value`: a flag or a compression method."""
+    data = bytearray(path.read_bytes())
+    local_offset = {8: 6, 10: 8}[central_offset]  # the same field in the local file header
+    for signature, offset in ((b"PK\x01\x02", central_offset), (b"PK\x03\x04", local_offset)):
+        start = 0
+        while (start := data.find(signature, start)) != -1:
+            data[start + offset:start + offset + size] = value.to_bytes(size, "little")
+            start += 4
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_every_npz_variant_is_read_correctly_or_refused_in_one_line(tmp_path, test_digits):
+    """Big-endian labels, Fortran order, members compressed by deflate, bzip2 or lzma score as
+    the plain file does; members flagged encrypted, or compressed by a method zipfile does
+    not know, are one line."""
+    import zipfile
+    images, labels = test_digits.images[:200].numpy(), test_digits.labels[:200].numpy()
+    plain = evaluate.evaluate_npz(_zip_of(tmp_path / "plain.npz", {
+        "images.npy": _npy(images), "labels.npy": _npy(labels)}, zipfile.ZIP_STORED))
+    variants = {
+        "big-endian labels": ({"images.npy": _npy(images), "labels.npy": _npy(labels.astype(">i8"))},
+                              zipfile.ZIP_STORED),
+        "big-endian int32 labels, Fortran-order images": (
+            {"images.npy": _npy(np.asfortranarray(images)), "labels.npy": _npy(labels.astype(">i4"))},
+            zipfile.ZIP_DEFLATED),
+        "bzip2": ({"images.npy": _npy(images), "labels.npy": _npy(labels)}, zipfile.ZIP_BZIP2),
+        "lzma": ({"images.npy": _npy(images), "labels.npy": _npy(labels)}, zipfile.ZIP_LZMA),
+    }
+    for name, (members, compress) in variants.items():
+        got = evaluate.evaluate_npz(_zip_of(tmp_path / f"{name}.npz", members, compress))
+        assert got["accuracy"] == plain["accuracy"] and got["fid"] == pytest.approx(plain["fid"]), name
+    members = {"images.npy": _npy(images), "labels.npy": _npy(labels)}
+    for name, field, value, size, said in [("encrypted", 8, 0x1, 2, "encrypted"),
+                                           ("method 99", 10, 99, 2, "compression method"),
+                                           ("method 97 (WavPack)", 10, 97, 2, "compression method")]:
+        bad = _patched(_zip_of(tmp_path / f"{name}.npz", members, zipfile.ZIP_STORED), field, value, size)
+        with pytest.raises(UserError, match=rf"cannot be read as an npz of samples .*{said}"):
+            evaluate.evaluate_npz(bad)

@@ -77,9 +77,10 @@ def test_a_guide_must_draw_the_same_images_at_the_same_noise_levels(tmp_path):
     from diffusion101.generate import load_guide
     model = load_for_sampling(_tiny_file(tmp_path / "m.pt"), "cpu", log=lambda *a: None)
     v_guide = _tiny_file(tmp_path / "v.pt", **{"diffusion.prediction": "v"})
-    guide = load_guide(resolve_sampler(model.config, guidance_rule="auto", guide=v_guide), model)
+    guide = load_guide(resolve_sampler(model.config, guidance_rule="auto", guidance=2,
+                                       guide=v_guide), model)
     assert guide.prediction == "v" and not guide.net.training  # another prediction is fine
-    assert load_guide(resolve_sampler(model.config, guidance_rule="apg"), model) is None
+    assert load_guide(resolve_sampler(model.config, guidance_rule="cfg"), model) is None
     bad = {"size": ({"model.img_size": 32, "model.channels": (8, 16)}, "another image size"),
            "classes": ({"model.num_classes": 12}, "another classes"),
            "schedule": ({"diffusion.schedule": "cosine"}, "another noise schedule"),
@@ -89,9 +90,11 @@ def test_a_guide_must_draw_the_same_images_at_the_same_noise_levels(tmp_path):
     for name, (change, match) in bad.items():
         path = _tiny_file(tmp_path / f"{name}.pt", **change)
         with pytest.raises(UserError, match=match):
-            load_guide(resolve_sampler(model.config, guidance_rule="auto", guide=path), model)
+            load_guide(resolve_sampler(model.config, guidance_rule="auto", guidance=2, guide=path),
+                       model)
     with pytest.raises(UserError, match="checkpoint not found"):
-        load_guide(resolve_sampler(model.config, guidance_rule="auto", guide="absent.pt"), model)
+        load_guide(resolve_sampler(model.config, guidance_rule="auto", guidance=2,
+                                   guide="absent.pt"), model)
 
 
 class NaNNet(torch.nn.Module):

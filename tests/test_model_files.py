@@ -17,9 +17,11 @@ def test_export_keeps_the_ema_weights_only(tmp_path):
     full["optimizer"] = {"state": {}, "param_groups": []}
     checkpoint.save(full, tmp_path / "full.pt")
     models.export_for_sampling(tmp_path / "full.pt", tmp_path / "slim.pt",
-                                   ["sample.steps=50"], log=lambda *a: None)
+                               ["sample.sampler=ddim", "sample.steps=50"], log=lambda *a: None)
     model, slim, cfg = models.load_model(tmp_path / "slim.pt")
     assert cfg.sample.steps == 50
+    with pytest.raises(UserError, match="DDPM samples with all 100 steps"):  # nothing written
+        models.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["sample.steps=50"])
     with pytest.raises(UserError, match="only change sampler defaults"):
         models.export_for_sampling(tmp_path / "full.pt", tmp_path / "x.pt", ["model.norm=group"])
     with pytest.raises(UserError, match=r"sample\.guidance"):

@@ -470,9 +470,14 @@ def test_guidance_rules_from_the_command_line_and_in_an_export(work, tmp_path, c
              match="sample.apg_eta must be a finite number in [0, 1]")
     _refused(capsys, "denoise", *common, "--guidance-rule", "apg", "--guidance", "2",
              "--out", tmp_path / "x.png", match="needs a model trained with a null class")
+    # a rule at guidance 1 guides nothing: a file that says so would mislead (issue 46)
+    _refused(capsys, "export_checkpoint", "model.pt", tmp_path / "e.safetensors", "--set",
+             "sample.guidance_rule=apg", "--set", "sample.apg_eta=0.25", match="guides nothing")
+    assert not (tmp_path / "e.safetensors").exists()
     _ran(capsys, "export_checkpoint", "model.pt", tmp_path / "e.safetensors", "--set",
-         "sample.guidance_rule=apg", "--set", "sample.apg_eta=0.25", "--set", "sample.apg_momentum=-0.5")
+         "sample.guidance_rule=auto", "--set", "sample.guide=model.pt", "--set",
+         "sample.guidance=3", "--set", "sample.apg_eta=0.25", "--set", "sample.apg_momentum=-0.5")
     with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
         sample_section = json.loads(f.metadata()["config"])["sample"]
-    assert sample_section["guidance_rule"] == "apg" and sample_section["apg_eta"] == 0.25
-    assert sample_section["apg_momentum"] == -0.5
+    assert sample_section["guidance_rule"] == "auto" and sample_section["apg_eta"] == 0.25
+    assert sample_section["apg_momentum"] == -0.5 and sample_section["guidance"] == 3
