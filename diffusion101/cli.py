@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import re
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 from .config import SEED_MAX, Config, UserError, get_preset
 from .denoise import make_sampler
@@ -55,7 +58,23 @@ def run_cli(main, argv=None) -> int:
     except MemoryError:
         return _fail("error: out of memory (ask for fewer or smaller images, or a smaller "
                      "model); files already saved are intact", 2)
+    except RuntimeError as e:  # an allocator's failure inside torch (ulimit -v, a cgroup)
+        asked = allocation_failure(e)
+        if asked is None:
+            raise
+        return _fail(f"error: out of memory: an allocation of {asked} failed (ask for fewer or "
+                     f"smaller images, or a smaller model); files already saved are intact", 2)
     return 0
+
+
+def allocation_failure(e: RuntimeError):
+    """How much an allocation that failed inside torch asked for ('4.0 GiB', or 'memory'
+    where its message does not say), or None for any other RuntimeError."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    found = re.search(r"allocate (\d+) bytes", text)
+    return f"{int(found.group(1)) / 2 ** 30:,.1f} GiB" if found else "memory"
 
 
 def _fail(line: str, code: int) -> int:

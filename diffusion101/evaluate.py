@@ -25,7 +25,7 @@ from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
 from .denoise import finite_samples, make_sampler, sample, sampling_batch
 from .fid import feature_stats, frechet_distance
-from .settings import class_names, interval_text, is_mnist_model
+from .settings import check_fits, class_names, interval_text, is_mnist_model
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -209,6 +209,10 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
         if labels_dtype.kind not in "iu" or labels_shape != (n,):
             raise UserError(f"{p}: labels must be integers (N,) with N = {n}, not "
                             f"{labels_dtype} {labels_shape}")
+        # what the arrays unpack to, and the float copy that scoring makes: counted first (a
+        # few MB of zeros compressed can claim gigabytes)
+        check_fits(n * h * w * (1 + 4 + 4), "cpu", f"{p}: {n:,} images of {h} px, read and "
+                   f"scored", "score fewer images")
         with np.load(p, allow_pickle=False) as d:
             images, labels = d["images"], d["labels"]
     except UserError:  # (a ValueError: said already)

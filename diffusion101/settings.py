@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import operator
 import os
+from pathlib import Path
 
 import torch
 
@@ -311,11 +312,59 @@ def activation_floats(m: ModelConfig, training: bool) -> int:
 
 
 def device_memory(device) -> int:
-    """Bytes of memory of the device: a GPU's own, or the machine's."""
+    """Bytes of memory of the device: a GPU's own, or what this process may take on the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return cpu_memory()
+
+
+# Where cpu_memory reads the kernel's numbers (the tests point these at folders of their own)
+PROC, CGROUP = Path("/proc"), Path("/sys/fs/cgroup")
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # not Linux, or no such controller here
+        return ""
+
+
+def _number(path: Path, key: str | None = None):
+    """The integer in a kernel file (the one after `key`, in a file of 'key: value' lines), or
+    None where the file, the key or a number is missing ('max': no limit)."""
+    text = _text(path)
+    if key is not None:
+        text = next((line[len(key):] for line in text.splitlines() if line.startswith(key)), "")
+    words = text.split()
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
+def cpu_memory() -> int:
+    """Bytes this process may still allocate on the CPU: the machine's available memory, or
+    less where its cgroup (a container's limit, v1 or v2) or an address-space limit (ulimit
+    -v) allows less. (A machine's total would admit what the kernel then kills unannounced.)"""
+    import resource  # (Unix only)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = [total]
+    available = _number(PROC / "meminfo", "MemAvailable:")
+    if available is not None:
+        room.append(available * 1024)
+    groups = dict(line.split(":", 2)[1:] for line in _text(PROC / "self" / "cgroup").splitlines()
+                  if line.count(":") >= 2)  # controller -> this process's group (v2: "")
+    for folder, limit_file, usage_file in [
+            (CGROUP / groups.get("", "/").lstrip("/"), "memory.max", "memory.current"),
+            (CGROUP, "memory.max", "memory.current"),
+            (CGROUP / "memory" / groups.get("memory", "/").lstrip("/"), "memory.limit_in_bytes",
+             "memory.usage_in_bytes"),
+            (CGROUP / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")]:
+        limit = _number(folder / limit_file)
+        if limit is not None and limit < total:
+            room.append(limit - (_number(folder / usage_file) or 0))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        room.append(soft - (_number(PROC / "self" / "status", "VmSize:") or 0) * 1024)
+    return max(0, min(room))
 
 
 def check_memory(m: ModelConfig, images: int, device, training: bool = False,
@@ -336,5 +385,6 @@ def check_fits(need: int, device, what: str, advice: str) -> None:
     """Refuse what needs more bytes than the device has, in one line with both numbers."""
     have = device_memory(device)
     if need > have:
-        raise UserError(f"{what} needs about {need / 2 ** 30:,.1f} GiB; the {device} device has "
-                        f"{have / 2 ** 30:,.1f} GiB: {advice}")
+        where = "this process may take" if torch.device(device).type == "cpu" else "the device has"
+        raise UserError(f"{what} needs about {need / 2 ** 30:,.1f} GiB; {where} "
+                        f"{have / 2 ** 30:,.1f} GiB on the {device} device: {advice}")

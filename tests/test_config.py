@@ -248,3 +248,69 @@ def test_a_setting_a_run_will_use_later_is_built_and_checked_before_the_first_st
         assert run_cli(export, [str(src), str(tmp_path / "e.pt"), *sets]) == 2
         assert __import__("re").search(words, capsys.readouterr().err)
         assert not (tmp_path / "e.pt").exists()
+
+
+def _kernel(tmp_path, monkeypatch, files: dict, address_space=None):
+    """settings.cpu_memory reading a made-up /proc and /sys/fs/cgroup (and, if given, an
+    address-space limit in bytes)."""
+    import resource
+
+    from diffusion101 import settings
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(settings, "PROC", tmp_path / "proc")
+    monkeypatch.setattr(settings, "CGROUP", tmp_path / "cgroup")
+    limit = resource.RLIM_INFINITY if address_space is None else address_space
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY))
+    return settings
+
+
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("files,address_space,room", [
+    # what the machine has available, then less under each kind of limit
+    ({"proc/meminfo": f"MemTotal: 99 kB\nMemAvailable: {GIB // 1024} kB\n"}, None, GIB),
+    ({"proc/meminfo": "MemAvailable: 99999999999 kB\n", "proc/self/cgroup": "0::/job\n",
+      "cgroup/job/memory.max": str(3 * GIB), "cgroup/job/memory.current": str(GIB)}, None, 2 * GIB),
+    ({"proc/self/cgroup": "4:memory:/box\n1:name=systemd:/\n",
+      "cgroup/memory/box/memory.limit_in_bytes": str(3 * GIB),
+      "cgroup/memory/box/memory.usage_in_bytes": str(GIB // 2)}, None, 5 * GIB // 2),
+    ({"proc/self/cgroup": "0::/\n", "cgroup/memory.max": "max\n"}, None, None),  # no limit
+    ({"proc/self/status": f"Name: python\nVmSize: {GIB // 1024} kB\n"}, 4 * GIB, 3 * GIB),
+])
+def test_the_memory_a_process_may_take_is_the_least_of_its_limits(tmp_path, monkeypatch, files,
+                                                                   address_space, room):
+    import os
+    settings = _kernel(tmp_path, monkeypatch, files, address_space)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert settings.cpu_memory() == (total if room is None else room)
+
+
+def test_a_batch_beyond_a_containers_limit_is_refused_with_its_number(tmp_path, monkeypatch):
+    settings = _kernel(tmp_path, monkeypatch, {
+        "proc/self/cgroup": "0::/\n", "cgroup/memory.max": str(3 * GIB),
+        "cgroup/memory.current": "0"})
+    with pytest.raises(UserError, match=r"training in batches of 60000 .* this process may take "
+                                        r"3\.0 GiB on the cpu device"):
+        settings.check_memory(get_preset("cpu").model, 60_000, "cpu", training=True)
+
+
+def test_an_allocation_that_fails_inside_torch_is_one_line(capsys):
+    """Under an address-space limit torch's allocator fails with a RuntimeError of its own."""
+    import torch
+
+    from diffusion101.cli import run_cli
+
+    def allocate(argv):
+        torch.empty(2 ** 50, dtype=torch.uint8)  # a PiB: no machine has it
+
+    def other(argv):
+        raise RuntimeError("some other failure")
+    assert run_cli(allocate, []) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: out of memory: an allocation of 1,048,576.0 GiB failed (ask for "
+                     "fewer or smaller images, or a smaller model); files already saved are intact"]
+    with pytest.raises(RuntimeError, match="some other failure"):  # not ours to word
+        run_cli(other, [])

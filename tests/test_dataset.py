@@ -181,7 +181,7 @@ def test_a_training_set_that_cannot_be_held_in_memory_is_refused_before_it_is_re
     read = []
     monkeypatch.setattr(dataset, "resize_uint8", lambda *a: read.append(a))
     with pytest.raises(UserError, match=r"MNIST: 60,000 images of 512 px held in memory needs "
-                                        r"about 15.4 GiB; the cpu device has 1.0 GiB"):
+                                        r"about 15.4 GiB; this process may take 1.0 GiB on the cpu device"):
         dataset.load_mnist(img_size=512)
     root = _folder(tmp_path / "data", {"a": [Image.new("L", (8, 8))] * 3, "b": [Image.new("L", (8, 8))]})
     monkeypatch.setattr(dataset, "read_folder_image", lambda *a: read.append(a))

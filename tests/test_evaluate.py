@@ -247,3 +247,20 @@ def test_every_npz_variant_is_read_correctly_or_refused_in_one_line(tmp_path, te
         bad = _patched(_zip_of(tmp_path / f"{name}.npz", members, zipfile.ZIP_STORED), field, value, size)
         with pytest.raises(UserError, match=rf"cannot be read as an npz of samples .*{said}"):
             evaluate.evaluate_npz(bad)
+
+
+def test_an_npz_that_unpacks_beyond_the_memory_there_is_refused_unread(tmp_path, monkeypatch):
+    """A few MB of compressed zeros that unpack to gigabytes, counted against what the process
+    may take (here 1 GiB), before one array is read."""
+    import zipfile
+
+    from diffusion101 import settings
+    monkeypatch.setattr(settings, "device_memory", lambda device: 2 ** 30)
+    images = np.zeros((100_000, 64, 64), np.uint8)  # 410 MB, a few hundred KB compressed
+    path = _zip_of(tmp_path / "zeros.npz", {"images.npy": _npy(images),
+                                            "labels.npy": _npy(np.zeros(100_000, np.int64))},
+                   zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 5_000_000
+    with pytest.raises(UserError, match=r"100,000 images of 64 px, read and scored needs about "
+                                        r"3\.4 GiB; this process may take 1\.0 GiB"):
+        evaluate.evaluate_npz(path)

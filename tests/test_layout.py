@@ -50,7 +50,7 @@ def test_no_import_cycle_and_the_model_imports_no_job():
 
 # Imports that may wait inside a function: slow to import (torchvision about 1.5 s, matplotlib,
 # TensorBoard), or not on every platform (fcntl).
-LAZY = ("torchvision", "matplotlib", "torch.utils.tensorboard", "fcntl")
+LAZY = ("torchvision", "matplotlib", "torch.utils.tensorboard", "fcntl", "resource")
 
 
 def test_imports_sit_at_the_top_unless_slow_or_optional():

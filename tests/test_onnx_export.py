@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from diffusion101 import commands, denoise, onnx_export
+from conftest import tiny_checkpoint
+from diffusion101 import checkpoint, commands, denoise, onnx_export
 from diffusion101.config import UserError
-from diffusion101.model_files import FLOW_PATH, SHIPPED_PATH, STUDENT_PATH, load_model
+from diffusion101.model_files import FLOW_PATH, STUDENT_PATH, load_model
 
 # fp32 kernels of two libraries sum in different orders: the outputs (of order 1) agree to
 # about 1e-5; the issue's bound for the page is 1e-4.
@@ -19,7 +20,7 @@ def _random_inputs(cfg, n, generator, integer_times=False):
     x = torch.randn(n, m.in_channels, m.img_size, m.img_size, generator=generator)
     t = torch.randint(0, cfg.diffusion.timesteps, (n,), generator=generator)
     t = t if integer_times else torch.rand(n, generator=generator) * (cfg.diffusion.timesteps - 1)
-    y = torch.randint(0, m.num_classes + 1, (n,), generator=generator)  # the null label too
+    y = torch.randint(0, m.num_classes + int(m.null_class), (n,), generator=generator)  # + null
     return x, t, y
 
 
@@ -62,10 +63,12 @@ def test_a_whole_walk_matches(demo_page, panel, path, guidance):
 
 
 def test_the_export_command_writes_any_objective(tmp_path):
-    """The DDPM checkpoint (integer timesteps, noise prediction) through the command itself."""
-    out = tmp_path / "ddpm.ONNX"  # the suffix in any case says the format
-    commands.export([str(SHIPPED_PATH), str(out)])
-    model, _, cfg = load_model(SHIPPED_PATH)
+    """A DDPM checkpoint (integer timesteps, noise prediction; the `tiny` preset, one label
+    token, the reference's block) through the command itself."""
+    src, out = tmp_path / "tiny.pt", tmp_path / "ddpm.ONNX"  # any case of the suffix
+    checkpoint.save(tiny_checkpoint(0), src)
+    commands.export([str(src), str(out)])
+    model, _, cfg = load_model(src)
     model.eval()
     net = onnx_export.OnnxNetwork(out)
     assert net.config.diffusion.objective == "ddpm"
@@ -73,9 +76,9 @@ def test_the_export_command_writes_any_objective(tmp_path):
     with torch.no_grad():
         assert (net(x, t, y) - model(x, t, y)).abs().max() < TOLERANCE
     meta = net.session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["diffusion101.preset"]) == "cpu"
+    assert json.loads(meta["diffusion101.preset"]) == "tiny"
     with pytest.raises(UserError, match="only change sampler defaults"):  # nothing written
-        commands.export([str(SHIPPED_PATH), str(tmp_path / "x.onnx"), "--set", "model.norm=group"])
+        commands.export([str(src), str(tmp_path / "x.onnx"), "--set", "model.norm=group"])
     assert not (tmp_path / "x.onnx").exists()
 
 
