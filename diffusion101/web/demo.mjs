@@ -222,11 +222,6 @@ async function load(ort, meta) {
   }
 }
 
-// The runtime's 15 MB of WebAssembly, fetched at once, beside the runtime's JavaScript (the
-// HTML preloads both): onnxruntime compiles it from these bytes instead of fetching it later.
-const wasmBytes = fetch('./vendor/ort-wasm-simd-threaded.wasm')
-  .then((response) => (response.ok ? response.arrayBuffer() : null)).catch(() => null);
-
 async function main() {
   let ort;
   try {
@@ -241,8 +236,6 @@ async function main() {
   // static host does not): one thread otherwise. ?threads=N chooses (benchmarks/web_speed.py).
   const threads = Number(new URLSearchParams(location.search).get('threads'));
   ort.env.wasm.numThreads = threads || (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
-  const bytes = await wasmBytes;
-  if (bytes) ort.env.wasm.wasmBinary = bytes;  // (if not, onnxruntime fetches it and says why)
   try {
     const response = await fetch('./models/models.json');
     if (!response.ok) throw new Error(`models/models.json: HTTP ${response.status}`);
