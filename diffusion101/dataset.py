@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +217,14 @@ def read_folder_image(path: str, img_size: int, channels: int) -> torch.Tensor:
     RGB, resized as torchvision resizes."""
     from torchvision.transforms.v2 import functional as TF
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # (PIL refuses images so large that decoding them could exhaust memory)
+        with warnings.catch_warnings():
+            # PIL warns of an image over its pixel limit (and refuses one twice over): the
+            # warning, printed above the error line, becomes that refusal
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
     return TF.resize(TF.pil_to_tensor(img), [img_size, img_size], antialias=True)
 

@@ -193,6 +193,10 @@ def evaluate_npz(path, num_classes: int = 10) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"npz not found: {p}")
+    try:  # a file that cannot be opened is no "zip of arrays": say why it cannot
+        open(p, "rb").close()
+    except OSError as e:
+        raise UserError(f"{p} cannot be read ({e.strerror or e})") from None
     if not zipfile.is_zipfile(p):  # np.load would read an .npy or a pickle as something else
         raise UserError(f"{p} cannot be read as an npz of samples: it is no zip of arrays (an "
                         f".npy, a pickle or a cut file?); denoise.py --npz writes one")

@@ -57,6 +57,10 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     except Exception as e:  # any failure of a foreign pickle is the user's file, not our bug
         raise UserError(f"cannot read {old}: {type(e).__name__}: {e}") from None
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        # a file of this project (pickled by a script of its own): its own config and preset,
+        # not --preset's, describe its weights (a flow model stays a flow model)
+        cfg, preset = config_of(state), state.get("preset") or preset
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

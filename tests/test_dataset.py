@@ -234,3 +234,19 @@ def test_an_unpacked_file_is_used_only_when_its_content_is_proven(tmp_path):
     (raw / "t10k-images-idx3-ubyte.sha256").write_text("anything 1000")
     dataset.prepare_raw(dataset.DATA_DIR, cache)
     assert labels.read_bytes() == whole_labels and images.read_bytes() == whole_images
+
+
+def test_an_image_over_pils_pixel_limit_is_one_error_and_no_warning(tmp_path, monkeypatch):
+    """PIL warns of an image over its limit (and refuses one twice over): both are the same one
+    refusal, with no warning line printed above it."""
+    import warnings
+    for side in (12, 20):  # 144 pixels: PIL's warning; 400: its error (limit 100)
+        path = tmp_path / f"{side}.png"
+        Image.new("L", (side, side)).save(path)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(UserError, match=rf"cannot read image .*{side}\.png: .*pixels"):
+                dataset.read_folder_image(str(path), 16, 1)
+        assert caught == []
+        monkeypatch.undo()

@@ -264,3 +264,16 @@ def test_an_npz_that_unpacks_beyond_the_memory_there_is_refused_unread(tmp_path,
     with pytest.raises(UserError, match=r"100,000 images of 64 px, read and scored needs about "
                                         r"3\.4 GiB; this process may take 1\.0 GiB"):
         evaluate.evaluate_npz(path)
+
+
+def test_an_npz_that_cannot_be_opened_says_why(tmp_path, monkeypatch):
+    """Unreadable (no read permission: a stand-in, since root reads any file) is said as such,
+    not as "no zip of arrays"."""
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((20, 28, 28), np.uint8), labels=np.zeros(20, np.int64))
+
+    def denied(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(name))
+    monkeypatch.setattr(evaluate, "open", denied, raising=False)
+    with pytest.raises(UserError, match=r"s\.npz cannot be read \(Permission denied\)$"):
+        evaluate.evaluate_npz(path)

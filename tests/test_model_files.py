@@ -78,3 +78,26 @@ def test_convert_refuses_what_is_no_state_dict_of_named_tensors_in_one_line(tmp_
     with pytest.raises(UserError, match=match):
         models.convert_pickled(tmp_path / "old.pt", tmp_path / "new.pt", "tiny", trusted=True)
     assert not (tmp_path / "new.pt").exists()
+
+
+def test_convert_of_a_file_of_this_project_keeps_its_own_config(tmp_path):
+    """A Diffusion-101 checkpoint pickled by a script of its own (weights_only refuses it) is
+    converted under its own config and preset, not --preset's: a flow model stays a flow
+    model, a model of other classes keeps its classes."""
+    for change in ({"diffusion": {"objective": "flow"}, "sample": {"sampler": "euler", "steps": 4}},
+                   {"model": {"num_classes": 12}}):
+        ckpt = tiny_checkpoint(0)
+        for section, fields in change.items():
+            ckpt["config"][section].update(fields)
+        if "model" in change:  # weights of that architecture
+            from diffusion101.checkpoint import config_of
+            from diffusion101.unet import UNet
+            ckpt["model"] = UNet(config_of(ckpt).model).state_dict()
+        ckpt["note"] = object  # what weights_only refuses: a global
+        torch.save(ckpt, tmp_path / "old.pt")
+        new = tmp_path / f"new{len(list(tmp_path.glob('new*')))}.pt"
+        models.convert_pickled(tmp_path / "old.pt", new, "reference", trusted=True, log=lambda *a: None)
+        _, saved, cfg = models.load_model(new)
+        assert saved["preset"] == "tiny"
+        for section, fields in change.items():
+            assert all(getattr(getattr(cfg, section), k) == v for k, v in fields.items())
