@@ -372,9 +372,12 @@ def check_memory(m: ModelConfig, images: int, device, training: bool = False,
     """Refuse, with the number, a network and a batch of `images` that cannot fit the device's
     memory, before anything is allocated (a config with channels=8192,8192, a request for
     100,000 digits at once). Training keeps, per parameter, the weights, the gradient, Adam's
-    two moments and the EMA; `held`: bytes already held on that device (the training set)."""
+    two moments and the EMA; `held`: bytes already held on that device (the training set),
+    added to a GPU's need (its total is compared), not to a CPU's (what is left is)."""
     params = parameter_count(m)
     floats = params * (5 if training else 1) + images * activation_floats(m, training)
+    if torch.device(device).type == "cpu":  # taken already: cpu_memory() counts what is left
+        held = 0
     what = f"training in batches of {images}" if training else f"sampling {images:,} images at once"
     check_fits(4 * floats + held, device, f"{what} with this network ({params:,} parameters, "
                f"{m.img_size} px{', beside the training set' if held else ''})",
