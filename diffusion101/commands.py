@@ -262,8 +262,9 @@ def folder_maker(doc: str, n_default: int) -> Parser:
 def new_folder(a, n_max: int) -> Path:
     """The folder --out names, refused if it exists or its parent cannot be written."""
     out = Path(a.out)
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder")
+    if out.exists() or out.is_symlink():  # (a link to nothing: the rename would fail on it)
+        raise UserError(f"{out} exists{' (a link)' if out.is_symlink() else ''}; choose a new "
+                        f"folder")
     check_number("--n", a.n, 10, n_max, integer=True)
     check_seed(a.seed)
     check_outputs({}, folders={"--out's parent": out.parent if str(out.parent) else Path(".")})

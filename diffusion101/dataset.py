@@ -258,8 +258,13 @@ def load_image_folder(root, img_size: int, channels: int = 1, known=None,
     folder = _image_folder(root, names)
     counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.long), minlength=len(names))
     if int(counts.min()) == 0:
-        raise UserError(f"{root / names[int(counts.argmin())]} holds no image file (.png, "
-                        f".jpg, .bmp, ...; the extensions torchvision's ImageFolder reads)")
+        empty = root / names[int(counts.argmin())]
+        try:  # ImageFolder's walk passes over a folder it cannot list, as if it were empty
+            os.listdir(empty)
+        except OSError as e:
+            raise UserError(f"{empty} cannot be read ({e.strerror or e})") from None
+        raise UserError(f"{empty} holds no image file (.png, .jpg, .bmp, ...; the extensions "
+                        f"torchvision's ImageFolder reads)")
     skipped = n_files - len(folder.samples)
     if skipped:
         log(f"{root}: skipped {skipped} file(s) that are not images")

@@ -297,3 +297,15 @@ def test_the_sample_command_refuses_a_progress_figure_link_before_any_work(tmp_p
     assert run_cli(sample, ["--out", str(tmp_path / "grid.png")]) == 2
     assert "that name is derived" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "my notes" and not (tmp_path / "grid.png").exists()
+
+
+def test_a_new_folder_named_by_a_dangling_link_is_refused_by_its_name(tmp_path, capsys):
+    """make-shapes and make-style-data write a new folder: a link to nothing there is named
+    in the error, not the temporary folder the rename would have failed on."""
+    from diffusion101.cli import run_cli
+    from diffusion101.commands import make_shapes
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    assert run_cli(make_shapes, ["--out", str(tmp_path / "out"), "--n", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'out'} exists (a link); choose a new folder"]
+    assert (tmp_path / "out").is_symlink() and [p.name for p in tmp_path.iterdir()] == ["out"]

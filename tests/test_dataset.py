@@ -1,4 +1,5 @@
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -250,3 +251,20 @@ def test_an_image_over_pils_pixel_limit_is_one_error_and_no_warning(tmp_path, mo
                 dataset.read_folder_image(str(path), 16, 1)
         assert caught == []
         monkeypatch.undo()
+
+
+def test_a_class_folder_that_cannot_be_listed_says_so(tmp_path, monkeypatch):
+    """ImageFolder passes over a folder it may not list; the error names that, not "no image
+    file" (a stand-in for the permission: root, as in CI, lists any folder)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / name / "0.png")
+    real_listdir, real_scandir = os.listdir, os.scandir
+    locked = str(tmp_path / "b")
+
+    def denied(path="."):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(os, "listdir", lambda p=".": denied(p) if str(p) == locked else real_listdir(p))
+    monkeypatch.setattr(os, "scandir", lambda p=".": denied(p) if str(p) == locked else real_scandir(p))
+    with pytest.raises(UserError, match=r"b cannot be read \(Permission denied\)"):
+        dataset.load_image_folder(tmp_path, 8, log=lambda *a: None)
