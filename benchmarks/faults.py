@@ -282,6 +282,9 @@ ROUND_FOUR_CASES = [
     ("export to .onnx of a truncated checkpoint", "export_checkpoint", ["truncated.pt", "t.onnx"], None),
     ("demo --port 70000", "demo", ["--port", "70000"], None),
     ("demo --dir: a folder of the user's files", "demo", ["--dir", "real", "--build-only"], None),
+    ("make-shapes --out: a link to nothing", "make_shapes", ["--out", "dangling", "--n", "10"], None),
+    ("--data: an image over PIL's pixel limit (9,500 x 9,500)", "train", ["--preset", "tiny",
+     "--data", "huge", "--out", "h.pt"], None),
 ]
 
 
@@ -299,6 +302,11 @@ def make_round_four_inputs(d: Path) -> None:
     (d / "notes.txt").write_text("the user's notes")
     os.symlink("notes.txt", d / "linked_grid_progress.png")
     os.symlink("notes.txt", d / "to_notes.png")
+    os.symlink("nowhere", d / "dangling")
+    from PIL import Image
+    for c in ("a", "b"):  # 90 M pixels: over PIL's warning limit, under its error
+        (d / "huge" / c).mkdir(parents=True)
+        Image.new("L", (9500, 9500) if c == "a" else (8, 8)).save(d / "huge" / c / "0.png")
 
 
 def main():
