@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .config import SEED_MAX, Config, UserError, get_preset
-from .denoise import make_sampler
+from .denoise import check_config
 from .files import same_file, written_path
-from .settings import apply_override, check_range, check_strength, class_labels, validate
+from .settings import apply_override, check_range, check_strength, class_labels
 
 
 class Terminated(BaseException):
@@ -362,7 +362,5 @@ def build_config(preset: str, overrides, shortcuts: dict, base: Config | None = 
     for key, value in shortcuts.items():
         if value is not None:
             apply_override(cfg, f"{key}={value}")
-    validate(cfg)
-    # The sampler built now: a walk it cannot take fails before any work, not at the first grid
-    make_sampler(cfg.sample, cfg.diffusion)
+    check_config(cfg)
     return cfg

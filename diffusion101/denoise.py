@@ -18,7 +18,8 @@ from . import guidance
 from .config import DiffusionConfig, SampleConfig, UserError
 from .diffusion import DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler
 from .flow import FlowEuler, FlowHeun
-from .settings import FLOW_SAMPLERS, check_memory, check_sampler_fits, is_guided, needs_uncond
+from .settings import (FLOW_SAMPLERS, check_memory, check_sampler_fits, is_guided, needs_uncond,
+                       validate)
 
 
 @dataclass
@@ -168,3 +169,11 @@ def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -
     except ValueError as e:
         raise UserError(str(e)) from None
     return sampler
+
+
+def check_config(cfg) -> None:
+    """A config a run or a file will use: every field and rule (settings.validate), then the
+    sampler it names built with its steps, so that a walk the sampler cannot take fails before
+    any work or write, not at the first grid."""
+    validate(cfg)
+    make_sampler(cfg.sample, cfg.diffusion)

@@ -9,9 +9,9 @@ import torch
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
 from .config import UserError, get_preset
-from .denoise import make_sampler
+from .denoise import check_config
 from .onnx_export import export_onnx, is_onnx
-from .settings import apply_override, parameter_count, validate
+from .settings import apply_override, parameter_count
 from .unet import UNet
 
 
@@ -97,8 +97,7 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
         if not assignment.startswith("sample."):
             raise UserError(f"export can only change sampler defaults (sample.*), not '{assignment}'")
         apply_override(cfg, assignment)
-    validate(cfg)  # a NaN guidance must not reach the file
-    make_sampler(cfg.sample, cfg.diffusion)  # nor a walk its own sampler cannot take
+    check_config(cfg)  # a NaN guidance must not reach the file, nor a walk it cannot take
     counters = {k: ckpt[k] for k in ("epoch", "step", "step_in_epoch", "train_seconds") if k in ckpt}
     from_ema = weights is not ckpt["model"] or ckpt.get("exported_from_ema", False)  # (re-export)
     out = model_file(cfg, ckpt.get("preset"), {"model": weights, **counters,
