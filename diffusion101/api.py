@@ -19,7 +19,8 @@ from .config import SEED_MAX, UserError
 from .generate import Model, load_for_sampling, load_guide, resolve_sampler
 from .images import channels_last, to_unit
 from .model_files import default_checkpoint
-from .settings import check_range, check_strength, class_labels, class_names
+from .classes import class_labels, class_names
+from .settings import check_range, check_strength
 from .speed import resolve_device
 
 __all__ = ["Model", "load", "sample"]

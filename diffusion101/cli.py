@@ -16,7 +16,8 @@ import torch
 from .config import SEED_MAX, Config, UserError, get_preset
 from .denoise import check_config
 from .files import same_file, written_path
-from .settings import apply_override, check_range, check_strength, class_labels
+from .classes import class_labels
+from .settings import apply_override, check_range, check_strength
 
 
 class Terminated(BaseException):

@@ -28,9 +28,10 @@ from .lora_finetune import finetune
 from .model_files import convert_pickled, default_checkpoint, export_for_sampling
 from .onnx_export import ONNX_SUFFIX
 from .posthoc_ema import SNAPSHOT_PREFIX, export_rebuilt, snapshot_folder
-from .settings import class_names, is_guided
+from .classes import class_names
+from .guidance import is_guided
 from .speed import Speed, resolve_device
-from .train import train as train_run
+from .train_run import train as train_run
 
 
 # What each kind of file output may be named: its suffix says its format.

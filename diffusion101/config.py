@@ -36,6 +36,7 @@ def choice(default, *allowed):
 
 @dataclass
 class ModelConfig:
+    backbone: str = choice("unet")  # the network (networks.py builds the one named here)
     img_size: int = num(48, 4, 1024)
     in_channels: int = num(1, 1, 3)  # 1 (grey, as MNIST) or 3 (RGB, a folder of one's own)
     channels: tuple = num((64, 128, 256, 512, 1024), 1, 8192)  # one ConvBlock per level

@@ -16,6 +16,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .config import UserError
-from .settings import MAX_CLASSES, check_class_name, check_fits, validate
+from .classes import MAX_CLASSES, check_class_name
+from .memory import check_fits
+from .settings import validate
 
 # torchvision (slow to import) is imported where it is used.
 
@@ -118,6 +121,15 @@ def bytes_on(device, *tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
 
 
+class Batch(NamedTuple):
+    """What the training loop takes: images (B, C, S, S) in about [-1, 1], labels (B,), and
+    distillation's own noise for each image (distill.Pairs), or None for a fresh draw (an
+    (images, labels) pair, as ImageData.batch gives, reads as Batch(images, labels))."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    noise: torch.Tensor | None = None
+
+
 @dataclass
 class ImageData:
     """Labelled images in memory: MNIST, or a folder of one's own."""
@@ -133,7 +145,7 @@ class ImageData:
     def bytes_on(self, device) -> int:
         return bytes_on(device, self.images)
 
-    def batch(self, idx: torch.Tensor, device="cpu"):
+    def batch(self, idx: torch.Tensor, device="cpu") -> tuple:
         """Images as (B, C, S, S) float in [-1, 1] (ToTensor, then x * 2 - 1) and labels (B,)."""
         idx = idx.to(self.images.device)  # the set may live on the GPU already
         x = self.images[idx].to(device, non_blocking=True)

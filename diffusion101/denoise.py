@@ -16,10 +16,12 @@ from torch import nn
 
 from . import guidance
 from .config import DiffusionConfig, SampleConfig, UserError
-from .diffusion import DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler
-from .flow import FlowEuler, FlowHeun
-from .settings import (FLOW_SAMPLERS, check_memory, check_sampler_fits, is_guided, needs_uncond,
-                       validate)
+from .diffusion import NoiseSchedule
+from .flow import FlowMatching
+from .guidance import is_guided, needs_uncond
+from .memory import check_memory
+from .objective import Objective
+from .settings import validate
 
 
 @dataclass
@@ -30,8 +32,8 @@ class Guide:
     prediction: str
 
 
-def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig,
-            guide: Guide | None = None, memory: dict | None = None) -> torch.Tensor:
+def predict(model, sampler: Objective, x, t: int, labels, sample_cfg: SampleConfig,
+            guide: Guide | None = None, history: dict | None = None) -> torch.Tensor:
     """The network's output at timestep t for the batch x, guided where sample_cfg guides.
 
     Classifier-free guidance (Ho & Salimans 2022): the network asked with the labels (cond)
@@ -42,8 +44,7 @@ def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig
     (guidance.py) mix predicted x_0 instead, from the same predictions."""
     t_batch = sampler.net_time(torch.full((labels.shape[0],), t, device=labels.device))
     lo, hi = sample_cfg.guidance_interval
-    T = sampler.num_train_timesteps
-    if not (is_guided(sample_cfg) and lo * T <= t <= hi * T):
+    if not (is_guided(sample_cfg) and lo <= sampler.time_fraction(t) <= hi):
         return model(x, t_batch, labels)
     if needs_uncond(sample_cfg):
         null = torch.full_like(labels, model.null_label)
@@ -55,7 +56,7 @@ def predict(model, sampler: Sampler, x, t: int, labels, sample_cfg: SampleConfig
     if sample_cfg.guidance_rule == "cfg":
         return uncond + w * (cond - uncond)
     if sample_cfg.guidance_rule == "apg":
-        return guidance.apg(sampler, x, t, cond, uncond, sample_cfg, {} if memory is None else memory)
+        return guidance.apg(sampler, x, t, cond, uncond, sample_cfg, {} if history is None else history)
     guided_by = guide.net(x, t_batch, labels)
     return guidance.auto(sampler, x, t, cond, uncond, guided_by, guide.prediction, sample_cfg)
 
@@ -73,13 +74,13 @@ def check_guidance(model, sample_cfg: SampleConfig, guide: Guide | None) -> None
 
 
 @torch.inference_mode()
-def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConfig,
+def sample(model, sampler: Objective, labels: torch.Tensor, sample_cfg: SampleConfig,
            generator: torch.Generator | None = None, n_frames: int = 0,
            guide: Guide | None = None, start: torch.Tensor | None = None):
     """Generate one image per label: predict, step, repeat. Returns (images, frames).
 
     :param model: the network, already in eval mode; its cfg gives the image size.
-    :param sampler: a diffusion.Sampler; this loop sets its timesteps to sample_cfg.steps.
+    :param sampler: a sampler of the model's objective (make_sampler); this loop sets its timesteps to sample_cfg.steps.
     :param labels: (N,) class labels, on the device to sample on.
     :param sample_cfg: steps, guidance scale, rule and interval (config.SampleConfig).
     :param generator: the source of x_T and of every step's noise.
@@ -101,9 +102,9 @@ def sample(model, sampler: Sampler, labels: torch.Tensor, sample_cfg: SampleConf
     x = start.to(device)
     steps = len(sampler.timesteps)
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
-    frames, memory = [], {}  # memory: what a guidance rule keeps over this walk
+    frames, history = [], {}  # what a guidance rule keeps over this walk
     for i, t in enumerate(sampler.timesteps.tolist()):
-        out = predict(model, sampler, x, t, labels, sample_cfg, guide, memory)
+        out = predict(model, sampler, x, t, labels, sample_cfg, guide, history)
         x = sampler.step(out, t, x, generator=generator).prev_sample
         if i in keep:
             frames.append(x.cpu())
@@ -139,7 +140,7 @@ def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def sample_classes(model, sampler: Sampler, sample_cfg: SampleConfig, classes, n_per_class: int,
+def sample_classes(model, sampler: Objective, sample_cfg: SampleConfig, classes, n_per_class: int,
                    seed: int, device, n_frames: int = 0):
     """Images of `classes` (labels), repeated n_per_class times (grid_labels), from the seed's
     CPU generator. (With a guide network: sample() on the same labels and generator.)"""
@@ -147,23 +148,27 @@ def sample_classes(model, sampler: Sampler, sample_cfg: SampleConfig, classes, n
     return sample(model, sampler, labels, sample_cfg, cpu_generator(seed), n_frames)
 
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler,
-            "euler": FlowEuler, "heun": FlowHeun}
+# Each objective by its name (diffusion.objective); each lists the samplers it takes.
+OBJECTIVES = {"ddpm": NoiseSchedule, "flow": FlowMatching}
 
 
-def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -> Sampler:
-    """The sampler a config.SampleConfig names (sample.sampler), its timesteps set to
-    sample.steps (on sample.timestep_spacing, with DDIM's eta; flow's with sample.shift). A bad
-    name or step count, or a sampler of the other objective, is a UserError."""
-    name = sample_cfg.sampler
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
-    check_sampler_fits(name, cfg.objective)
-    if name in FLOW_SAMPLERS:
-        sampler = SAMPLERS[name](cfg, device, sample_cfg.shift)
-    else:
-        extra = {"eta": sample_cfg.eta} if name == "ddim" else {}
-        sampler = SAMPLERS[name](cfg, device, sample_cfg.timestep_spacing, **extra)
+def make_objective(cfg: DiffusionConfig, device="cpu") -> Objective:
+    """What training noises with and learns to predict, as diffusion.objective names it."""
+    return OBJECTIVES[cfg.objective](cfg, device)
+
+
+def make_sampler(sample_cfg: SampleConfig, cfg: DiffusionConfig, device="cpu") -> Objective:
+    """The sampler a config.SampleConfig names (sample.sampler), from the table of the
+    objective it walks, its timesteps set to sample.steps. A bad name or step count, or a
+    sampler of another objective, is a UserError."""
+    table = OBJECTIVES[cfg.objective].samplers
+    if sample_cfg.sampler not in table:
+        known = ", ".join(f"{name} ({obj})" for obj, kind in OBJECTIVES.items() for name in kind.samplers)
+        names = list(table)
+        either = ", ".join(names[:-1]) + " or " * (len(names) > 1) + names[-1]
+        raise UserError(f"sample.sampler={sample_cfg.sampler} does not walk diffusion.objective="
+                        f"{cfg.objective}: use {either} (known: {known})")
+    sampler = table[sample_cfg.sampler].from_config(cfg, sample_cfg, device)
     try:
         sampler.set_timesteps(sample_cfg.steps)
     except ValueError as e:

@@ -1,11 +1,11 @@
 """Noise schedules and samplers, as objects apart from the network (the diffusers pattern).
 
-NoiseSchedule is the objective: it knows the betas and nothing about the UNet, and training
-uses it alone. ``sample_timesteps(n, generator)`` draws training timesteps, ``add_noise(x0,
-noise, t)`` is the closed-form forward process q(x_t | x_0), ``target(x0, noise, t)`` what the
-network learns to predict (eps or v); ``predict_x0_eps`` (clipped as diffusion.clip says),
-``to_x0`` and ``from_x0`` are the one place that turns a prediction into x_0 and back. A
-second objective is another such class with its samplers.
+NoiseSchedule is the objective (the contract of objective.py): it knows the betas and
+nothing about the network, and training uses it alone. ``sample_timesteps(n, generator)``
+draws training timesteps, ``add_noise(x0, noise, t)`` is the closed-form forward process
+q(x_t | x_0), ``target(x0, noise, t)`` what the network learns to predict (eps or v);
+``predict_x0_eps`` (clipped as diffusion.clip says), ``to_x0`` and ``from_x0`` are the one
+place that turns a prediction into x_0 and back. ``NoiseSchedule.samplers`` lists its samplers.
 
 A sampler is a NoiseSchedule with a reverse step, and every sampler keeps one contract:
 ``set_timesteps(n)`` chooses the n timesteps of the walk (``timesteps``, from T-1 down) and
@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import DiffusionConfig
+from .config import DiffusionConfig, SampleConfig
+from .objective import Objective
 
 
 class StepOutput(NamedTuple):
@@ -46,7 +47,7 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # the paper's clip
 
 
-class NoiseSchedule:
+class NoiseSchedule(Objective):
     """The tables every sampler shares, and the forward process that training uses."""
 
     def __init__(self, cfg: DiffusionConfig, device="cpu"):
@@ -85,6 +86,9 @@ class NoiseSchedule:
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the network is fed for timestep t: t itself (flow matching scales its own)."""
         return t
+
+    def time_fraction(self, t) -> float:
+        return t / self.num_train_timesteps
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, with t of shape (B,)."""
@@ -161,6 +165,11 @@ class Sampler(NoiseSchedule):
         self.timestep_spacing = timestep_spacing
         self.set_timesteps(cfg.timesteps)
 
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, sample_cfg: SampleConfig, device="cpu"):
+        """The sampler with what it reads of sample_cfg (the factory's one way to build one)."""
+        return cls(cfg, device, sample_cfg.timestep_spacing)
+
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Walk n timesteps from T-1 down, spaced as self.timestep_spacing says; forget any
         history of an earlier walk. ValueError for an n the sampler cannot take."""
@@ -235,6 +244,10 @@ class DDIMSampler(Sampler):
         super().__init__(cfg, device, timestep_spacing)
         self.eta = eta
 
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, sample_cfg: SampleConfig, device="cpu"):
+        return cls(cfg, device, sample_cfg.timestep_spacing, sample_cfg.eta)
+
     def prev_timestep(self, t: int) -> int:
         later = (self.timesteps < t).nonzero()
         return int(self.timesteps[later[0, 0]]) if len(later) else -1
@@ -299,3 +312,7 @@ class DPMSolverSampler(Sampler):
         self._prev_x0, self._prev_h = x0, h
         # 2. the exponential-integrator update
         return StepOutput((s_t / s_s) * x_t - a_t * math.expm1(-h) * d, x0)
+
+
+NoiseSchedule.samplers = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpm": DPMSolverSampler}
+NoiseSchedule.preview = {"sampler": "ddim", "steps": 20, "eta": 0.0}

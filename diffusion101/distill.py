@@ -16,7 +16,7 @@ distillation):
 Guidance is distilled in (Meng et al. 2023, with w fixed): the pairs are guided and the
 student samples at w = 1, one network call a step where its teacher needs two. A DDPM teacher
 works the same way (DDIM and DPM-Solver++ walk deterministically too); the student is a flow
-model either way. The loop is training's own (train.run_training and fit), so the progress bar,
+model either way. The loop is training's own (train_run.run_training and train.fit), so the progress bar,
 TensorBoard and --resume are those of training.
 """
 from __future__ import annotations
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import BIG, Config, DiffusionConfig, SampleConfig, TrainConfig, UserError, num
-from .dataset import bytes_on
+from .dataset import Batch, bytes_on
 from .denoise import finite_samples, make_sampler, sample, sampling_batch
 from .files import atomic_write, same_file
 from .model_files import load_model
 from .settings import apply_override, check_field, validate
-from .train import new_run, run_training
+from .train_run import new_run, run_training
 
 PAIRS_FORMAT = "diffusion101/pairs/1"
 CHUNK = 1000  # pairs made between two saves of the pairs file
@@ -74,10 +74,10 @@ class Pairs:
     def bytes_on(self, device) -> int:
         return bytes_on(device, self.images, self.noise)
 
-    def batch(self, idx: torch.Tensor, device="cpu") -> tuple:
-        """(x0, y, noise) of the pairs idx: train.diffusion_loss noises x0 with that noise."""
+    def batch(self, idx: torch.Tensor, device="cpu") -> Batch:
+        """The pairs idx, each with its noise: train.diffusion_loss noises x0 with that noise."""
         idx = idx.to(self.labels.device)
-        return tuple(v[idx].to(device) for v in (self.images, self.labels, self.noise))
+        return Batch(*(v[idx].to(device) for v in (self.images, self.labels, self.noise)))
 
 
 def teacher_walk(cfg: Config, overrides=()) -> SampleConfig:
@@ -206,6 +206,6 @@ def distill(teacher_path, out, device, recipe: Recipe, walk_overrides=(), resume
                        recipe.seed, pairs_path(out), log)
     if not resume:
         cfg = student_config(tcfg, recipe, len(pairs))
-    run = new_run(cfg, "student", out, device, log)
-    run.init = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    run = new_run(cfg, "student", out, device, log,
+                  init={k: v.detach().cpu() for k, v in teacher.state_dict().items()})
     return run_training(run, logdir or Path("runs") / f"distill_{out.stem}", resume, pairs)

@@ -25,7 +25,9 @@ from .config import EVERY_STEP, SampleConfig, UserError
 from .dataset import load_mnist, resize_uint8
 from .denoise import finite_samples, make_sampler, sample, sampling_batch
 from .fid import feature_stats, frechet_distance
-from .settings import check_fits, class_names, interval_text, is_mnist_model
+from .classes import class_names, is_mnist_model
+from .guidance import interval_text
+from .memory import check_fits
 
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:

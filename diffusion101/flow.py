@@ -5,25 +5,22 @@ Time runs continuously from t = 0 (data) to t = 1 (noise) along a straight line:
 x_t = (1 - t) x_0 + t eps (Lipman et al. 2023; Liu et al. 2023), and the network predicts the
 velocity dx_t/dt = eps - x_0. Sampling solves that ODE from noise at t = 1 down to t = 0 with
 Euler or Heun steps on a time grid, which SD3's shift (Esser et al. 2024) bends towards the
-noisy end. FlowMatching is the objective (what training and guidance call, as NoiseSchedule
-is for DDPM); FlowEuler and FlowHeun are its samplers, with the diffusion samplers' contract:
+noisy end. FlowMatching is the objective (objective.py's contract, as NoiseSchedule is for
+DDPM); FlowEuler and FlowHeun are its samplers, with the diffusion samplers' contract:
 set_timesteps(n), then step(model_out, t, x_t) -> StepOutput(next sample, predicted x_0).
 """
 from __future__ import annotations
 
 import torch
 
-from .config import DiffusionConfig
+from .config import DiffusionConfig, SampleConfig
 from .diffusion import StepOutput
+from .objective import Objective
 
 
-class FlowMatching:
+class FlowMatching(Objective):
     """The forward process, the training target, the time the network is fed, and the
     conversions between a predicted velocity and x_0."""
-
-    # The walk's time axis is [0, 1] (t / num_train_timesteps is t itself), which
-    # sample.guidance_interval is measured on.
-    num_train_timesteps = 1
 
     def __init__(self, cfg: DiffusionConfig, device="cpu"):
         self.cfg, self.device = cfg, device
@@ -46,6 +43,9 @@ class FlowMatching:
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.time_scale
+
+    def time_fraction(self, t) -> float:
+        return t  # the path's own time runs from 0 to 1
 
     @staticmethod
     def _column(t, x: torch.Tensor):
@@ -92,6 +92,11 @@ class FlowSampler(FlowMatching):
         super().__init__(cfg, device)
         self.shift = shift
         self.set_timesteps(10)
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, sample_cfg: SampleConfig, device="cpu"):
+        """The sampler with what it reads of sample_cfg (the factory's one way to build one)."""
+        return cls(cfg, device, sample_cfg.shift)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         if not 1 <= num_inference_steps <= 10_000:
@@ -150,3 +155,7 @@ class FlowHeun(FlowSampler):
         self._start, self._i = None, self._i + 1
         return StepOutput(self.finish(x_i + (t_next - t_i) * (v_i + v_next) / 2),
                           self.to_x0(v_next, t_next, x_t))
+
+
+FlowMatching.samplers = {"euler": FlowEuler, "heun": FlowHeun}
+FlowMatching.preview = {"sampler": "euler", "steps": 8}

@@ -13,12 +13,14 @@ from torch import nn
 
 from . import checkpoint
 from .config import Config, SampleConfig, UserError
-from .denoise import Guide, cpu_generator, finite_samples, grid_labels, make_sampler, sample
+from .denoise import (Guide, check_config, cpu_generator, finite_samples, grid_labels, make_sampler,
+                      sample)
 from .files import same_file
 from .images import progress_path, save_gif, save_grid, save_npz, save_progression
 from .lora import apply_lora_file, merge_lora
 from .model_files import load_model
-from .settings import class_names, interval_text, validate
+from .classes import class_names
+from .guidance import interval_text
 from .speed import GraphedNetwork
 
 PROGRESS_FRAMES = 20  # columns of the progression figure: x_t from noise to the result
@@ -116,7 +118,7 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
     if unknown:
         raise UserError(f"unknown sampler option '{unknown[0]}' (known: {', '.join(sorted(known))})")
     result = dataclasses.replace(cfg.sample, **chosen)
-    validate(dataclasses.replace(cfg, sample=result))
+    check_config(dataclasses.replace(cfg, sample=result))  # its rules, and a walk it can take
     return result
 
 

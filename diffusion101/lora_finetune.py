@@ -15,10 +15,13 @@ from .config import TrainConfig, UserError
 from .dataset import epoch_batches, load_image_folder, load_mnist
 from .lora import inject_lora, lora_state_dict
 from .model_files import load_model
-from .settings import check_memory, class_names, is_mnist_model, validate
-from .train import NonFiniteLoss, Run, fit, make_objective
+from .classes import class_names, is_mnist_model
+from .memory import check_memory
+from .settings import validate
+from .denoise import make_objective
+from .train import NonFiniteLoss, Run, fit
 from .train_state import TrainState, make_lr_schedule
-from .unet import count_parameters
+from .networks import count_parameters
 
 
 def load_finetune_data(spec: str, model_cfg):

@@ -1,4 +1,4 @@
-"""Model files: a UNet rebuilt from a checkpoint's own config and weights, the converter for
+"""Model files: a network rebuilt from a checkpoint's own config and weights, the converter for
 the reference's pickles, the small export for sampling, and which checkpoint a command uses."""
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from .checkpoint import (config_of, load_model_checkpoint, load_state, model_fil
 from .config import UserError, get_preset
 from .denoise import check_config
 from .onnx_export import export_onnx, is_onnx
-from .settings import apply_override, parameter_count
-from .unet import UNet
+from .memory import parameter_count
+from .networks import build_network
+from .settings import apply_override
 
 
 def load_model(path, device="cpu"):
-    """Rebuild the UNet from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
+    """Rebuild the network from a checkpoint's own config and weights. Returns (model, ckpt, cfg)."""
     ckpt = load_model_checkpoint(path)
     cfg = config_of(ckpt)
     # Count before allocating: a small file whose config asks for a huge network is refused
@@ -25,7 +26,7 @@ def load_model(path, device="cpu"):
     if held < needed:
         raise UserError(f"{path}: its config describes a network of {needed:,} parameters, but "
                         f"its weights hold {held:,} numbers; the file is damaged or hand-edited")
-    model = UNet(cfg.model)
+    model = build_network(cfg.model)
     load_state(model, ckpt["model"], str(path))
     return model.to(device), ckpt, cfg
 
@@ -66,7 +67,7 @@ def convert_pickled(old, new, preset: str, trusted: bool, log=print) -> None:
     if not isinstance(state, dict):
         raise UserError(f"{old} holds a {type(obj).__name__}, not a model or a state dict")
     state = from_reference_names(state)
-    model = UNet(cfg.model)
+    model = build_network(cfg.model)
     load_state(model, state, str(old))
     save(model_file(cfg, preset, {"model": model.state_dict()}), new)
     log(f"wrote {new}: weights only, loadable with weights_only=True")
@@ -103,7 +104,7 @@ def export_for_sampling(src, dst, overrides=(), log=print) -> dict:
     out = model_file(cfg, ckpt.get("preset"), {"model": weights, **counters,
                                                "exported_from_ema": from_ema})
     if is_onnx(dst):  # the network's forward as a graph (onnx_export.py), the config beside it
-        model = UNet(cfg.model)
+        model = build_network(cfg.model)
         load_state(model, weights, str(src))
         export_onnx(model, cfg, ckpt.get("preset"), dst)
     else:

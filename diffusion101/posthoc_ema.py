@@ -19,7 +19,7 @@ from . import checkpoint
 from .config import UserError
 from .ema import decay_at
 from .settings import check_range, validate
-from .unet import UNet
+from .networks import build_network
 
 SNAPSHOT_PREFIX = "step_"
 
@@ -109,7 +109,7 @@ def rebuild(folder, decay: float = 0.0, gamma: float | None = None, until: int |
         if len(snaps) < 2:
             raise UserError(f"{folder} holds no snapshot after step 0 up to step {until}")
     first = checkpoint.load_model_checkpoint(snaps[0][1])
-    net = UNet(checkpoint.config_of(first).model)
+    net = build_network(checkpoint.config_of(first).model)
     checkpoint.load_state(net, first["model"], str(snaps[0][1]))  # names, shapes, dtypes, finite
     buffers = {name for name, _ in net.named_buffers()}
     ema = {k: v.clone() for k, v in first["model"].items()}

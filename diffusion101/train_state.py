@@ -16,9 +16,10 @@ from . import checkpoint
 from .config import Config, TrainConfig, UserError
 from .ema import EMA
 from .rng import rng_state, set_rng_state
-from .settings import check_memory, class_names
+from .classes import class_names
+from .memory import check_memory
 from .speed import Speed
-from .unet import UNet
+from .networks import build_network
 
 
 @dataclass
@@ -35,6 +36,8 @@ class TrainState:
     step: int = 0
     step_in_epoch: int = 0
     train_seconds: float = 0.0
+    saved: dict | None = None  # the checkpoint written last (not part of a checkpoint)
+    last_saved: int | None = None  # its step
     _tick: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
@@ -117,7 +120,7 @@ def build_state(cfg: Config, device, speed: Speed, total_steps: int, rank: int =
     recipe = cfg.train
     check_memory(cfg.model, recipe.batch_size, device, training=True, held=held)
     layout = torch.channels_last if speed.channels_last else torch.contiguous_format
-    model = UNet(cfg.model).to(device, memory_format=layout)
+    model = build_network(cfg.model).to(device, memory_format=layout)
     optimizer = make_optimizer(model.parameters(), recipe, fused=speed.fused_optimizer)
     # Offset by rank, so the processes of a distributed run draw different noise.
     generator = torch.Generator(device="cpu").manual_seed(recipe.seed + 1_000_003 * rank)

@@ -54,7 +54,3 @@ class UNet(nn.Module):
             x = deconv(x)
             x = conv(torch.cat([skips.pop(), x], dim=1), t_emb, context)
         return self.output(x)  # (B, C, S, S): the predicted eps or v
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

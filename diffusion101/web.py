@@ -26,7 +26,7 @@ from .config import UserError
 from .dataset import cache_dir
 from .flow import FlowMatching
 from .model_files import FLOW_PATH, STUDENT_PATH, export_for_sampling
-from .settings import class_names
+from .classes import class_names
 
 SOURCE = Path(__file__).parent / "web"
 PAGE_FILES = ("index.html", "demo.mjs")

@@ -27,7 +27,7 @@ from diffusion101.denoise import make_sampler, predict
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.evaluate import score
 from diffusion101.model_files import BOLD_LORA_PATH, FLOW_PATH, SHIPPED_PATH, STUDENT_PATH
-from diffusion101.train import train
+from diffusion101.train_run import train
 from diffusion101.unet import UNet
 
 # DIFFUSION101_TOUR_QUICK=1 runs every cell on less work (the test suite does): the figures

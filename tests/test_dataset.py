@@ -177,8 +177,8 @@ def test_a_training_set_that_cannot_be_held_in_memory_is_refused_before_it_is_re
                                                                                  monkeypatch):
     # MNIST at 512 px is 14.6 GiB of uint8 (and 0.75 GiB of the resize's floats): counted first,
     # not found out by the OOM killer (a SIGKILL, no message) after minutes of resizing
-    from diffusion101 import settings
-    monkeypatch.setattr(settings, "device_memory", lambda device: 2 ** 30)  # a 1 GiB machine
+    from diffusion101 import memory
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2 ** 30)  # a 1 GiB machine
     read = []
     monkeypatch.setattr(dataset, "resize_uint8", lambda *a: read.append(a))
     with pytest.raises(UserError, match=r"MNIST: 60,000 images of 512 px held in memory needs "
@@ -187,7 +187,7 @@ def test_a_training_set_that_cannot_be_held_in_memory_is_refused_before_it_is_re
     root = _folder(tmp_path / "data", {"a": [Image.new("L", (8, 8))] * 3, "b": [Image.new("L", (8, 8))]})
     monkeypatch.setattr(dataset, "read_folder_image", lambda *a: read.append(a))
     monkeypatch.setattr(dataset, "RESIZE_PIXELS", 0)
-    monkeypatch.setattr(settings, "device_memory", lambda device: 4 * 3 * 64 * 64 - 1)
+    monkeypatch.setattr(memory, "device_memory", lambda device: 4 * 3 * 64 * 64 - 1)
     with pytest.raises(UserError, match="4 images of 64 px held in memory"):
         dataset.load_image_folder(root, 64, channels=3)
     assert read == []

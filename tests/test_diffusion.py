@@ -5,7 +5,6 @@ import torch
 
 from diffusion101.config import DiffusionConfig, get_preset
 from conftest import sampler_by_name
-from diffusion101.denoise import FLOW_SAMPLERS, SAMPLERS
 from diffusion101.diffusion import DDPMSampler, NoiseSchedule, StepOutput, extract
 
 
@@ -293,7 +292,7 @@ def test_every_sampler_keeps_the_contract(name, steps, eta, prediction):
 
 def test_the_contract_covers_every_sampler():
     # (flow matching's samplers keep it in tests/test_flow.py)
-    assert {name for name, _, _ in CONTRACT} == set(SAMPLERS) - set(FLOW_SAMPLERS)
+    assert {name for name, _, _ in CONTRACT} == set(NoiseSchedule.samplers)
 
 
 def test_training_uses_the_noise_schedule_without_a_sampler():

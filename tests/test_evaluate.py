@@ -254,8 +254,8 @@ def test_an_npz_that_unpacks_beyond_the_memory_there_is_refused_unread(tmp_path,
     may take (here 1 GiB), before one array is read."""
     import zipfile
 
-    from diffusion101 import settings
-    monkeypatch.setattr(settings, "device_memory", lambda device: 2 ** 30)
+    from diffusion101 import memory
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2 ** 30)
     images = np.zeros((100_000, 64, 64), np.uint8)  # 410 MB, a few hundred KB compressed
     path = _zip_of(tmp_path / "zeros.npz", {"images.npy": _npy(images),
                                             "labels.npy": _npy(np.zeros(100_000, np.int64))},

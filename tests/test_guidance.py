@@ -9,7 +9,7 @@ from diffusion101 import guidance
 from diffusion101.config import SampleConfig, UserError, get_preset
 from diffusion101.settings import validate
 from diffusion101.diffusion import NoiseSchedule
-from diffusion101.denoise import needs_uncond
+from diffusion101.guidance import needs_uncond
 
 
 def test_every_rule_is_a_config_choice_and_back():

@@ -3,6 +3,7 @@ lazy imports inside functions included), the model never imports a job, imports 
 of a module unless slow or optional, functions are short and take few parameters, scripts are
 thin, and comments explain rather than report measurements."""
 import ast
+import dataclasses
 import graphlib
 import io
 import re
@@ -38,14 +39,15 @@ def test_no_import_cycle_and_the_model_imports_no_job():
     graph = {name: _imports(path) for name, path in MODULES.items()}
     order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     assert set(order) == set(MODULES)
-    jobs = {"train", "lora_finetune", "generate", "evaluate", "api", "cli", "commands",
-            "model_files", "entry", "web"}
-    for low in ("config", "settings", "cross_attn", "conv_block", "unet", "time_position_emb",
-                "diffusion", "flow", "guidance", "denoise", "lora", "ema", "checkpoint", "files", "images",
-                "fid", "dataset", "rng", "distributed", "speed", "train_state"):
+    jobs = {"train", "train_run", "lora_finetune", "distill", "generate", "evaluate", "api", "cli",
+            "commands", "model_files", "entry", "web"}
+    for low in ("config", "settings", "classes", "memory", "cross_attn", "conv_block", "unet",
+                "networks", "time_position_emb", "objective", "diffusion", "flow", "guidance",
+                "denoise", "lora", "ema", "checkpoint", "files", "images", "fid", "dataset", "rng",
+                "distributed", "speed", "train_state"):
         assert not graph[low] & jobs, (low, graph[low] & jobs)
     assert "unet" not in graph["checkpoint"]  # the file format knows no network
-    assert not graph["diffusion"] - {"config"}  # the schedule knows no network either
+    assert not graph["diffusion"] - {"config", "objective"}  # the schedule knows no network either
 
 
 # Imports that may wait inside a function: slow to import (torchvision about 1.5 s, matplotlib,
@@ -99,26 +101,29 @@ def test_the_training_loop_is_written_as_loops_on_one_screen():
 # The reading path of the README's "How it works", in order, and the package modules each may
 # import: a reader follows it without opening the command-line, file-format or job modules.
 READING_PATH = {
-    "diffusion": {"config"},
-    "flow": {"config", "diffusion"},
+    "objective": {"config"},
+    "diffusion": {"config", "objective"},
+    "flow": {"config", "diffusion", "objective"},
     "time_position_emb": set(),
     "cross_attn": set(),
     "conv_block": {"config", "cross_attn"},
     "unet": {"config", "conv_block", "time_position_emb"},
-    "train": {"config", "settings", "diffusion", "flow", "unet", "denoise", "dataset", "speed",
-              "train_state", "checkpoint", "distributed", "rng", "images", "posthoc_ema",
-              "evaluate"},
-    "denoise": {"config", "settings", "diffusion", "flow", "guidance"},
+    "networks": {"config", "unet"},
+    # fit's chores save, snapshot and evaluate; the run's set-up is train_run's
+    "train": {"config", "objective", "denoise", "dataset", "speed", "train_state", "checkpoint",
+              "distributed", "images", "posthoc_ema", "evaluate"},
+    "denoise": {"config", "settings", "objective", "diffusion", "flow", "guidance", "memory"},
     "lora": {"config"},
 }
-JOBS = {"cli", "commands", "api", "generate", "model_files", "lora_finetune"}
+JOBS = {"cli", "commands", "api", "generate", "model_files", "lora_finetune", "train_run",
+        "distill"}
 
 
 def test_the_reading_path_imports_only_what_a_reader_needs():
     readme = (ROOT / "README.md").read_text()
     how = readme.split("## How it works", 1)[1]
     stated = re.findall(r"`([a-z_]+)\.py`", how.split("\n\n", 2)[1])
-    assert stated[:3] == ["diffusion", "flow", "unet"] and "lora" in stated
+    assert stated[:3] == ["objective", "diffusion", "flow"] and "lora" in stated
     for name, allowed in READING_PATH.items():
         got = _imports(MODULES[name])
         assert got <= allowed, (name, got - allowed)
@@ -191,3 +196,44 @@ def test_the_readmes_module_map_names_every_module():
     block = readme.split("```\ndiffusion101/\n", 1)[1].split("```", 1)[0]
     named = set(re.findall(r"\b([a-z_]+)\.py\b", block))
     assert named == set(MODULES), (set(MODULES) - named, named - set(MODULES))
+
+
+# The seams a second network, a latent space and a third objective plug into.
+def test_each_objective_lists_its_samplers_and_builds_them_one_way():
+    from diffusion101.config import SampleConfig
+    from diffusion101.denoise import OBJECTIVES
+    from diffusion101.objective import Objective
+    owners = {}
+    for name, objective in OBJECTIVES.items():
+        assert issubclass(objective, Objective) and objective.samplers, name
+        assert objective.preview["sampler"] in objective.samplers, name
+        for sampler, cls in objective.samplers.items():
+            assert sampler not in owners, (sampler, owners.get(sampler), name)  # one table each
+            owners[sampler] = name
+            assert issubclass(cls, objective) and callable(cls.from_config)
+    choices = next(f for f in dataclasses.fields(SampleConfig) if f.name == "sampler")
+    assert set(choices.metadata["choices"]) == set(owners)  # and the config offers just these
+
+
+def test_the_loss_and_the_loops_name_no_objective_and_no_backbone():
+    """The loss, the training step and loop, and the sampling loop ask the objective and call
+    the network; what either is appears nowhere in them (no name compared, no class tested)."""
+    named = {"ddpm", "flow", "eps", "v", "unet", "objective", "backbone"}
+    for module, functions in (("train", ("diffusion_loss", "train_step", "fit")),
+                              ("denoise", ("predict", "sample"))):
+        tree = ast.parse(MODULES[module].read_text())
+        for func in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in functions):
+            for node in ast.walk(func):
+                assert not (isinstance(node, ast.Constant) and node.value in named), (func.name, node.value)
+                assert not (isinstance(node, ast.Attribute) and node.attr in named), (func.name, node.attr)
+                assert not (isinstance(node, ast.Name) and node.id == "isinstance"), func.name
+
+
+def test_one_module_builds_the_network_and_none_beside_the_path_does_two_jobs():
+    graph = {name: _imports(path) for name, path in MODULES.items()}
+    builders = {name for name, deps in graph.items() if "unet" in deps}
+    assert builders == {"networks"}, builders  # every other module takes whatever it builds
+    assert not graph["settings"] & {"unet", "networks", "memory", "dataset"}  # it parses and checks
+    assert not graph["classes"] - {"config"} and not graph["guidance"] - {"config"}
+    for name, path in MODULES.items():  # each says its one job in its docstring's first line
+        assert (ast.get_docstring(ast.parse(path.read_text())) or "").strip(), name

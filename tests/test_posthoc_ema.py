@@ -7,7 +7,7 @@ import torch
 from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
 from diffusion101.posthoc_ema import export_rebuilt, list_snapshots, rebuild, snapshot_folder
-from diffusion101.train import train
+from diffusion101.train_run import train
 
 
 def _run(tmp_path, fake_data, every: int, decay: float = 0.9, steps: int = 12) -> dict:

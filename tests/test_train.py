@@ -6,7 +6,7 @@ from diffusion101 import checkpoint
 from diffusion101.config import UserError, get_preset
 from diffusion101.dataset import load_mnist
 from diffusion101.diffusion import NoiseSchedule
-from diffusion101.train import train
+from diffusion101.train_run import train
 from diffusion101.unet import UNet
 
 

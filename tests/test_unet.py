@@ -1,7 +1,8 @@
 import torch
 
 from diffusion101.config import get_preset
-from diffusion101.unet import UNet, count_parameters
+from diffusion101.networks import count_parameters
+from diffusion101.unet import UNet
 
 
 def spec_parameter_shapes() -> dict:
