@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion101.config import get_preset  # noqa: E402
+from diffusion101.presets import get_preset  # noqa: E402
 from diffusion101.dataset import load_mnist  # noqa: E402
 from diffusion101.config import SampleConfig  # noqa: E402
 from diffusion101.denoise import make_sampler  # noqa: E402

@@ -288,6 +288,16 @@ ROUND_FOUR_CASES = [
 ]
 
 
+# Issue 42: a transformer the image or its heads cannot hold, refused before any file
+DIT = ["--preset", "tiny", "--set", "model.backbone=dit", "--set", "model.width=32", "--out", "dit.pt"]
+DIT_CASES = [
+    ("DiT: model.patch_size=3 on 16-px images", "train", [*DIT, "--set", "model.patch_size=3"], None),
+    ("DiT: model.width=30 with 4 heads", "train", [*DIT, "--set", "model.width=30"], None),
+    ("DiT: diffusion.prediction=x0 on a DDPM model", "train", [*DIT, "--set",
+     "diffusion.prediction=x0"], None),
+]
+
+
 def make_round_four_inputs(d: Path) -> None:
     """ROUND_FOUR_CASES' files: stride-0 tensors in a model, an adapter and a run's optimizer
     state; links to the user's notes."""
@@ -350,7 +360,7 @@ def main():
         ("resume under another architecture", "train", ["--preset", "tiny", "--set", "model.channels=8,32",
          "--out", "model.pt", "--resume", "--logdir", "runs"], None),
         ("unknown preset", "train", ["--preset", "huge", "--out", "model.pt"], None),
-        ("unknown config field", "train", ["--preset", "tiny", "--set", "model.depth=3", "--out", "model.pt"], None),
+        ("unknown config field", "train", ["--preset", "tiny", "--set", "model.layers=3", "--out", "model.pt"], None),
         ("digit outside 0-9", "denoise", ["--ckpt", "model.pt", "--digits", "3,12", "--out", "grid.png"], None),
         ("--device cuda without a GPU", "denoise", ["--ckpt", "model.pt", "--device", "cuda", "--out", "grid.png"], None),
         ("--out is the checkpoint read", "denoise", ["--ckpt", "model.pt", "--out", "model.pt"], None),
@@ -370,6 +380,7 @@ def main():
         ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
         ("model.in_channels=3 on MNIST", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
         *FOLDER_CASES, *FILE_CASES, *INTERRUPT_CASES, *API_CASES, *ROUND_FOUR_CASES,
+        *DIT_CASES,
     ]
     only = sys.argv[1:]  # words: run only the rows whose title holds one of them
     cases = [c for c in cases if not only or any(w in c[0] for w in only)]

@@ -175,7 +175,7 @@ def stage_bench(out: Path, work: Path, dry: bool) -> dict:
     import torch
 
     from bench import flop_per_image
-    from diffusion101.config import get_preset
+    from diffusion101.presets import get_preset
     from diffusion101.dataset import load_mnist
     from diffusion101.unet import UNet
     device = torch.device("cpu" if dry else "cuda")
@@ -249,7 +249,7 @@ def shipped_grids(out: Path, device, dry: bool) -> dict:
     sampler, steps = ("ddim", 20) if dry else ("ddpm", 1000)
     for graph in (False, not dry):
         loaded = load_for_sampling(SHIPPED_PATH, device, log=lambda *a: None, cuda_graph=graph)
-        model, cfg = loaded.unet, loaded.config
+        model, cfg = loaded.net, loaded.config
         warm = dataclasses.replace(cfg.sample, sampler="dpm", steps=2)
         sample_classes(model, make_sampler(warm, cfg.diffusion, device), warm, range(10), 1, 0,
                        device)  # warm-up (and the graph's capture)

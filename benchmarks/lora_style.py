@@ -44,7 +44,7 @@ def main():
         if ckpt is None:
             continue
         loaded = load_for_sampling(ckpt, "cpu", loras)
-        model, cfg = loaded.unet, loaded.config
+        model, cfg = loaded.net, loaded.config
         sc = cfg.sample
         w = sc.guidance if a.guidance is None else a.guidance
         images, labels, _ = generate_images(model, cfg, a.n, "cpu", 0,

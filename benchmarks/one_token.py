@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from diffusion101.config import get_preset  # noqa: E402
+from diffusion101.presets import get_preset  # noqa: E402
 from diffusion101.diffusion import NoiseSchedule  # noqa: E402
 from diffusion101.speed import Speed, use_one_token_shortcut  # noqa: E402
 from diffusion101.train import train_step  # noqa: E402

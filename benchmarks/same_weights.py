@@ -22,7 +22,7 @@ except ImportError:  # the code before the training job had its own module
     from diffusion101.train import train
 try:
     from diffusion101.presets import get_preset
-except ImportError:
+except ImportError:  # the presets lived in config.py
     from diffusion101.config import get_preset
 from diffusion101.lora_finetune import finetune
 torch.set_num_threads(1)

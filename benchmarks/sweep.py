@@ -86,8 +86,8 @@ def guide_for(options: dict, a):
     path = Path(step) if isinstance(step, str) else snapshot_path(folder, step)
     guide = load_for_sampling(path, "cpu", log=lambda *x: None)
     if gamma is not None:
-        checkpoint.load_state(guide.unet, rebuild(folder, gamma=gamma, until=step)[0], "the guide's EMA")
-    return Guide(guide.unet, guide.config.diffusion.prediction)
+        checkpoint.load_state(guide.net, rebuild(folder, gamma=gamma, until=step)[0], "the guide's EMA")
+    return Guide(guide.net, guide.config.diffusion.prediction)
 
 
 def measure(model, cfg, sc, a, guide) -> dict:
@@ -190,7 +190,7 @@ def main():
         plot([r for f in a.replot.split(",") for r in json.loads(Path(f).read_text())], a.plot, a.goal)
         return
     loaded = load_for_sampling(a.ckpt, "cpu")
-    model, cfg = loaded.unet, loaded.config
+    model, cfg = loaded.net, loaded.config
     base = cfg.sample
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [base.steps]
     intervals = ([tuple(float(f) for f in i.split(":")) for i in a.intervals.split(",")]

@@ -1,11 +1,12 @@
-"""Diffusion-101: a class-conditioned DDPM on MNIST with cross-attention and LoRA, from scratch.
+"""Diffusion-101: class-conditioned diffusion on MNIST from scratch: DDPM and flow matching, a
+UNet with cross-attention or a transformer, LoRA, fast samplers and a distilled student.
 
-The Python API is load() and sample() (diffusion101/api.py); the four jobs are scripts/.
+The Python API is load() and sample() (diffusion101/api.py); the commands are in scripts/.
 
 The API is imported on first use (PEP 562's module __getattr__), not here: importing the
 package must stay light, so that the commands' entry points (entry.py) start their one-line
 error boundary before torch is imported."""
-__all__ = ["Model", "load", "sample"]
+__all__ = ["Pipeline", "load", "sample"]
 __version__ = "0.1.0"
 
 

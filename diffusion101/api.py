@@ -16,17 +16,17 @@ import torch
 
 from . import denoise
 from .config import SEED_MAX, UserError
-from .generate import Model, load_for_sampling, load_guide, resolve_sampler
+from .generate import Pipeline, load_for_sampling, load_guide, resolve_sampler
 from .images import channels_last, to_unit
 from .model_files import default_checkpoint
 from .classes import class_labels, class_names
 from .settings import check_range, check_strength
 from .speed import resolve_device
 
-__all__ = ["Model", "load", "sample"]
+__all__ = ["Pipeline", "load", "sample"]
 
 
-def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) -> Model:
+def load(path=None, device: str = "cpu", loras=(), use_ema: bool | None = None) -> Pipeline:
     """A checkpoint for sampling. path None: model.pt in the working folder, else the shipped
     student (with adapters, the shipped checkpoint they were trained on). loras: adapter files, or (file, strength) pairs, merged into the weights (one file
     alone may be given as it is). use_ema None: the checkpoint's own choice. A bad argument is
@@ -61,7 +61,7 @@ def adapter_list(loras) -> list:
     return pairs
 
 
-def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str | None = None,
+def sample(model: Pipeline, classes=None, n: int = 1, seed: int = 0, sampler: str | None = None,
            steps: int | None = None, guidance: float | None = None,
            guidance_rule: str | None = None, guidance_interval=None, eta: float | None = None,
            timestep_spacing: str | None = None, guide=None, **rule_options) -> torch.Tensor:
@@ -71,7 +71,7 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
     options left at None keep the checkpoint's defaults (model.config.sample).
     guidance_rule="auto" takes `guide`, the guide checkpoint's path; rule_options are the
     rules' other fields (apg_eta, apg_momentum, apg_norm_threshold, guide_cfg) and flow's shift."""
-    if not isinstance(model, Model):
+    if not isinstance(model, Pipeline):
         raise UserError(f"model must be what d.load() returns, not {type(model).__name__}")
     if isinstance(classes, (dict, set, frozenset, bytes, bytearray)):  # keys, a set's order or
         # a byte string's character codes: never what was meant
@@ -95,7 +95,7 @@ def sample(model: Model, classes=None, n: int = 1, seed: int = 0, sampler: str |
                                  eta=eta, timestep_spacing=timestep_spacing,
                                  guide=None if guide is None else str(guide), **rule_options)
     sampler = denoise.make_sampler(sample_cfg, model.config.diffusion, model.device)
-    images, _ = denoise.sample(model.unet, sampler, denoise.grid_labels(labels, n, model.device),
+    images, _ = denoise.sample(model.net, sampler, denoise.grid_labels(labels, n, model.device),
                                sample_cfg, denoise.cpu_generator(seed),
                                guide=load_guide(sample_cfg, model))
     return channels_last(to_unit(denoise.finite_samples(images)))

@@ -7,7 +7,7 @@ run that can resume "optimizer", "lr_schedule", "ema", "rng", "train_seconds"}
 tensors part as tensors, every other part as JSON text in the file's metadata; they load into
 the same dicts. Every part is checked for its type (MODEL_PARTS, LORA_PARTS) before use.
 The architecture is always rebuilt from the file's own "config", never from the caller
-(models.py does that). This module knows the format: what a file holds, and how it is read.
+(model_files.py does that). This module knows the format: what a file holds, and how it is read.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import re
 import signal
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .config import SEED_MAX, Config, UserError, get_preset
+from .config import SEED_MAX, Config, SampleConfig, UserError
+from .presets import get_preset
 from .denoise import check_config
 from .files import same_file, written_path
 from .classes import class_labels
-from .settings import apply_override, check_range, check_strength
+from .settings import apply_override, check_range, check_strength, parse_value, range_text
 
 
 class Terminated(BaseException):
@@ -269,54 +271,46 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
+def add_field_flags(p: argparse.ArgumentParser, section, names=None) -> None:
+    """One flag per field of a config section (a dataclass of config.py), named as the field
+    (--max-steps is max_steps, --guidance-rule guidance_rule), with its type and its help,
+    choices and range from the field's one declaration; each defaults to None (not given).
+    `names`: only these fields."""
+    for f in dataclasses.fields(section):
+        if (names is None or f.name in names) and "help" in f.metadata:
+            meta = f.metadata
+            told = f" ({', '.join(meta['choices'])})" if "choices" in meta else ""
+            told += f" in {range_text(*meta['range'])}" if "range" in meta else ""
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           type=_flag_type(f), help=meta["help"] + told)
+
+
+def _flag_type(f):
+    """How a flag's text becomes the field's value: a number or text as the field's type, a
+    path as one (input_path), a tuple as comma-separated items ('0.1,0.7')."""
+    if "text" in f.metadata:
+        return input_path
+    if isinstance(f.default, tuple):
+        def items(text: str):
+            return parse_value(text, f.default)
+        items.__name__ = "comma-separated list"  # argparse names the type in its error
+        return items
+    return type(f.default)
+
+
+def field_values(a: argparse.Namespace, section, names=None) -> dict:
+    """{field: value} of the add_field_flags flags that were given."""
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(section)
+            if (names is None or f.name in names) and getattr(a, f.name, None) is not None}
+
+
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """The sampler options of denoise.py and evaluate.py (config.SampleConfig; each defaults to
-    the checkpoint's own)."""
-    p.add_argument("--sampler", default=None,
-                   help="ddpm, ddim or dpm; euler or heun for a flow model (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (ddpm: all of them)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale w")
-    p.add_argument("--guidance-rule", default=None,
-                   help="how guidance combines the predictions: cfg, apg or auto (denoise.py)")
-    p.add_argument("--apg-eta", type=float, default=None,
-                   help="apg: weight of the part parallel to the conditional x_0 (1: cfg)")
-    p.add_argument("--apg-momentum", type=float, default=None, help="apg: momentum, e.g. -0.5")
-    p.add_argument("--apg-threshold", type=float, default=None,
-                   help="apg: largest norm of the guidance term per image (0: none)")
-    p.add_argument("--guide", default=None, type=input_path,
-                   help="auto: the guide checkpoint, a weaker model of the same data")
-    p.add_argument("--guide-cfg", type=float, default=None,
-                   help="auto: scale of a classifier-free term beside it (1: none)")
-    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
-                   help="guide only while t/T is in [LO, HI] (default: the checkpoint's)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
-    p.add_argument("--shift", type=float, default=None, help="flow: SD3's time shift of the grid")
-    p.add_argument("--timestep-spacing", default=None,
-                   help="timesteps of a few-step sampler: uniform, logsnr or trailing")
+    """The sampler options of the sampling and evaluation commands: every sample.* field (each
+    defaults to the checkpoint's own), and two that are no field."""
+    add_field_flags(p, SampleConfig)
     p.add_argument("--no-ema", action="store_true", help="sample with the raw, not EMA, weights")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the network call as a CUDA graph (CUDA only; faster small batches)")
-
-
-def sampler_options(a: argparse.Namespace) -> dict:
-    """The flags of add_sampler_flags as options for generate.resolve_sampler."""
-    return {"sampler": a.sampler, "steps": a.steps, "guidance": a.guidance,
-            "guidance_rule": a.guidance_rule, "apg_eta": a.apg_eta, "apg_momentum": a.apg_momentum,
-            "apg_norm_threshold": a.apg_threshold, "guide": a.guide, "guide_cfg": a.guide_cfg, "eta": a.eta,
-            "shift": a.shift,
-            "guidance_interval": parse_interval(a.guidance_interval),
-            "timestep_spacing": a.timestep_spacing}
-
-
-def parse_interval(text):
-    """'0.1,0.7' -> (0.1, 0.7); None stays None (the checkpoint's default)."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(s) for s in text.split(","))
-    except ValueError:
-        raise UserError(f"--guidance-interval '{text}' is not two numbers LO,HI") from None
-    return lo, hi
 
 
 def parse_classes(text: str | None, names: tuple) -> list:
@@ -330,7 +324,7 @@ def parse_classes(text: str | None, names: tuple) -> list:
 
 def parse_lora_specs(specs) -> list:
     """['a.pt', 'b.pt:0.3'] -> [('a.pt', 1.0), ('b.pt', 0.3)]. A ':' stays part of the path
-    only when that whole path exists; the strength is checked by config.check_strength."""
+    only when that whole path exists; the strength is checked by settings.check_strength."""
     out = []
     for spec in specs or []:
         if not spec.strip():

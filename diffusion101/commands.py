@@ -17,8 +17,9 @@ from . import checkpoint, evaluate as evaluation, web
 from .classifier import CLASSIFIER_PATH, train_classifier
 from .cli import (Parser, add_common, add_config_flags, add_sampler_flags, build_config,
                   check_number, check_outputs, check_seed, input_path, output_file,
-                  parse_classes, parse_lora_specs, sampler_options)
-from .config import UserError
+                  parse_classes, parse_lora_specs, add_field_flags, field_values)
+from .config import SampleConfig, TrainConfig, UserError
+from .presets import PRESETS
 from .dataset import training_data, write_shapes, write_style_data
 from .distill import Recipe, distill as distill_run, pairs_path
 from .files import atomic_write
@@ -41,26 +42,22 @@ TRAINING_OUT = output_file("a training checkpoint (it keeps the optimizer and RN
                            "export it as .safetensors afterwards)", ".pt")
 
 
+# The training fields that have a flag of their own (any field: --set train.FIELD=VALUE)
+TRAIN_SHORTCUTS = ("epochs", "max_steps", "batch_size", "lr", "save_every", "data",
+                   "eval_every_steps")
+
+
 def train(argv=None) -> None:
-    """Train the class-conditioned DDPM.  diffusion101-train --preset cpu"""
+    """Train a class-conditioned diffusion model.  diffusion101-train --preset cpu"""
     p = Parser(description=train.__doc__)
     p.add_argument("--preset", default=None,
-                   help="reference, cpu, cpu-ddpm, small or tiny (default: reference; with --resume, the "
-                        "checkpoint's own)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--save-every", type=int, help="also save every N steps (default: per epoch)")
-    p.add_argument("--data", default=None, type=input_path,
-                   help="'mnist' (default), or a folder with one sub-folder of images per class "
-                        "(their sorted names become the labels; train.data)")
+                   help=f"{', '.join(PRESETS)} (default: reference; with --resume, the "
+                        f"checkpoint's own)")
+    add_field_flags(p, TrainConfig, TRAIN_SHORTCUTS)
     p.add_argument("--out", default="model.pt", type=TRAINING_OUT,
                    help="checkpoint path (default: model.pt)")
     p.add_argument("--logdir", default=None, type=input_path, help="TensorBoard folder (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--eval-every-steps", type=int,
-                   help="log conditional accuracy and FID to TensorBoard every N steps")
     add_common(p)
     add_config_flags(p)
     a = p.parse_args(argv)
@@ -72,10 +69,8 @@ def train(argv=None) -> None:
             raise UserError(f"{a.out} is a distilled student: continue it with "
                             f"diffusion101-distill --resume --out {a.out}")
     preset = preset or a.preset or "reference"
-    cfg = build_config(preset, a.set, {
-        "train.epochs": a.epochs, "train.max_steps": a.max_steps, "train.batch_size": a.batch_size,
-        "train.lr": a.lr, "train.save_every": a.save_every, "train.seed": a.seed,
-        "train.eval_every_steps": a.eval_every_steps, "train.data": a.data}, base=base)
+    shortcuts = {f"train.{k}": v for k, v in field_values(a, TrainConfig, TRAIN_SHORTCUTS).items()}
+    cfg = build_config(preset, a.set, {**shortcuts, "train.seed": a.seed}, base=base)
     if cfg.sample.guidance_rule == "auto" and is_guided(cfg.sample):
         raise UserError("sample.guidance_rule=auto: training draws its grids and evaluations "
                         "without a guide network; train with cfg or apg, and sample with "
@@ -162,7 +157,7 @@ def sample(argv=None) -> None:
     model = load_for_sampling(ckpt, device, loras, False if a.no_ema else None, a.merge,
                               cuda_graph=a.cuda_graph)
     classes = parse_classes(a.classes, class_names(model.config.model))
-    sample_cfg = resolve_sampler(model.config, **sampler_options(a))
+    sample_cfg = resolve_sampler(model.config, **field_values(a, SampleConfig))
     guide = load_guide(sample_cfg, model)
     print(f"model: {ckpt}" + "".join(f" + {p} x{s:g}" for p, s in loras)
           + (" (merged)" if loras and a.merge else ""))
@@ -204,8 +199,8 @@ def evaluate(argv=None) -> None:
     else:
         model = load_for_sampling(ckpt, resolve_device(a.device), loras,
                                   False if a.no_ema else None, cuda_graph=a.cuda_graph)
-        sample_cfg = resolve_sampler(model.config, **sampler_options(a))
-        metrics = evaluation.evaluate_model(model.unet, model.config, a.n, model.device,
+        sample_cfg = resolve_sampler(model.config, **field_values(a, SampleConfig))
+        metrics = evaluation.evaluate_model(model.net, model.config, a.n, model.device,
                                             a.seed or 0, sample_cfg, a.batch_size,
                                             load_guide(sample_cfg, model))
         metrics["ckpt"], metrics["lora"] = str(ckpt), a.lora  # (the shipped one is a Path)

@@ -1,5 +1,5 @@
-"""Configuration: one dataclass per concern, each field with its range and its reason, and the
-presets as named instances. Any field can be set with ``--set section.field=value`` (settings.py
+"""Configuration: one dataclass per concern, each field with its range and its reason (the
+presets, named instances of them, are in presets.py). Any field can be set with ``--set section.field=value`` (settings.py
 reads and checks it); the resolved configuration is printed at start and stored, as a plain
 dict, in every checkpoint."""
 from __future__ import annotations
@@ -25,18 +25,21 @@ BIG = 10 ** 9
 SEED_MAX = 2 ** 32 - 1  # numpy's seeds are 32-bit
 
 
-def num(default, lo, hi, *, above_lo: bool = False, below_hi: bool = False):
-    """A number (or a tuple of numbers) in [lo, hi]; above_lo / below_hi make an end open."""
-    return field(default=default, metadata={"range": (lo, hi, above_lo, below_hi)})
+def num(default, lo, hi, *, above_lo: bool = False, below_hi: bool = False, help: str = ""):
+    """A number (or a tuple of numbers) in [lo, hi]; above_lo / below_hi make an end open;
+    `help`, the help of its command-line flag where it has one."""
+    return field(default=default, metadata={"range": (lo, hi, above_lo, below_hi), "help": help})
 
 
-def choice(default, *allowed):
-    return field(default=default, metadata={"choices": (default,) + allowed})
+def choice(default, *allowed, help: str = ""):
+    return field(default=default, metadata={"choices": (default,) + allowed, "help": help})
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = choice("unet")  # the network (networks.py builds the one named here)
+    # The network (networks.py builds it): "unet" (unet.py, the reference), or "dit", a
+    # transformer over patches (dit.py), which reads the four fields after the UNet's
+    backbone: str = choice("unet", "dit")
     img_size: int = num(48, 4, 1024)
     in_channels: int = num(1, 1, 3)  # 1 (grey, as MNIST) or 3 (RGB, a folder of one's own)
     channels: tuple = num((64, 128, 256, 512, 1024), 1, 8192)  # one ConvBlock per level
@@ -60,6 +63,10 @@ class ModelConfig:
     # Cross-attention only in the blocks at this level and below it (0: every level, the
     # reference; 1: none at full resolution, where its per-pixel projections cost the most)
     attn_from_level: int = num(0, 0, 64)
+    patch_size: int = num(2, 1, 64)  # dit: the side of a patch; each patch is a token
+    width: int = num(128, 4, 8192)  # dit: the tokens' width (divisible by the heads)
+    depth: int = num(6, 1, 256)  # dit: transformer blocks
+    heads: int = num(4, 1, 256)  # dit: attention heads
 
 
 @dataclass
@@ -71,7 +78,9 @@ class DiffusionConfig:
     beta_start: float = num(1e-4, 0.0, 1.0, above_lo=True, below_hi=True)
     beta_end: float = num(0.02, 0.0, 1.0, above_lo=True, below_hi=True)
     schedule: str = choice("linear", "cosine")  # cosine: Nichol & Dhariwal 2021
-    prediction: str = choice("eps", "v")  # what the network predicts
+    # What the network predicts: ddpm eps or v; flow the velocity, or with "x0" the clean
+    # image (Li and He 2025: an image lies near a low-dimensional manifold, noise does not)
+    prediction: str = choice("eps", "v", "x0")
     # "x_t": clamp x_t to [-1, 1] after every reverse step (the reference); "x0": clamp the
     # predicted x_0 instead (the usual practice); "none"
     clip: str = choice("x_t", "x0", "none")
@@ -87,16 +96,18 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = num(200, 0, BIG)
-    batch_size: int = num(400, 1, 1_000_000)
-    lr: float = num(1e-3, 0.0, 10.0, above_lo=True)
+    epochs: int = num(200, 0, BIG, help="passes over the training set")
+    batch_size: int = num(400, 1, 1_000_000, help="images per optimizer step")
+    lr: float = num(1e-3, 0.0, 10.0, above_lo=True, help="the learning rate")
     loss: str = choice("l1", "mse")
-    max_steps: int = num(0, 0, BIG)  # 0: no limit; else stop (and save) after this many steps
-    max_minutes: float = num(0.0, 0.0, 1e7)  # 0: no limit; else stop (and save) after this long
-    save_every: int = num(0, 0, BIG)  # 0: save after each epoch only; else also every N steps
-    seed: int = num(0, 0, SEED_MAX)
-    # "mnist", or a folder of one's own: one sub-folder of images per class (ImageFolder)
-    data: str = field(default="mnist", metadata={"text": True})
+    max_steps: int = num(0, 0, BIG, help="stop (and save) after this many steps (0: no limit)")
+    max_minutes: float = num(0.0, 0.0, 1e7, help="stop (and save) after this many training "
+                             "minutes (0: no limit)")
+    save_every: int = num(0, 0, BIG, help="also save every N steps (0: after each epoch only)")
+    seed: int = num(0, 0, SEED_MAX, help="the run's random seed")
+    data: str = field(default="mnist", metadata={"text": True, "help": (
+        "'mnist', or a folder with one sub-folder of images per class (their sorted names "
+        "become the labels)")})
     # Past the reference (all off there):
     p_uncond: float = num(0.0, 0.0, 1.0, below_hi=True)  # label -> null class (CFG)
     ema_decay: float = num(0.0, 0.0, 1.0, below_hi=True)  # 0: no EMA
@@ -111,7 +122,8 @@ class TrainConfig:
     optimizer: str = choice("adam", "adamw")
     weight_decay: float = num(0.0, 0.0, 10.0)
     grad_clip: float = num(0.0, 0.0, 1e9)  # 0: off; else the max global gradient norm
-    eval_every_steps: int = num(0, 0, BIG)  # steps between quality evaluations in TensorBoard (0: off)
+    eval_every_steps: int = num(0, 0, BIG, help="log conditional accuracy and FID to "
+                                "TensorBoard every N steps (0: off)")
     eval_n: int = num(500, 10, 1_000_000)  # digits generated for each of those evaluations
     grid_every: int = num(1, 0, BIG)  # epochs between TensorBoard grids of digits 0-9 (0: never)
     # Speed (docs/BENCHMARKS.md); "auto" is on for CUDA and off for CPU:
@@ -129,35 +141,37 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """The sampler a checkpoint uses by default: the best measured for its preset."""
-    sampler: str = choice("ddpm", "ddim", "dpm", "euler", "heun")  # euler, heun: for flow
-    steps: int = num(1000, 1, 100_000)  # at most diffusion.timesteps
-    guidance: float = num(1.0, 0.0, 100.0)  # classifier-free guidance scale w; 1: conditional
-    # Guide only while t / timesteps lies in [lo, hi] (Kynkaeaenniemi et al. 2024, "limited
-    # interval"); elsewhere the conditional prediction alone, one forward instead of two.
-    guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0)
-    # How the predictions combine (denoise.predict): "cfg" classifier-free guidance, "apg"
-    # adaptive projected guidance, "auto" autoguidance by a weaker guide network
-    guidance_rule: str = choice("cfg", "apg", "auto")
-    # apg: the weight of the guidance term's part parallel to the conditional x_0 (1: cfg),
-    # the momentum over the walk's guided steps (Sadat et al. use negative values), and the
-    # largest norm of the term per image (0: none)
-    apg_eta: float = num(0.0, 0.0, 1.0)
-    apg_momentum: float = num(0.0, -1.0, 1.0, above_lo=True, below_hi=True)
-    apg_norm_threshold: float = num(0.0, 0.0, 1e6)
-    # auto: the guide checkpoint (same image size, classes and noise schedule), and the scale
-    # of a classifier-free term beside it (1: none)
-    guide: str = field(default="", metadata={"text": "may be empty"})
-    guide_cfg: float = num(1.0, 0.0, 100.0)
-    eta: float = num(0.0, 0.0, 1.0)  # DDIM noise: 0 deterministic, 1 DDPM-like
-    # Which timesteps a few-step sampler visits: "uniform" in t down to t = 0, "logsnr" uniform
-    # in log(alpha/sigma) (many small steps near the data), "trailing" uniform in t ending one
-    # spacing above 0 (diffusers' "trailing"). DDPM visits all of them.
-    timestep_spacing: str = choice("uniform", "logsnr", "trailing")
+    """The sampler a checkpoint uses by default: the best measured for its preset. Each field's
+    help is the help of its flag (--steps, --guidance-rule, ...: cli.add_field_flags)."""
+    sampler: str = choice("ddpm", "ddim", "dpm", "euler", "heun",
+                          help="the sampler (ddpm, ddim, dpm walk DDPM; euler, heun flow)")
+    steps: int = num(1000, 1, 100_000, help="sampler steps (ddpm: all diffusion.timesteps)")
+    guidance: float = num(1.0, 0.0, 100.0, help="classifier-free guidance scale w (1: none)")
+    guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0, help=(
+        "LO,HI: guide only while t/T is in [LO, HI] (Kynkaeaenniemi et al. 2024); elsewhere the "
+        "conditional prediction alone, one forward instead of two"))
+    guidance_rule: str = choice("cfg", "apg", "auto", help=(
+        "how guidance combines the predictions: classifier-free, adaptive projected, or "
+        "autoguidance by a weaker guide network"))
+    apg_eta: float = num(0.0, 0.0, 1.0, help="apg: the weight of the guidance term's part "
+                         "parallel to the conditional x_0 (1: cfg)")
+    apg_momentum: float = num(0.0, -1.0, 1.0, above_lo=True, below_hi=True, help=(
+        "apg: momentum over the walk's guided steps (Sadat et al. use negative values)"))
+    apg_norm_threshold: float = num(0.0, 0.0, 1e6, help="apg: the largest norm of the "
+                                    "guidance term per image (0: none)")
+    guide: str = field(default="", metadata={"text": "may be empty", "help": (
+        "auto: the guide checkpoint, a weaker model of the same data (same size, classes and "
+        "noise schedule)")})
+    guide_cfg: float = num(1.0, 0.0, 100.0, help="auto: the scale of a classifier-free term "
+                           "beside it (1: none)")
+    eta: float = num(0.0, 0.0, 1.0, help="ddim: noise, 0 deterministic, 1 DDPM-like")
+    timestep_spacing: str = choice("uniform", "logsnr", "trailing", help=(
+        "the timesteps a few-step DDPM walk visits: uniform in t down to 0, uniform in "
+        "log(alpha/sigma), or uniform ending one spacing above 0"))
     use_ema: bool = True  # sample with the EMA weights when the checkpoint has them
-    # flow: SD3's time shift of the walk's grid, t -> s t / (1 + (s - 1) t) (1: none; s > 1
-    # spends more of the steps near the noise)
-    shift: float = num(1.0, 0.01, 100.0)  # below 0.01 the grid's arithmetic underflows to NaN
+    # (below 0.01 the grid's arithmetic underflows to NaN)
+    shift: float = num(1.0, 0.01, 100.0, help="flow: SD3's time shift of the walk's grid, "
+                       "t -> s t / (1 + (s - 1) t); s > 1 spends more steps near the noise")
 
 
 @dataclass
@@ -216,83 +230,3 @@ def set_field(sub, section: str, name: str, value):
             raise UserError(f"{section}.{name} must be a list, not {value!r}")
         value = tuple(value)
     setattr(sub, name, value)
-
-
-def _reference() -> Config:
-    # docs/REFERENCE.md in numbers: the dataclass defaults are the reference design, kept in fp32
-    # on every device (bf16 is an option: --set train.precision=bf16).
-    cfg = Config()
-    cfg.train.precision = "fp32"
-    # Its TensorBoard grid samples with the 1000-step DDPM: 1,000 network calls, which on a GPU
-    # cost about what an epoch of training does; every tenth epoch is enough to watch.
-    cfg.train.grid_every = 10
-    return cfg
-
-
-def _tiny() -> Config:
-    # A few thousand parameters at 16 px, 100 timesteps: for tests, seconds on a CPU.
-    return Config(
-        model=ModelConfig(img_size=16, channels=(8, 16), time_emb_dim=16, cls_emb_dim=8,
-                          q_dim=8, v_dim=8, ffn_dim=16),
-        diffusion=DiffusionConfig(timesteps=100, beta_start=1e-4, beta_end=0.2),
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3),
-        lora=LoRAConfig(r=4, alpha=1.0, epochs=1, batch_size=16),
-        sample=SampleConfig(sampler="ddpm", steps=100),
-    )
-
-
-def _small() -> Config:
-    # The reference architecture scaled to a CPU laptop: 28 px (MNIST's own size, no resize),
-    # three levels (28 -> 14 -> 7), the reference schedule, loss and optimizer.
-    return Config(
-        model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128,
-                          cls_emb_dim=32, q_dim=16, v_dim=16, ffn_dim=64),
-        diffusion=DiffusionConfig(),
-        train=TrainConfig(epochs=2, batch_size=128, lr=1e-3),
-        lora=LoRAConfig(epochs=1, batch_size=128),
-    )
-
-
-def _cpu_ddpm() -> Config:
-    # Quality per CPU-minute by DDPM (the `cpu` preset until flow matching beat it at matched
-    # accuracy); docs/EXPERIMENTS.md has the measurement behind each choice:
-    # 28 px (no resize), three levels, BatchNorm (GroupNorm normalises each image on its own and
-    # so erases the brightness level that this skip-less block needs), four label tokens so
-    # that the attention's softmax varies, a null class for guidance, MSE on v (it learns
-    # faster than eps at equal steps), the cosine noise schedule (better class accuracy at equal
-    # FID than the linear one), AdamW with warmup and cosine decay, EMA (in these 1,200 steps
-    # its warm-up min(decay, (1 + i) / (10 + i)) stays below 0.995 and so sets the length), and
-    # a few-step DPM-Solver++ sampler with guidance 1.75 (about where accuracy reaches the
-    # project's bar; more guidance costs FID).
-    return Config(
-        model=ModelConfig(img_size=28, channels=(32, 64, 128), time_emb_dim=128, cls_emb_dim=32,
-                          q_dim=16, v_dim=16, ffn_dim=64, cond_tokens=4, null_class=True,
-                          norm="batch"),
-        diffusion=DiffusionConfig(clip="x0", prediction="v", schedule="cosine"),
-        train=TrainConfig(epochs=3, max_steps=1200, batch_size=128, lr=2e-3, loss="mse",
-                          optimizer="adamw", lr_schedule="cosine", warmup_steps=100,
-                          p_uncond=0.1, ema_decay=0.995, grad_clip=1.0),
-        lora=LoRAConfig(epochs=1, batch_size=128),
-        sample=SampleConfig(sampler="dpm", steps=20, guidance=1.75),
-    )
-
-
-def _cpu() -> Config:
-    # The DDPM recipe's network and training, by flow matching (flow.py): the velocity
-    # eps - x_0 on the straight path, training times logit-normal (SD3's default), no
-    # clipping (as SD3), and 8 Heun steps with the same guidance. At matched accuracy it beats
-    # `cpu-ddpm` in fewer network calls (docs/EXPERIMENTS.md, "Flow matching beside DDPM").
-    cfg = _cpu_ddpm()
-    cfg.diffusion = DiffusionConfig(objective="flow", clip="none", t_sampling="logit_normal")
-    cfg.sample = SampleConfig(sampler="heun", steps=8, guidance=1.75)
-    return cfg
-
-
-PRESETS = {"reference": _reference, "cpu": _cpu, "cpu-ddpm": _cpu_ddpm, "small": _small,
-           "tiny": _tiny}
-
-
-def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
-    return PRESETS[name]()

@@ -80,7 +80,7 @@ class Pairs:
         return Batch(*(v[idx].to(device) for v in (self.images, self.labels, self.noise)))
 
 
-def teacher_walk(cfg: Config, overrides=()) -> SampleConfig:
+def teacher_sampling(cfg: Config, overrides=()) -> SampleConfig:
     """The teacher's sampler settings, with `overrides` ('sample.steps=16', ...) applied; its
     walk must be deterministic, or the student would learn the mean of many images per noise."""
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample))
@@ -90,14 +90,14 @@ def teacher_walk(cfg: Config, overrides=()) -> SampleConfig:
                             f"not '{assignment}'")
         apply_override(cfg, assignment)
     validate(cfg)
-    walk = cfg.sample
-    if walk.sampler == "ddpm" or (walk.sampler == "ddim" and walk.eta > 0):
+    sampling = cfg.sample
+    if sampling.sampler == "ddpm" or (sampling.sampler == "ddim" and sampling.eta > 0):
         raise UserError(f"the teacher's walk must be deterministic to pair each noise with one "
-                        f"image; its sampler is {walk.sampler}{' with eta > 0' * (walk.sampler == 'ddim')}: "
+                        f"image; its sampler is {sampling.sampler}{' with eta > 0' * (sampling.sampler == 'ddim')}: "
                         f"pass --teacher-set sample.sampler=dpm (or ddim with eta 0)")
-    if walk.guidance_rule == "auto":
+    if sampling.guidance_rule == "auto":
         raise UserError("distillation takes the cfg or apg guidance rule, not auto")
-    return walk
+    return sampling
 
 
 def student_config(teacher: Config, recipe: Recipe, n_pairs: int) -> Config:
@@ -117,15 +117,15 @@ def student_config(teacher: Config, recipe: Recipe, n_pairs: int) -> Config:
     return cfg
 
 
-def read_pairs(path: Path, teacher_fp: str, walk: dict, seed: int) -> dict | None:
-    """The pairs file made so far for this teacher, walk and seed (None when there is none);
-    one of another teacher, walk or seed is refused rather than replaced."""
+def read_pairs(path: Path, teacher_fp: str, sampling: dict, seed: int) -> dict | None:
+    """The pairs file made so far for this teacher, sampling and seed (None when there is none);
+    one of another teacher, sampling or seed is refused rather than replaced."""
     if not path.exists():
         return None
     saved = checkpoint.load(path, "pairs file")
     if saved.get("format") != PAIRS_FORMAT:
         raise UserError(f"{path} is not a pairs file of this version; move it away")
-    if (saved.get("teacher"), saved.get("walk"), saved.get("seed")) != (teacher_fp, walk, seed):
+    if (saved.get("teacher"), saved.get("walk"), saved.get("seed")) != (teacher_fp, sampling, seed):
         raise UserError(f"{path} holds pairs of another teacher, sampler or seed; delete it, or "
                         f"distill into another --out")
     parts = [saved.get(k) for k in ("images", "labels", "noise")]
@@ -135,14 +135,14 @@ def read_pairs(path: Path, teacher_fp: str, walk: dict, seed: int) -> dict | Non
 
 
 @torch.no_grad()
-def make_pairs(teacher, cfg: Config, walk: SampleConfig, n: int | None, seed: int, path: Path,
+def make_pairs(teacher, cfg: Config, sampling: SampleConfig, n: int | None, seed: int, path: Path,
                log=print) -> Pairs:
     """n pairs (pair k of class k mod the classes), CHUNK at a time, the file at `path`
     rewritten after each: a distillation stopped here continues from the last chunk. n None:
     the pairs the file holds (a resumed student's)."""
-    fp, walk_dict = checkpoint.fingerprint(teacher.state_dict()), dataclasses.asdict(walk)
-    walk_dict["guidance_interval"] = list(walk_dict["guidance_interval"])
-    saved = read_pairs(path, fp, walk_dict, seed)
+    fp, sampling_dict = checkpoint.fingerprint(teacher.state_dict()), dataclasses.asdict(sampling)
+    sampling_dict["guidance_interval"] = list(sampling_dict["guidance_interval"])
+    saved = read_pairs(path, fp, sampling_dict, seed)
     parts = {k: [saved[k]] if saved else [] for k in ("images", "labels", "noise")}
     done = len(saved["labels"]) if saved else 0
     if n is None:
@@ -150,22 +150,22 @@ def make_pairs(teacher, cfg: Config, walk: SampleConfig, n: int | None, seed: in
             raise UserError(f"the student's pairs file {path} is gone: distill anew")
         n = done
     if done < n:
-        log(f"pairs: {done:,} of {n:,} made; the teacher walks {walk.sampler} {walk.steps} "
-            f"steps at guidance {walk.guidance:g}")
+        log(f"pairs: {done:,} of {n:,} made; the teacher walks {sampling.sampler} {sampling.steps} "
+            f"steps at guidance {sampling.guidance:g}")
     device, m, start = next(teacher.parameters()).device, teacher.cfg, time.perf_counter()
-    sampler, batch = make_sampler(walk, cfg.diffusion, device), sampling_batch(device)
+    sampler, batch = make_sampler(sampling, cfg.diffusion, device), sampling_batch(device)
     with tqdm(total=n, initial=min(done, n), desc="pairs", dynamic_ncols=True) as bar:
         for first in range(done, n, CHUNK):
             size = min(CHUNK, n - first)
             labels = torch.arange(first, first + size) % m.num_classes
             noise = torch.stack([pair_noise(seed, k, m) for k in range(first, first + size)])
-            images = torch.cat([sample(teacher, sampler, y.to(device), walk, start=z)[0].cpu()
+            images = torch.cat([sample(teacher, sampler, y.to(device), sampling, start=z)[0].cpu()
                                 for y, z in zip(labels.split(batch), noise.split(batch))])
             for k, v in zip(parts, (finite_samples(images), labels, noise)):
                 parts[k].append(v)
             whole = {k: torch.cat(v) for k, v in parts.items()}
             atomic_write(path, lambda f: torch.save({"format": PAIRS_FORMAT, "teacher": fp,
-                                                     "walk": walk_dict, "seed": seed, **whole}, f),
+                                                     "walk": sampling_dict, "seed": seed, **whole}, f),
                          derived=True)  # named after --out
             bar.update(size)
     whole = {k: torch.cat(v)[:n] for k, v in parts.items()}
@@ -185,7 +185,7 @@ def pairs_path(out) -> Path:
     return Path(f"{out}.pairs.pt")
 
 
-def distill(teacher_path, out, device, recipe: Recipe, walk_overrides=(), resume: bool = False,
+def distill(teacher_path, out, device, recipe: Recipe, sampling_overrides=(), resume: bool = False,
             logdir=None, log=print) -> dict:
     """Distill the teacher at `teacher_path` into a student checkpoint at `out` (its pairs
     beside it, in <out>.pairs.pt); with resume, continue the student saved there."""
@@ -195,14 +195,14 @@ def distill(teacher_path, out, device, recipe: Recipe, walk_overrides=(), resume
     recipe.check()
     teacher, ckpt, tcfg = load_model(teacher_path, device="cpu")
     checkpoint.load_state(teacher, checkpoint.sampling_weights(ckpt), str(teacher_path))
-    walk = teacher_walk(tcfg, walk_overrides)
+    sampling = teacher_sampling(tcfg, sampling_overrides)
     if resume:
         if not out.exists():
             raise UserError(f"nothing to resume: {out} does not exist (pairs made so far are "
                             f"kept: run the same command without --resume)")
         cfg = checkpoint.config_of(checkpoint.load_model_checkpoint(out))
         recipe = dataclasses.replace(recipe, steps=cfg.diffusion.walk_steps, seed=cfg.train.seed)
-    pairs = make_pairs(teacher.to(device).eval(), tcfg, walk, None if resume else recipe.pairs,
+    pairs = make_pairs(teacher.to(device).eval(), tcfg, sampling, None if resume else recipe.pairs,
                        recipe.seed, pairs_path(out), log)
     if not resume:
         cfg = student_config(tcfg, recipe, len(pairs))

@@ -17,6 +17,8 @@ from .config import DiffusionConfig, SampleConfig
 from .diffusion import StepOutput
 from .objective import Objective
 
+T_MIN = 0.05  # x_0 prediction: the least t a velocity (x_t - x_0) / t is divided by
+
 
 class FlowMatching(Objective):
     """The forward process, the training target, the time the network is fed, and the
@@ -52,6 +54,21 @@ class FlowMatching(Objective):
         """t, a number or one per image, shaped to broadcast against the batch x."""
         return t.view(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(t) else t
 
+    def velocity_of(self, out: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+        """The velocity a network output means: the output itself, or for a network that
+        predicts x_0 (diffusion.prediction="x0"), (x_t - x_0) / t, with t kept above T_MIN so
+        that the division stays finite near the data."""
+        if self.cfg.prediction != "x0":
+            return out
+        t = self._column(t, x_t)
+        return (x_t - out) / (t.clamp(min=T_MIN) if torch.is_tensor(t) else max(t, T_MIN))
+
+    def prediction_and_target(self, net, x0, noise, t, labels) -> tuple:
+        """The velocity the network's output means, against the path's: with x_0 prediction
+        the loss is still on the velocity (Li and He 2025's x-prediction with v-loss)."""
+        x_t = self.add_noise(x0, noise, t)
+        return self.velocity_of(net(x_t, self.net_time(t), labels), t, x_t), self.target(x0, noise, t)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """x_t = (1 - t) x_0 + t eps."""
         t = self._column(t, x0)
@@ -62,19 +79,28 @@ class FlowMatching(Objective):
         return noise - x0
 
     def to_x0(self, out: torch.Tensor, t, x_t: torch.Tensor, prediction=None) -> torch.Tensor:
-        """The x_0 a velocity implies at (x_t, t): x_t - t v."""
+        """The x_0 a network output implies at (x_t, t): x_t - t v (or the output itself)."""
+        if (prediction or self.cfg.prediction) == "x0":
+            return out
         return x_t - self._column(t, x_t) * out
 
     def from_x0(self, x0: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
-        """The velocity that implies x0 at (x_t, t): (x_t - x_0) / t."""
+        """The output that implies x0 at (x_t, t): the velocity (x_t - x_0) / t (or x0)."""
+        if self.cfg.prediction == "x0":
+            return x0
         return (x_t - x0) / self._column(t, x_t)
+
+    def x0_along(self, v: torch.Tensor, t: float, x_t: torch.Tensor) -> torch.Tensor:
+        """Where the velocity v at (x_t, t) lands at t = 0: x_t - t v."""
+        return x_t - t * v
 
     def velocity(self, out: torch.Tensor, t: float, x_t: torch.Tensor) -> torch.Tensor:
         """The velocity to step with: the network's, or with diffusion.clip="x0" the one whose
         x_0 is clipped to [-1, 1] (as DDPM's samplers clip the predicted x_0)."""
+        v = self.velocity_of(out, t, x_t)
         if self.cfg.clip != "x0" or t == 0:
-            return out
-        return self.from_x0(self.to_x0(out, t, x_t).clamp(-1.0, 1.0), t, x_t)
+            return v
+        return (x_t - self.x0_along(v, t, x_t).clamp(-1.0, 1.0)) / t
 
 
 def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -121,7 +147,7 @@ class FlowEuler(FlowSampler):
         t, t_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
         self._i += 1
         v = self.velocity(model_out, t, x_t)
-        return StepOutput(self.finish(x_t + (t_next - t) * v), self.to_x0(v, t, x_t))
+        return StepOutput(self.finish(x_t + (t_next - t) * v), self.x0_along(v, t, x_t))
 
 
 class FlowHeun(FlowSampler):
@@ -144,7 +170,7 @@ class FlowHeun(FlowSampler):
         t_i, t_next = float(self.sigmas[self._i]), float(self.sigmas[self._i + 1])
         if self._start is None:  # 1. predictor (or the last step): Euler to t_next
             v = self.velocity(model_out, t_i, x_t)
-            x_next, x0 = x_t + (t_next - t_i) * v, self.to_x0(v, t_i, x_t)
+            x_next, x0 = x_t + (t_next - t_i) * v, self.x0_along(v, t_i, x_t)
             if t_next == 0:
                 self._i += 1
                 return StepOutput(self.finish(x_next), x0)
@@ -154,7 +180,7 @@ class FlowHeun(FlowSampler):
         v_next = self.velocity(model_out, t_next, x_t)
         self._start, self._i = None, self._i + 1
         return StepOutput(self.finish(x_i + (t_next - t_i) * (v_i + v_next) / 2),
-                          self.to_x0(v_next, t_next, x_t))
+                          self.x0_along(v_next, t_next, x_t))
 
 
 FlowMatching.samplers = {"euler": FlowEuler, "heun": FlowHeun}

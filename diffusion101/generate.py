@@ -44,24 +44,25 @@ PROGRESS_FIGURE = "--out's progress figure"  # an output whose name the command 
 
 
 @dataclass
-class Model:
+class Pipeline:
     """A checkpoint ready to sample: the network (in eval mode, on `device`) and the config it
-    came with, whose `sample` section holds the sampler defaults."""
-    unet: nn.Module
+    came with, whose `sample` section holds the sampler defaults. (Not itself a network:
+    diffusers' name for this pairing.)"""
+    net: nn.Module
     config: Config
     device: torch.device
 
 
 def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log=print,
-                      cuda_graph: bool = False) -> Model:
+                      cuda_graph: bool = False) -> Pipeline:
     """The model to sample from: EMA weights when the checkpoint has them (unless told not
     to), with adapters [(path, strength), ...] added, merged into the weights or applied in
     the forward pass; with cuda_graph, its forward replayed as a CUDA graph
     (speed.GraphedNetwork)."""
-    unet, ckpt, cfg = load_model(ckpt_path, device="cpu")
+    net, ckpt, cfg = load_model(ckpt_path, device="cpu")
     use_ema = cfg.sample.use_ema if use_ema is None else use_ema
     if use_ema and "ema" in ckpt:
-        checkpoint.load_state(unet, ckpt["ema"], f"{ckpt_path} (EMA weights)")
+        checkpoint.load_state(net, ckpt["ema"], f"{ckpt_path} (EMA weights)")
     if loras and not use_ema and "ema" in ckpt:
         log("note: the adapters were trained on the EMA weights; sampling without them")
     for i, (path, _) in enumerate(loras):
@@ -72,15 +73,15 @@ def load_for_sampling(ckpt_path, device, loras=(), use_ema=None, merge=True, log
     base_fp = checkpoint.base_fingerprint(ckpt) if loras else None
     for i, (path, strength) in enumerate(loras):
         adapter = checkpoint.load_lora_file(path)
-        apply_lora_file(unet, adapter, base_fp, str(path), name=f"adapter{i}", strength=strength)
+        apply_lora_file(net, adapter, base_fp, str(path), name=f"adapter{i}", strength=strength)
     if loras and merge:
-        merge_lora(unet)  # zero overhead at inference: W += (A @ B)^T * alpha / r * strength
+        merge_lora(net)  # zero overhead at inference: W += (A @ B)^T * alpha / r * strength
     device = torch.device(device)
-    unet = unet.to(device).eval()  # eval: BatchNorm's running statistics
-    return Model(GraphedNetwork(unet) if cuda_graph else unet, cfg, device)
+    net = net.to(device).eval()  # eval: BatchNorm's running statistics
+    return Pipeline(GraphedNetwork(net) if cuda_graph else net, cfg, device)
 
 
-def load_guide(sample_cfg: SampleConfig, model: Model) -> Guide | None:
+def load_guide(sample_cfg: SampleConfig, model: Pipeline) -> Guide | None:
     """The guide network that sample_cfg's rule needs (autoguidance), loaded like the model
     (EMA weights when its file has them) onto the model's device; None for the other rules. A
     guide must draw what the model draws at the same noise levels: the same image size,
@@ -100,7 +101,7 @@ def load_guide(sample_cfg: SampleConfig, model: Model) -> Guide | None:
         raise UserError(f"guide {sample_cfg.guide} was trained on another noise schedule "
                         f"({', '.join(f'{k}={getattr(its.diffusion, k)}' for k in schedule)}); "
                         f"its x_t would mean other noise levels")
-    return Guide(guide.unet, its.diffusion.prediction)
+    return Guide(guide.net, its.diffusion.prediction)
 
 
 def resolve_sampler(cfg: Config, **options) -> SampleConfig:
@@ -122,7 +123,7 @@ def resolve_sampler(cfg: Config, **options) -> SampleConfig:
     return result
 
 
-def generate(model: Model, sample_cfg: SampleConfig, classes: list, n_per_class: int, seed: int,
+def generate(model: Pipeline, sample_cfg: SampleConfig, classes: list, n_per_class: int, seed: int,
              outputs: Outputs, log=print, guide: Guide | None = None) -> torch.Tensor:
     """Sample n_per_class images of each of `classes` (labels) and write what `outputs` names:
     the grid (a column per class, a row per repetition), the npz of samples, and the walk of the first
@@ -135,7 +136,7 @@ def generate(model: Model, sample_cfg: SampleConfig, classes: list, n_per_class:
         f"{interval_text(sample_cfg.guidance_interval)} on {model.device}")
     start = time.perf_counter()
     labels = grid_labels(classes, n_per_class, model.device)
-    images, frames = sample(model.unet, sampler, labels, sample_cfg, cpu_generator(seed),
+    images, frames = sample(model.net, sampler, labels, sample_cfg, cpu_generator(seed),
                             PROGRESS_FRAMES, guide)
     finite_samples(images)  # before any file is written
     log(f"sampled in {time.perf_counter() - start:.2f} s")

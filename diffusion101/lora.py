@@ -134,6 +134,12 @@ def apply_lora_file(model: nn.Module, adapter: dict, base_fingerprint: str, wher
                     name: str = DEFAULT, strength: float = 1.0) -> None:
     """Add a saved adapter to `model` under `name`, after checking that it was trained on this
     very base (same fingerprint) and that this model has every layer it adapts."""
+    model_part = adapter.get("config", {}).get("model", {})  # (a file's: checked as a dict)
+    made_for = model_part.get("backbone", "unet") if isinstance(model_part, dict) else "unet"
+    base = getattr(getattr(model, "cfg", None), "backbone", "unet")  # (a bare module: no config)
+    if made_for != base:
+        raise UserError(f"{where} adapts a {made_for} and this base is a {base}: an adapter "
+                        f"fits only the network it was trained on")
     if adapter["base_fingerprint"] != base_fingerprint:
         raise UserError(f"{where} was trained on another base model (fingerprint "
                         f"{adapter['base_fingerprint'][:12]}..., this base is "

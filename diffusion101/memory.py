@@ -26,7 +26,21 @@ def _parameter_count(fields: tuple) -> int:
 
 
 def activation_floats(m: ModelConfig, training: bool) -> int:
-    """About how many floats one image keeps alive in the network: in training every block's
+    """About how many floats one image keeps alive in the network a config names."""
+    return ACTIVATIONS[m.backbone](m, training)
+
+
+def dit_floats(m: ModelConfig, training: bool) -> int:
+    """The transformer's: per block, each token's width through the norms, q, k, v, the
+    attention's output and the 4x MLP (about twelve times the width), and each head's
+    attention weights, token by token; training keeps every block's."""
+    tokens = (m.img_size // m.patch_size) ** 2 + m.cond_tokens
+    block = tokens * 12 * m.width + m.heads * tokens * tokens
+    return 2 * m.depth * block if training else block + 2 * tokens * m.width
+
+
+def unet_floats(m: ModelConfig, training: bool) -> int:
+    """The UNet's: in training every block's
     maps, saved for the backward pass; in sampling the skip connections and the largest
     block's working maps. A block at a level of side r holds r^2 x (its channels in and out a
     few times over, the attention's queries and values, the feed-forward's width)."""
@@ -38,6 +52,9 @@ def activation_floats(m: ModelConfig, training: bool) -> int:
     if training:  # autograd keeps about twice the maps counted here (each norm's and
         return 2 * sum(work)  # activation's input too): checked against peak RSS, RELIABILITY.md
     return sum(r * r * c for r, _, c in blocks[:len(m.channels) - 1]) + max(work)
+
+
+ACTIVATIONS = {"unet": unet_floats, "dit": dit_floats}
 
 
 def device_memory(device) -> int:

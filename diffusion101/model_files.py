@@ -8,7 +8,8 @@ import torch
 
 from .checkpoint import (config_of, load_model_checkpoint, load_state, model_file, save,
                          sampling_weights)
-from .config import UserError, get_preset
+from .config import UserError
+from .presets import get_preset
 from .denoise import check_config
 from .onnx_export import export_onnx, is_onnx
 from .memory import parameter_count
@@ -83,6 +84,8 @@ BOLD_LORA_PATH = SHIPPED_PATH.with_name("bold_lora.safetensors")
 FLOW_PATH = SHIPPED_PATH.with_name("cpu_flow.safetensors")
 # The shipped checkpoint distilled into a few-step student, one network call a step (distill.py)
 STUDENT_PATH = SHIPPED_PATH.with_name("cpu_student.safetensors")
+# The `cpu-dit` preset as trained (a transformer, dit.py), exported: the tour's transformer
+DIT_PATH = SHIPPED_PATH.with_name("cpu_dit.safetensors")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:

@@ -7,9 +7,10 @@ from __future__ import annotations
 from torch import nn
 
 from .config import ModelConfig
+from .dit import DiT
 from .unet import UNet
 
-BACKBONES = {"unet": UNet}
+BACKBONES = {"unet": UNet, "dit": DiT}
 
 
 def build_network(m: ModelConfig) -> nn.Module:

@@ -23,7 +23,7 @@ class Objective:
 
     samplers: dict = {}
     # The walk of the grids drawn during training on a CPU, where the preset's own is long:
-    # a few steps of one of `samplers` (train.grid_walk).
+    # a few steps of one of `samplers` (train.grid_sampling).
     preview: dict = {}
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 from .classes import is_mnist_model, validate_classes
-from .config import Config, SampleConfig, UserError, field_default, set_field
+from .config import Config, ModelConfig, SampleConfig, UserError, field_default, set_field
 from .guidance import is_guided, needs_uncond
 
 
-def _parse_value(text: str, default):
+def parse_value(text: str, default):
     """Parse a command-line string to the type of the field's default value."""
     try:
         if isinstance(default, bool):
@@ -35,10 +35,10 @@ def apply_override(cfg: Config, assignment: str) -> None:
     key, text = assignment.split("=", 1)
     section, name = key.split(".", 1)
     sub = cfg.section(section)
-    set_field(sub, section, name, _parse_value(text, field_default(sub, section, name)))
+    set_field(sub, section, name, parse_value(text, field_default(sub, section, name)))
 
 
-def _range_text(lo, hi, above_lo, below_hi) -> str:
+def range_text(lo, hi, above_lo, below_hi) -> str:
     def text(x):  # 4294967295, not 4.29497e+09
         return str(x) if isinstance(x, int) else f"{x:g}"
     return f"{'(' if above_lo else '['}{text(lo)}, {text(hi)}{')' if below_hi else ']'}"
@@ -57,7 +57,7 @@ def check_range(name: str, value, lo, hi, *, integer: bool = False, above_lo: bo
     ok = ok and (lo < value if above_lo else lo <= value) and (value < hi if below_hi else value <= hi)
     if not ok:
         what = "an integer" if integer else "a finite number"
-        raise UserError(f"{name} must be {what} in {_range_text(lo, hi, above_lo, below_hi)}, "
+        raise UserError(f"{name} must be {what} in {range_text(lo, hi, above_lo, below_hi)}, "
                         f"not {value!r}")
     return value
 
@@ -112,13 +112,7 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(sub):
             check_field(section, f, getattr(sub, f.name))
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    levels = len(m.channels)
-    if m.img_size % (2 ** (levels - 1)):
-        raise UserError(f"model.img_size={m.img_size} must be divisible by 2**{levels - 1} "
-                        f"for {levels} levels")
-    if m.attn_from_level >= levels:
-        raise UserError(f"model.attn_from_level={m.attn_from_level} leaves no cross-attention: "
-                        f"the model has levels 0..{levels - 1}, and attention carries the label")
+    check_backbone(m)
     if m.in_channels not in (1, 3):
         raise UserError(f"model.in_channels must be 1 (grey) or 3 (RGB), not {m.in_channels}")
     validate_classes(m, t.data)
@@ -132,6 +126,9 @@ def validate(cfg: Config) -> None:
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
     flow = d.objective == "flow"
+    if d.prediction == "x0" and not flow:
+        raise UserError("diffusion.prediction=x0 is flow matching's (diffusion.objective=flow); "
+                        "a DDPM model predicts eps or v")
     if flow and t.snr_gamma:
         raise UserError("train.snr_gamma weights DDPM's timesteps; flow matching has none (set 0)")
     if s.steps > d.timesteps and not flow:
@@ -146,6 +143,26 @@ def validate(cfg: Config) -> None:
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
     check_settings_apply(s, flow)
+
+
+def check_backbone(m: ModelConfig) -> None:
+    """What the network a config names needs of the image: a UNet halves it at each level
+    and carries the label by attention at some level; a transformer cuts it into whole
+    patches and splits its width among its heads."""
+    if m.backbone == "dit":
+        if m.img_size % m.patch_size:
+            raise UserError(f"model.patch_size={m.patch_size} must divide model.img_size="
+                            f"{m.img_size} (the image is cut into whole patches)")
+        if m.width % m.heads:
+            raise UserError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
+        return
+    levels = len(m.channels)
+    if m.img_size % (2 ** (levels - 1)):
+        raise UserError(f"model.img_size={m.img_size} must be divisible by 2**{levels - 1} "
+                        f"for {levels} levels")
+    if m.attn_from_level >= levels:
+        raise UserError(f"model.attn_from_level={m.attn_from_level} leaves no cross-attention: "
+                        f"the model has levels 0..{levels - 1}, and attention carries the label")
 
 
 def check_settings_apply(s: SampleConfig, flow: bool) -> None:

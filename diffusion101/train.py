@@ -194,13 +194,13 @@ def log_grid(run: Run, state: TrainState) -> None:
     if run.writer is None:
         return
     cfg, classes = run.cfg, run.cfg.model.num_classes
-    walk = grid_walk(cfg, run.device)
+    sampling = grid_sampling(cfg, run.device)
     started = time.perf_counter()
     with eval_mode(state.sampling_model()) as model:
-        sampler = make_sampler(walk, cfg.diffusion, run.device)
-        run.log(f"grid at step {state.step}: {classes} images, {walk.steps} {walk.sampler} "
-                f"steps ({len(sampler.timesteps)} network calls) ...")
-        images, _ = sample_classes(model, sampler, walk, range(classes), 1, cfg.train.seed,
+        sampler = make_sampler(sampling, cfg.diffusion, run.device)
+        run.log(f"grid at step {state.step}: {classes} images, {sampling.steps} "
+                f"{sampling.sampler} steps ({len(sampler.timesteps)} network calls) ...")
+        images, _ = sample_classes(model, sampler, sampling, range(classes), 1, cfg.train.seed,
                                    run.device)
     if not torch.isfinite(images).all():  # drawn black, it would look like a dead model
         return run.log(f"grid at step {state.step} not drawn: its samples came out NaN or inf")
@@ -213,8 +213,8 @@ def log_grid(run: Run, state: TrainState) -> None:
 CPU_GRID_CALLS = 50
 
 
-def grid_walk(cfg: Config, device) -> SampleConfig:
-    """The walk of the grids drawn during training: the preset's own, or on a CPU where that
+def grid_sampling(cfg: Config, device) -> SampleConfig:
+    """The sampler of the grids drawn during training: the preset's own, or on a CPU where its
     walk is long, the objective's few-step preview walk (objective.preview) of the same model."""
     calls = len(make_sampler(cfg.sample, cfg.diffusion).timesteps)
     if torch.device(device).type != "cpu" or calls <= CPU_GRID_CALLS:

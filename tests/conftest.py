@@ -40,7 +40,7 @@ def run_script(name: str, *args, cwd, env_extra=None, check=True, fault=None):
 def tiny_checkpoint(seed=0) -> dict:
     """A model.pt's contents for the `tiny` preset with weights drawn from `seed`."""
     from diffusion101 import checkpoint
-    from diffusion101.config import get_preset
+    from diffusion101.presets import get_preset
     from diffusion101.unet import UNet
     torch.manual_seed(seed)
     cfg = get_preset("tiny")
@@ -52,7 +52,7 @@ def one_token_unet_output_and_grads(shortcut: bool, device) -> list:
     """The `tiny` UNet (one label token, as the reference) on a fixed batch: its output and
     every parameter's gradient of a squared loss, with the attention's one-token shortcut on
     or off."""
-    from diffusion101.config import get_preset
+    from diffusion101.presets import get_preset
     from diffusion101.speed import use_one_token_shortcut
     from diffusion101.unet import UNet
     g = torch.Generator().manual_seed(0)

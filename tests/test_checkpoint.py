@@ -8,7 +8,8 @@ import torch
 
 from diffusion101 import checkpoint
 from diffusion101 import model_files as models
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.unet import UNet
 
 from conftest import ROOT, tiny_checkpoint
@@ -170,8 +171,8 @@ def test_bad_safetensors_files_are_refused_in_one_line(tmp_path):
             "not a Diffusion-101 file of this version",
         written("nometa.safetensors", metadata=None): "not a Diffusion-101 file of this version",
         written("badjson.safetensors", metadata={**meta, "step": "{oops"}): "'step' is not JSON",
-        written("oldconfig.safetensors", metadata={**meta, "config": '{"model": {"depth": 3}}'}):
-            "unknown config field 'model.depth'",
+        written("oldconfig.safetensors", metadata={**meta, "config": '{"model": {"layers": 3}}'}):
+            "unknown config field 'model.layers'",
         written("name.safetensors", tensors={**state, "extra.weight": torch.ones(2)}):
             "does not fit this architecture",
         written("shape.safetensors", tensors={**state, "output.bias": torch.ones(2)}):

@@ -1,7 +1,8 @@
 """classes.py: the names of a model's classes, the rules they keep, and the labels a user names."""
 import pytest
 
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.settings import apply_override, validate
 
 

@@ -309,3 +309,42 @@ def test_a_new_folder_named_by_a_dangling_link_is_refused_by_its_name(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'out'} exists (a link); choose a new folder"]
     assert (tmp_path / "out").is_symlink() and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_the_sampling_and_training_flags_are_the_config_fields_one_name_each():
+    """Each sample field with help is a flag of the sampling command, named as the field, with
+    its help, choices and range from the field's declaration; a given flag reads as the
+    field's type; the API's sample() takes the same names; the training shortcuts likewise."""
+    import dataclasses
+    import inspect
+
+    import diffusion101 as d
+    from diffusion101.cli import Parser, add_field_flags, add_sampler_flags, field_values
+    from diffusion101.commands import TRAIN_SHORTCUTS
+    from diffusion101.config import SampleConfig, TrainConfig
+    p = Parser()
+    add_sampler_flags(p)
+    flags = {a.dest: a for a in p._actions}
+    fields = [f for f in dataclasses.fields(SampleConfig) if "help" in f.metadata]
+    assert {f.name for f in fields} == set(flags) - {"help", "no_ema", "cuda_graph"}
+    for f in fields:
+        action = flags[f.name]
+        assert action.option_strings == ["--" + f.name.replace("_", "-")]
+        assert action.help.startswith(f.metadata["help"])
+        for choice in f.metadata.get("choices", ()):
+            assert choice in action.help
+    a = p.parse_args(["--guidance", "2.5", "--steps", "7", "--guidance-interval", "0.1,0.7",
+                      "--apg-norm-threshold", "3", "--guidance-rule", "apg"])
+    assert field_values(a, SampleConfig) == {"guidance": 2.5, "steps": 7, "guidance_rule": "apg",
+                                             "guidance_interval": (0.1, 0.7),
+                                             "apg_norm_threshold": 3.0}
+    with pytest.raises(UserError, match="invalid float value: 'lots'"):
+        p.parse_args(["--guidance", "lots"])
+    api = inspect.signature(d.sample).parameters
+    named = set(api) | {"apg_eta", "apg_momentum", "apg_norm_threshold", "guide_cfg", "shift"}
+    assert {f.name for f in fields} <= named  # the rules' fields reach it as **rule_options
+    t = Parser()
+    add_field_flags(t, TrainConfig, TRAIN_SHORTCUTS)
+    a = t.parse_args(["--max-steps", "12", "--lr", "0.002", "--data", "folder"])
+    assert field_values(a, TrainConfig, TRAIN_SHORTCUTS) == {"max_steps": 12, "lr": 0.002,
+                                                             "data": "folder"}

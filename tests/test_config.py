@@ -1,6 +1,7 @@
 import pytest
 
-from diffusion101.config import Config, UserError, get_preset
+from diffusion101.config import Config, UserError
+from diffusion101.presets import get_preset
 
 from diffusion101.settings import apply_override, validate
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from diffusion101.config import get_preset
+from diffusion101.presets import get_preset
 from diffusion101.dataset import ImageData
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.speed import Speed
@@ -99,11 +99,11 @@ def test_same_seed_same_digits_on_cuda():
     from diffusion101.model_files import SHIPPED_PATH
     model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None)
     sc, diffusion = model.config.sample, model.config.diffusion
-    runs = [sample_classes(model.unet, make_sampler(sc, diffusion, CUDA), sc, range(10), 2, 7, CUDA)[0]
+    runs = [sample_classes(model.net, make_sampler(sc, diffusion, CUDA), sc, range(10), 2, 7, CUDA)[0]
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     model_cpu = load_for_sampling(SHIPPED_PATH, "cpu", log=lambda *a: None)
-    on_cpu, _ = sample_classes(model_cpu.unet, make_sampler(sc, diffusion, "cpu"), sc, range(10), 2,
+    on_cpu, _ = sample_classes(model_cpu.net, make_sampler(sc, diffusion, "cpu"), sc, range(10), 2,
                               7, "cpu")
     gap = (runs[0].cpu() - on_cpu).abs().mean().item()
     _report("shipped checkpoint, same seed: mean |CUDA - CPU| pixel difference in [-1, 1]", gap)
@@ -176,7 +176,7 @@ def test_a_walk_through_the_replayed_graph_is_the_eager_walk():
         model = load_for_sampling(SHIPPED_PATH, CUDA, log=lambda *a: None, cuda_graph=graph)
         sc = model.config.sample
         sampler = make_sampler(sc, model.config.diffusion, CUDA)
-        images.append(sample_classes(model.unet, sampler, sc, range(10), 2, 7, CUDA)[0])
+        images.append(sample_classes(model.net, sampler, sc, range(10), 2, 7, CUDA)[0])
     gap = (images[0] - images[1]).abs().max().item()
     _report("DPM-Solver++ 20 grid, replayed graph vs eager: max |pixel difference|", gap)
     assert gap < 1e-4

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from diffusion101.config import SampleConfig, UserError, get_preset
+from diffusion101.config import SampleConfig, UserError
+from diffusion101.presets import get_preset
 from conftest import sampler_by_name
 from diffusion101.denoise import Guide, cpu_generator, grid_labels, predict, sample, sample_classes
 from diffusion101.diffusion import DDPMSampler

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from diffusion101.config import DiffusionConfig, get_preset
+from diffusion101.config import DiffusionConfig
+from diffusion101.presets import get_preset
 from conftest import sampler_by_name
 from diffusion101.diffusion import DDPMSampler, NoiseSchedule, StepOutput, extract
 

@@ -12,7 +12,8 @@ from torch import nn
 from diffusion101 import checkpoint, distill as distillation
 from diffusion101.cli import run_cli
 from diffusion101.commands import distill_student
-from diffusion101.config import DiffusionConfig, SampleConfig, get_preset
+from diffusion101.config import DiffusionConfig, SampleConfig
+from diffusion101.presets import get_preset
 from diffusion101.denoise import make_sampler, sample
 from diffusion101.distill import Pairs, Recipe, distill, make_pairs, pairs_path
 from diffusion101.flow import FlowMatching

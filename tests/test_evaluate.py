@@ -69,7 +69,7 @@ def test_the_evaluate_command_on_a_tiny_model(tmp_path, capsys):
     import json
     from diffusion101 import checkpoint
     from diffusion101.commands import evaluate as evaluate_command
-    from diffusion101.config import get_preset
+    from diffusion101.presets import get_preset
     from diffusion101.unet import UNet
     cfg = get_preset("tiny")
     cfg.model.img_size = 28
@@ -86,7 +86,7 @@ def test_the_evaluate_command_on_a_tiny_model(tmp_path, capsys):
 def test_generation_batch_size_does_not_change_deterministic_samples():
     # The CPU default batch (100) is chosen for speed; with a deterministic sampler it must not
     # change which digits come out: the start noise is drawn in the same order either way.
-    from diffusion101.config import get_preset
+    from diffusion101.presets import get_preset
     from diffusion101.unet import UNet
     cfg = get_preset("tiny")
     model = UNet(cfg.model).eval()

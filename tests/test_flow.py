@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffusion101 import checkpoint
-from diffusion101.config import DiffusionConfig, SampleConfig, UserError, get_preset
+from diffusion101.config import DiffusionConfig, SampleConfig, UserError
+from diffusion101.presets import get_preset
 from diffusion101.denoise import make_sampler, predict, sample
 from diffusion101.flow import FlowEuler, FlowHeun, FlowMatching, shifted
 from diffusion101.settings import validate
@@ -146,7 +147,7 @@ def test_a_checkpoint_says_how_to_sample_it(tmp_path, suffix):
     assert model.config.diffusion.objective == "flow"
     assert model.config.diffusion.t_sampling == "logit_normal"
     sc = resolve_sampler(model.config, sampler="heun", steps=3)
-    images, _ = sample(model.unet, make_sampler(sc, model.config.diffusion), torch.tensor([1, 2]),
+    images, _ = sample(model.net, make_sampler(sc, model.config.diffusion), torch.tensor([1, 2]),
                        sc, torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     # a flow model refuses a DDPM sampler, and a DDPM model a flow one, in one line
@@ -191,3 +192,27 @@ def test_settings_that_flow_matching_cannot_take_are_refused():
     cfg.sample.sampler = "dpm"
     with pytest.raises(UserError, match="use euler or heun"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("kind", [FlowEuler, FlowHeun])
+def test_a_network_that_predicts_x0_walks_as_its_velocity_does(kind):
+    # diffusion.prediction=x0 (Li and He 2025): an oracle that outputs x_0 itself lands on it
+    # in any number of steps, as the velocity oracle does; its loss is on the velocity it means
+    x0, eps = _batch()
+    cfg = dataclasses.replace(FLOW, prediction="x0")
+    sampler = kind(cfg)
+    for steps in (1, 3, 8):
+        walk = _walk(sampler, lambda x, t: x0, eps, steps)
+        assert torch.allclose(walk[-1].prev_sample, x0, atol=1e-5)
+        assert all(torch.allclose(o.pred_original_sample, x0, atol=1e-5) for o in walk)
+    flow, t = FlowMatching(cfg), torch.tensor([0.01, 0.5, 1.0])
+    x_t = flow.add_noise(x0, eps, t)
+    pred, target = flow.prediction_and_target(lambda x, tt, y: x0, x0, eps, t, None)
+    assert torch.allclose(pred[1:], target[1:], atol=1e-5)  # the path's own velocity, eps - x_0
+    # below T_MIN the division is by T_MIN: finite, and the target is not reached exactly
+    assert torch.isfinite(pred).all() and not torch.allclose(pred[0], target[0], atol=1e-3)
+    assert torch.equal(flow.to_x0(x0, t, x_t), x0) and torch.equal(flow.from_x0(x0, t, x_t), x0)
+    bad = get_preset("cpu-ddpm")
+    bad.diffusion.prediction = "x0"
+    with pytest.raises(UserError, match="prediction=x0 is flow matching's"):
+        validate(bad)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion101.cli import parse_interval
-from diffusion101.config import Config, UserError, get_preset
+from diffusion101.settings import parse_value
+from diffusion101.config import Config, UserError
+from diffusion101.presets import get_preset
 from diffusion101.generate import Outputs, generate, load_for_sampling, resolve_sampler
 from diffusion101.evaluate import evaluate_model
 from diffusion101.images import PADDING
@@ -19,8 +20,8 @@ from diffusion101.model_files import SHIPPED_PATH
 def test_bad_guidance_interval(bad):
     cfg = get_preset("cpu-ddpm")
     with pytest.raises(UserError):
-        resolve_sampler(cfg, guidance_interval=parse_interval(bad))
-    assert resolve_sampler(cfg, guidance_interval=parse_interval("0.1,0.7")).guidance_interval == (0.1, 0.7)
+        resolve_sampler(cfg, guidance_interval=parse_value(bad, (0.0, 1.0)))  # as the flag reads it
+    assert resolve_sampler(cfg, guidance_interval=parse_value("0.1,0.7", (0.0, 1.0))).guidance_interval == (0.1, 0.7)
 
 
 def test_options_left_at_none_keep_the_checkpoints_and_another_sampler_gets_its_steps():
@@ -109,9 +110,9 @@ class NaNNet(torch.nn.Module):
 
 def test_samples_that_came_out_nan_are_refused_and_nothing_is_written(tmp_path):
     import diffusion101 as d
-    from diffusion101.generate import Model
+    from diffusion101.generate import Pipeline
     cfg = get_preset("tiny")
-    model = Model(NaNNet(), cfg, torch.device("cpu"))
+    model = Pipeline(NaNNet(), cfg, torch.device("cpu"))
     outputs = Outputs(tmp_path / "g.png", npz=tmp_path / "g.npz", gif=tmp_path / "g.gif")
     with pytest.raises(UserError, match="2 of 2 samples came out NaN or inf"):
         generate(model, cfg.sample, [1, 2], 1, 0, outputs, log=lambda *a: None)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffusion101 import guidance
-from diffusion101.config import SampleConfig, UserError, get_preset
+from diffusion101.config import SampleConfig, UserError
+from diffusion101.presets import get_preset
 from diffusion101.settings import validate
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.guidance import needs_uncond

@@ -41,8 +41,8 @@ def test_no_import_cycle_and_the_model_imports_no_job():
     assert set(order) == set(MODULES)
     jobs = {"train", "train_run", "lora_finetune", "distill", "generate", "evaluate", "api", "cli",
             "commands", "model_files", "entry", "web"}
-    for low in ("config", "settings", "classes", "memory", "cross_attn", "conv_block", "unet",
-                "networks", "time_position_emb", "objective", "diffusion", "flow", "guidance",
+    for low in ("config", "presets", "settings", "classes", "memory", "cross_attn", "conv_block",
+                "unet", "dit", "networks", "time_position_emb", "objective", "diffusion", "flow", "guidance",
                 "denoise", "lora", "ema", "checkpoint", "files", "images", "fid", "dataset", "rng",
                 "distributed", "speed", "train_state"):
         assert not graph[low] & jobs, (low, graph[low] & jobs)
@@ -108,7 +108,8 @@ READING_PATH = {
     "cross_attn": set(),
     "conv_block": {"config", "cross_attn"},
     "unet": {"config", "conv_block", "time_position_emb"},
-    "networks": {"config", "unet"},
+    "dit": {"config", "time_position_emb"},
+    "networks": {"config", "unet", "dit"},
     # fit's chores save, snapshot and evaluate; the run's set-up is train_run's
     "train": {"config", "objective", "denoise", "dataset", "speed", "train_state", "checkpoint",
               "distributed", "images", "posthoc_ema", "evaluate"},
@@ -231,7 +232,7 @@ def test_the_loss_and_the_loops_name_no_objective_and_no_backbone():
 
 def test_one_module_builds_the_network_and_none_beside_the_path_does_two_jobs():
     graph = {name: _imports(path) for name, path in MODULES.items()}
-    builders = {name for name, deps in graph.items() if "unet" in deps}
+    builders = {name for name, deps in graph.items() if deps & {"unet", "dit"}}
     assert builders == {"networks"}, builders  # every other module takes whatever it builds
     assert not graph["settings"] & {"unet", "networks", "memory", "dataset"}  # it parses and checks
     assert not graph["classes"] - {"config"} and not graph["guidance"] - {"config"}

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from diffusion101 import checkpoint
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.lora import (DEFAULT, LoRALinear, apply_lora_file, inject_lora, lora_layers,
                                lora_state_dict, merge_lora, unmerge_lora)
 from diffusion101.unet import UNet

@@ -2,7 +2,8 @@
 the device (or this process, on a CPU) may take."""
 import pytest
 
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 
 
 def test_memory_is_estimated_before_it_is_spent(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ import torch
 
 from diffusion101 import checkpoint
 from diffusion101 import model_files as models
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.unet import UNet
 
 from conftest import tiny_checkpoint

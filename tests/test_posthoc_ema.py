@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffusion101 import checkpoint
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.posthoc_ema import export_rebuilt, list_snapshots, rebuild, snapshot_folder
 from diffusion101.train_run import train
 

@@ -70,7 +70,7 @@ def test_bad_inputs_one_line_and_nothing_overwritten(work, tmp_path, capsys, mon
     # one in a fresh interpreter, as a user runs it; the rest in this one (same code path, and
     # no torch import per case)
     _fails("train", "--preset", "nope", cwd=work, match="unknown preset")
-    _refused(capsys, "train", "--preset", "tiny", "--set", "model.depth=3",
+    _refused(capsys, "train", "--preset", "tiny", "--set", "model.layers=3",
              match="unknown config field")
     _refused(capsys, "train", "--preset", "tiny", "--lr", "fast", match="invalid float")
     _refused(capsys, "train", "--preset", "tiny", "--set", "train.loss=l7", match="train.loss")

@@ -3,7 +3,7 @@ shortcut of the cross-attention, which must compute the very bits of the full at
 import pytest
 import torch
 
-from diffusion101.config import get_preset
+from diffusion101.presets import get_preset
 from diffusion101.cross_attn import CrossAttention
 from diffusion101.speed import OneTokenAttention, Speed, use_one_token_shortcut
 

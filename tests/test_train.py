@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion101 import checkpoint
-from diffusion101.config import UserError, get_preset
+from diffusion101.config import UserError
+from diffusion101.presets import get_preset
 from diffusion101.dataset import load_mnist
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.train_run import train

@@ -1,6 +1,6 @@
 import torch
 
-from diffusion101.config import get_preset
+from diffusion101.presets import get_preset
 from diffusion101.networks import count_parameters
 from diffusion101.unet import UNet
 
