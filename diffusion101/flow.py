@@ -82,7 +82,7 @@ class FlowMatching(Objective):
         """The x_0 a network output implies at (x_t, t): x_t - t v (or the output itself)."""
         if (prediction or self.cfg.prediction) == "x0":
             return out
-        return x_t - self._column(t, x_t) * out
+        return self.x0_along(out, self._column(t, x_t), x_t)
 
     def from_x0(self, x0: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
         """The output that implies x0 at (x_t, t): the velocity (x_t - x_0) / t (or x0)."""
@@ -90,8 +90,9 @@ class FlowMatching(Objective):
             return x0
         return (x_t - x0) / self._column(t, x_t)
 
-    def x0_along(self, v: torch.Tensor, t: float, x_t: torch.Tensor) -> torch.Tensor:
-        """Where the velocity v at (x_t, t) lands at t = 0: x_t - t v."""
+    def x0_along(self, v: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+        """Where the velocity v at (x_t, t) lands at t = 0: x_t - t v (t a number, or a
+        column per image)."""
         return x_t - t * v
 
     def velocity(self, out: torch.Tensor, t: float, x_t: torch.Tensor) -> torch.Tensor:
