@@ -298,6 +298,53 @@ DIT_CASES = [
 ]
 
 
+# Issue 44 and round four's mechanism 1: MeanFlow settings that cannot train, and distillation
+# files checked for what they are and hold (make_distill_inputs)
+ONESTEP = ["--preset", "cpu-onestep", "--set", "model.img_size=16", "--set", "model.channels=8,16",
+           "--max-steps", "1", "--out", "one.pt"]
+DISTILL = ["--teacher", "flow_t.pt", "--logdir", "runs"]
+ONESTEP_DISTILL_CASES = [
+    ("MeanFlow with BatchNorm", "train", [*ONESTEP, "--set", "model.norm=batch"], None),
+    ("MeanFlow without the interval input", "train", [*ONESTEP, "--set", "model.interval_input=false"], None),
+    ("diffusion.trained_guidance on a flow model", "train", ["--preset", "cpu", "--set",
+     "diffusion.trained_guidance=2", "--out", "f.pt"], None),
+    ("distill --resume into an ordinary training run", "distill", [*DISTILL, "--out", "flow_run.pt",
+     "--resume"], None),
+    ("distill --resume with --steps 8 (the student walks 2)", "distill", [*DISTILL, "--out", "st.pt",
+     "--resume", "--steps", "8"], None),
+    ("distill --resume with --batch-size 4", "distill", [*DISTILL, "--out", "st.pt", "--resume",
+     "--batch-size", "4"], None),
+    ("a pairs file whose images are 8 px (the teacher's are 16)", "distill", [*DISTILL, "--out",
+     "small_px.pt", "--pairs", "32"], None),
+    ("a pairs file whose labels are float", "distill", [*DISTILL, "--out", "float_y.pt", "--pairs",
+     "32"], None),
+    ("a pairs file whose labels reach 12", "distill", [*DISTILL, "--out", "big_y.pt", "--pairs",
+     "32"], None),
+    ("distill --pairs 10,000,000 of a 16-px teacher (twice 19 GiB)", "distill", [*DISTILL, "--out",
+     "many.pt", "--pairs", "10000000"], None),
+]
+
+
+def make_distill_inputs(d: Path) -> None:
+    """ONESTEP_DISTILL_CASES' files: a flow teacher, a training run of it, a student of it, and
+    pairs files of that teacher whose tensors were changed."""
+    flow = ["--set", "diffusion.objective=flow", "--set", "sample.sampler=euler", "--set",
+            "sample.steps=2", "--set", "diffusion.clip=none"]
+    run("train", "--preset", "tiny", *flow, "--max-steps", "2", "--out", "flow_t.pt", "--logdir",
+        "runs", cwd=d)
+    run("train", "--resume", "--out", "flow_t.pt", "--max-steps", "2", "--logdir", "runs", cwd=d)
+    (d / "flow_run.pt").write_bytes((d / "flow_t.pt").read_bytes())
+    run("distill", *DISTILL, "--out", "st.pt", "--pairs", "32", "--steps", "2", "--max-steps", "2",
+        "--batch-size", "16", cwd=d)
+    pairs = torch.load(d / "st.pt.pairs.pt", weights_only=True)
+    changes = {"small_px": {"images": pairs["images"][:, :, :8, :8].clone(),
+                            "noise": pairs["noise"][:, :, :8, :8].clone()},
+               "float_y": {"labels": pairs["labels"].float()},
+               "big_y": {"labels": pairs["labels"] + 3}}
+    for name, change in changes.items():
+        torch.save({**pairs, **change}, d / f"{name}.pt.pairs.pt")
+
+
 def make_round_four_inputs(d: Path) -> None:
     """ROUND_FOUR_CASES' files: stride-0 tensors in a model, an adapter and a run's optimizer
     state; links to the user's notes."""
@@ -337,6 +384,7 @@ def main():
     subprocess.run([sys.executable, "evil.py"], cwd=d, check=True)
     make_bad_inputs(d)
     make_round_four_inputs(d)
+    make_distill_inputs(d)
     os.symlink("loop.pt", d / "loop.pt")
     run("train", "--preset", "tiny", "--max-steps", "4", "--set", "train.snapshot_every=2",
         "--out", "snaps.pt", "--logdir", "runs", cwd=d)
@@ -380,7 +428,7 @@ def main():
         ("model.num_classes=0", "train", ["--preset", "tiny", "--set", "model.num_classes=0", "--out", "model.pt"], None),
         ("model.in_channels=3 on MNIST", "train", ["--preset", "tiny", "--set", "model.in_channels=3", "--out", "model.pt"], None),
         *FOLDER_CASES, *FILE_CASES, *INTERRUPT_CASES, *API_CASES, *ROUND_FOUR_CASES,
-        *DIT_CASES,
+        *DIT_CASES, *ONESTEP_DISTILL_CASES,
     ]
     only = sys.argv[1:]  # words: run only the rows whose title holds one of them
     cases = [c for c in cases if not only or any(w in c[0] for w in only)]

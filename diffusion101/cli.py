@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import SEED_MAX, Config, SampleConfig, UserError
+from .entry import PRESSED
 from .presets import get_preset
 from .denoise import check_config
 from .files import same_file, written_path
@@ -27,8 +28,16 @@ class Terminated(BaseException):
     remove their temporary files as they do on Ctrl-C."""
 
 
+INTERRUPTED = "error: interrupted; files already saved are intact"
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    PRESSED.append(signum)  # kept even if the exception is swallowed (entry.check_interrupt)
+    raise KeyboardInterrupt
 
 
 def run_cli(main, argv=None) -> int:
@@ -37,8 +46,11 @@ def run_cli(main, argv=None) -> int:
     an operating-system error (a name too long, a full disk, a loop of links) and running out
     of memory; an interrupt 130, SIGTERM 143; a reader that went away (`| head`) ends it
     quietly with 141, as a pipe's writer does."""
+    PRESSED.clear()
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not if ignored)
+            signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread (a test calling main() from a worker)
         pass
     for stream in (sys.stdout, sys.stderr):  # a path an ASCII console cannot show: escaped
@@ -49,7 +61,7 @@ def run_cli(main, argv=None) -> int:
     except UserError as e:
         return _fail(f"error: {e}", 2)
     except KeyboardInterrupt:
-        return _fail("error: interrupted; files already saved are intact", 130)
+        return _fail(INTERRUPTED, 130)
     except Terminated:
         return _fail("error: terminated; files already saved are intact", 143)
     except BrokenPipeError:
@@ -67,6 +79,8 @@ def run_cli(main, argv=None) -> int:
             raise
         return _fail(f"error: out of memory: an allocation of {asked} failed (ask for fewer or "
                      f"smaller images, or a smaller model); files already saved are intact", 2)
+    if PRESSED:  # pressed, and its KeyboardInterrupt swallowed before it reached here
+        return _fail(INTERRUPTED, 130)
     return 0
 
 

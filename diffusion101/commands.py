@@ -356,15 +356,19 @@ def distill_student(argv=None) -> None:
     p.add_argument("--out", default="student.pt", type=TRAINING_OUT,
                    help="the student checkpoint (default: student.pt); the teacher's pairs are "
                         "kept beside it in <out>.pairs.pt")
+    # Defaults None, so that a resumed student can tell a flag given from one left out
+    # (distill.resumed_student honours or refuses each).
     defaults = Recipe()
-    p.add_argument("--steps", type=int, default=defaults.steps,
+    p.add_argument("--steps", type=int, default=None,
                    help=f"the student's steps (default {defaults.steps}; it also walks in any divisor)")
-    p.add_argument("--pairs", type=int, default=defaults.pairs,
+    p.add_argument("--pairs", type=int, default=None,
                    help=f"noise -> image pairs the teacher makes (default {defaults.pairs})")
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                   help=f"the student's optimizer steps (default {defaults.max_steps})")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"the student's optimizer steps (default {defaults.max_steps}; with "
+                        f"--resume, train it to this many)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=float, default=None, help=f"default {defaults.lr:g}")
     p.add_argument("--teacher-set", action="append", default=[], metavar="sample.FIELD=VALUE",
                    help="change the teacher's walk (its sampler, steps, guidance: the pairs' "
                         "quality), e.g. sample.steps=16; repeatable")
@@ -374,14 +378,18 @@ def distill_student(argv=None) -> None:
     add_common(p)
     a = p.parse_args(argv)
     check_seed(a.seed)
-    recipe = Recipe(steps=a.steps, pairs=a.pairs, max_steps=a.max_steps,
-                    batch_size=a.batch_size, lr=a.lr, seed=a.seed or 0)
+    given = {name: getattr(a, name) for name in ("steps", "pairs", "max_steps", "batch_size", "lr")
+             if getattr(a, name) is not None}
+    if a.seed is not None:
+        given["seed"] = a.seed
+    recipe = Recipe(**given)
     recipe.check()
     device = resolve_device(a.device)
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir},
                   derived=["the pairs file"])
-    distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
+    distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir,
+                given=frozenset(given))
 
 
 def demo(argv=None) -> None:

@@ -67,13 +67,17 @@ class ModelConfig:
     width: int = num(128, 4, 8192)  # dit: the tokens' width (divisible by the heads)
     depth: int = num(6, 1, 256)  # dit: transformer blocks
     heads: int = num(4, 1, 256)  # dit: attention heads
+    # A second time input, the interval t - r, embedded as the time is and added to it: the
+    # network of an objective that learns over an interval (meanflow.py)
+    interval_input: bool = False
 
 
 @dataclass
 class DiffusionConfig:
     # "ddpm": noise x_0 by the schedule below and predict eps or v (diffusion.py); "flow":
-    # flow matching, x_t = (1 - t) x_0 + t eps on t in [0, 1], predict the velocity (flow.py)
-    objective: str = choice("ddpm", "flow")
+    # flow matching, x_t = (1 - t) x_0 + t eps on t in [0, 1], predict the velocity (flow.py);
+    # "meanflow": the same path, predict the average velocity from t down to r (meanflow.py)
+    objective: str = choice("ddpm", "flow", "meanflow")
     timesteps: int = num(1000, 2, 100_000)  # (flow: the network reads t scaled to 0..T-1)
     beta_start: float = num(1e-4, 0.0, 1.0, above_lo=True, below_hi=True)
     beta_end: float = num(0.02, 0.0, 1.0, above_lo=True, below_hi=True)
@@ -92,6 +96,15 @@ class DiffusionConfig:
     walk_steps: int = num(4, 1, 10_000)  # "walk": the steps of that walk
     logit_mean: float = num(0.0, -10.0, 10.0)
     logit_std: float = num(1.0, 0.0, 10.0, above_lo=True)
+    # meanflow: the share of training images given an interval (r < t); the rest have r = t,
+    # where the average velocity is the instantaneous one and the target is flow matching's
+    interval_share: float = num(0.25, 0.0, 1.0)
+    # meanflow: the guidance scale trained into the target (1: none), so that a guided step
+    # is one network call (Geng et al. 2025, section 4.2)
+    trained_guidance: float = num(1.0, 0.0, 100.0)
+    # meanflow: each image's loss weighted by 1 / (its mean squared error + 1e-3) ** p (the
+    # paper's adaptive weighting; 0 is the plain mean squared error)
+    adaptive_p: float = num(1.0, 0.0, 2.0)
 
 
 @dataclass
@@ -143,8 +156,8 @@ class TrainConfig:
 class SampleConfig:
     """The sampler a checkpoint uses by default: the best measured for its preset. Each field's
     help is the help of its flag (--steps, --guidance-rule, ...: cli.add_field_flags)."""
-    sampler: str = choice("ddpm", "ddim", "dpm", "euler", "heun",
-                          help="the sampler (ddpm, ddim, dpm walk DDPM; euler, heun flow)")
+    sampler: str = choice("ddpm", "ddim", "dpm", "euler", "heun", "jump", help=(
+        "the sampler (ddpm, ddim, dpm walk DDPM; euler, heun flow; jump MeanFlow)"))
     steps: int = num(1000, 1, 100_000, help="sampler steps (ddpm: all diffusion.timesteps)")
     guidance: float = num(1.0, 0.0, 100.0, help="classifier-free guidance scale w (1: none)")
     guidance_interval: tuple = num(EVERY_STEP, 0.0, 1.0, help=(

@@ -18,7 +18,9 @@ from . import guidance
 from .config import DiffusionConfig, SampleConfig, UserError
 from .diffusion import NoiseSchedule
 from .flow import FlowMatching
+from .entry import check_interrupt
 from .guidance import is_guided, needs_uncond
+from .meanflow import MeanFlow
 from .memory import check_memory
 from .objective import Objective
 from .settings import validate
@@ -104,6 +106,7 @@ def sample(model, sampler: Objective, labels: torch.Tensor, sample_cfg: SampleCo
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames, history = [], {}  # what a guidance rule keeps over this walk
     for i, t in enumerate(sampler.timesteps.tolist()):
+        check_interrupt()  # (a Ctrl-C whose exception was swallowed: entry.py)
         out = predict(model, sampler, x, t, labels, sample_cfg, guide, history)
         x = sampler.step(out, t, x, generator=generator).prev_sample
         if i in keep:
@@ -149,7 +152,7 @@ def sample_classes(model, sampler: Objective, sample_cfg: SampleConfig, classes,
 
 
 # Each objective by its name (diffusion.objective); each lists the samplers it takes.
-OBJECTIVES = {"ddpm": NoiseSchedule, "flow": FlowMatching}
+OBJECTIVES = {"ddpm": NoiseSchedule, "flow": FlowMatching, "meanflow": MeanFlow}
 
 
 def make_objective(cfg: DiffusionConfig, device="cpu") -> Objective:

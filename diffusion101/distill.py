@@ -34,6 +34,8 @@ from . import checkpoint
 from .config import BIG, Config, DiffusionConfig, SampleConfig, TrainConfig, UserError, num
 from .dataset import Batch, bytes_on
 from .denoise import finite_samples, make_sampler, sample, sampling_batch
+from .guidance import is_guided, needs_uncond
+from .memory import check_fits
 from .files import atomic_write, same_file
 from .model_files import load_model
 from .settings import apply_override, check_field, validate
@@ -117,9 +119,11 @@ def student_config(teacher: Config, recipe: Recipe, n_pairs: int) -> Config:
     return cfg
 
 
-def read_pairs(path: Path, teacher_fp: str, sampling: dict, seed: int) -> dict | None:
+def read_pairs(path: Path, teacher_fp: str, sampling: dict, seed: int, m) -> dict | None:
     """The pairs file made so far for this teacher, sampling and seed (None when there is none);
-    one of another teacher, sampling or seed is refused rather than replaced."""
+    one of another teacher, sampling or seed is refused rather than replaced, and so is one
+    whose tensors are not the pairs this teacher (model config m) makes: float32 images and
+    noise of its shape, int64 labels of its classes, every number finite."""
     if not path.exists():
         return None
     saved = checkpoint.load(path, "pairs file")
@@ -128,9 +132,22 @@ def read_pairs(path: Path, teacher_fp: str, sampling: dict, seed: int) -> dict |
     if (saved.get("teacher"), saved.get("walk"), saved.get("seed")) != (teacher_fp, sampling, seed):
         raise UserError(f"{path} holds pairs of another teacher, sampler or seed; delete it, or "
                         f"distill into another --out")
-    parts = [saved.get(k) for k in ("images", "labels", "noise")]
-    if not all(torch.is_tensor(p) for p in parts) or not len(parts[0]) == len(parts[1]) == len(parts[2]):
-        raise UserError(f"{path} is damaged (its tensors are missing or of unequal length)")
+    images, labels, noise = (saved.get(k) for k in ("images", "labels", "noise"))
+    if not all(torch.is_tensor(v) for v in (images, labels, noise)):
+        raise UserError(f"{path} is damaged (its images, labels or noise are missing)")
+    shape = (m.in_channels, m.img_size, m.img_size)
+    if (images.dtype, noise.dtype, labels.dtype) != (torch.float32, torch.float32, torch.int64) \
+            or images.dim() != 4 or tuple(images.shape[1:]) != shape or noise.shape != images.shape \
+            or labels.shape != images.shape[:1]:
+        raise UserError(f"{path} holds images {images.dtype} {tuple(images.shape)}, noise "
+                        f"{noise.dtype} {tuple(noise.shape)} and labels {labels.dtype} "
+                        f"{tuple(labels.shape)}; this teacher's pairs are float32 (N, "
+                        f"{', '.join(map(str, shape))}) with N int64 labels: delete the file")
+    if len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
+        raise UserError(f"{path} holds labels outside 0..{m.num_classes - 1}, the teacher's "
+                        f"classes: delete the file")
+    if not (torch.isfinite(images).all() and torch.isfinite(noise).all()):
+        raise UserError(f"{path} holds images or noise that are NaN or inf: delete the file")
     return saved
 
 
@@ -142,18 +159,25 @@ def make_pairs(teacher, cfg: Config, sampling: SampleConfig, n: int | None, seed
     the pairs the file holds (a resumed student's)."""
     fp, sampling_dict = checkpoint.fingerprint(teacher.state_dict()), dataclasses.asdict(sampling)
     sampling_dict["guidance_interval"] = list(sampling_dict["guidance_interval"])
-    saved = read_pairs(path, fp, sampling_dict, seed)
+    m = teacher.cfg
+    saved = read_pairs(path, fp, sampling_dict, seed, m)
     parts = {k: [saved[k]] if saved else [] for k in ("images", "labels", "noise")}
     done = len(saved["labels"]) if saved else 0
     if n is None:
         if saved is None:
             raise UserError(f"the student's pairs file {path} is gone: distill anew")
         n = done
-    if done < n:
-        log(f"pairs: {done:,} of {n:,} made; the teacher walks {sampling.sampler} {sampling.steps} "
-            f"steps at guidance {sampling.guidance:g}")
-    device, m, start = next(teacher.parameters()).device, teacher.cfg, time.perf_counter()
+    device, start = next(teacher.parameters()).device, time.perf_counter()
     sampler, batch = make_sampler(sampling, cfg.diffusion, device), sampling_batch(device)
+    if done < n:
+        # Counted before any walk: the pairs live in memory twice while the file is written
+        # (the chunks and their concatenation).
+        check_fits(2 * pairs_bytes(max(n, done), m), "cpu", f"{n:,} pairs",
+                   "ask for fewer --pairs")
+        calls = len(sampler.timesteps) * (2 if is_guided(sampling) and needs_uncond(sampling) else 1)
+        log(f"pairs: {done:,} of {n:,} made; the teacher walks {sampling.sampler} {sampling.steps} "
+            f"steps at guidance {sampling.guidance:g}: {(n - done) * calls:,} network calls")
+    in_file = done
     with tqdm(total=n, initial=min(done, n), desc="pairs", dynamic_ncols=True) as bar:
         for first in range(done, n, CHUNK):
             size = min(CHUNK, n - first)
@@ -163,15 +187,28 @@ def make_pairs(teacher, cfg: Config, sampling: SampleConfig, n: int | None, seed
                                 for y, z in zip(labels.split(batch), noise.split(batch))])
             for k, v in zip(parts, (finite_samples(images), labels, noise)):
                 parts[k].append(v)
-            whole = {k: torch.cat(v) for k, v in parts.items()}
-            atomic_write(path, lambda f: torch.save({"format": PAIRS_FORMAT, "teacher": fp,
-                                                     "walk": sampling_dict, "seed": seed, **whole}, f),
-                         derived=True)  # named after --out
+            made = first + size
+            # The file is rewritten whole, so it is saved when the pairs made since the last
+            # save are as many as it holds (and at the end): the bytes written stay a small
+            # multiple of the file's, and a stop loses at most the last half.
+            if made == n or made - in_file >= max(in_file, CHUNK):
+                parts = {k: [torch.cat(v)] for k, v in parts.items()}
+                whole = {k: v[0] for k, v in parts.items()}
+                atomic_write(path, lambda f: torch.save({"format": PAIRS_FORMAT, "teacher": fp,
+                                                         "walk": sampling_dict, "seed": seed,
+                                                         **whole}, f),
+                             derived=True)  # named after --out
+                in_file = made
             bar.update(size)
     whole = {k: torch.cat(v)[:n] for k, v in parts.items()}
     if done < n:
         log(f"pairs: {n:,} in {(time.perf_counter() - start) / 60:.1f} min, saved in {path}")
     return Pairs(whole["images"], whole["labels"], whole["noise"])
+
+
+def pairs_bytes(n: int, m) -> int:
+    """The bytes of n pairs of the network m's images: image and noise in float32, a label."""
+    return n * (2 * 4 * m.in_channels * m.img_size ** 2 + 8)
 
 
 def pair_noise(seed: int, k: int, m) -> torch.Tensor:
@@ -185,10 +222,41 @@ def pairs_path(out) -> Path:
     return Path(f"{out}.pairs.pt")
 
 
+def resumed_student(out: Path, teacher: Config, recipe: Recipe, given=frozenset()) -> tuple:
+    """(the config, the recipe) of the student saved at `out`, to continue. The file must be a
+    student (not a training run, which resuming would overwrite) of the teacher's network;
+    a flag in `given` (the Recipe fields the command line set) that the student fixed when it
+    started is refused if it differs, and --max-steps is honoured (a student can be trained
+    longer)."""
+    if not out.exists():
+        raise UserError(f"nothing to resume: {out} does not exist (pairs made so far are "
+                        f"kept: run the same command without --resume)")
+    loaded = checkpoint.load_model_checkpoint(out)
+    cfg = checkpoint.config_of(loaded)
+    if loaded.get("preset") != "student" or cfg.diffusion.t_sampling != "walk":
+        raise UserError(f"{out} is not a distilled student (preset '{loaded.get('preset')}'): "
+                        f"distilling into it would overwrite that run; choose another --out")
+    if cfg.model != teacher.model:
+        raise UserError(f"{out} is a student of another network than this teacher's; resume "
+                        f"with its own teacher, or choose another --out")
+    fixed = {"steps": cfg.diffusion.walk_steps, "batch_size": cfg.train.batch_size,
+             "lr": cfg.train.lr, "seed": cfg.train.seed}
+    for name, value in fixed.items():
+        if name in given and getattr(recipe, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {getattr(recipe, name):g}: the student in {out} has "
+                            f"{value:g}, fixed when it started; resume without {flag}, or "
+                            f"distill into another --out")
+    if "max_steps" in given:
+        cfg.train.max_steps = recipe.max_steps  # (its epochs follow, once the pairs are read)
+    return cfg, dataclasses.replace(recipe, **fixed)
+
+
 def distill(teacher_path, out, device, recipe: Recipe, sampling_overrides=(), resume: bool = False,
-            logdir=None, log=print) -> dict:
+            logdir=None, log=print, given=frozenset()) -> dict:
     """Distill the teacher at `teacher_path` into a student checkpoint at `out` (its pairs
-    beside it, in <out>.pairs.pt); with resume, continue the student saved there."""
+    beside it, in <out>.pairs.pt); with resume, continue the student saved there (`given`:
+    the Recipe fields the command line set, honoured or refused: resumed_student)."""
     out = Path(out)
     if Path(teacher_path).exists() and same_file(teacher_path, out):
         raise UserError(f"--out {out} is the teacher itself: distill into another file")
@@ -197,15 +265,17 @@ def distill(teacher_path, out, device, recipe: Recipe, sampling_overrides=(), re
     checkpoint.load_state(teacher, checkpoint.sampling_weights(ckpt), str(teacher_path))
     sampling = teacher_sampling(tcfg, sampling_overrides)
     if resume:
-        if not out.exists():
-            raise UserError(f"nothing to resume: {out} does not exist (pairs made so far are "
-                            f"kept: run the same command without --resume)")
-        cfg = checkpoint.config_of(checkpoint.load_model_checkpoint(out))
-        recipe = dataclasses.replace(recipe, steps=cfg.diffusion.walk_steps, seed=cfg.train.seed)
+        cfg, recipe = resumed_student(out, tcfg, recipe, given)
     pairs = make_pairs(teacher.to(device).eval(), tcfg, sampling, None if resume else recipe.pairs,
                        recipe.seed, pairs_path(out), log)
     if not resume:
         cfg = student_config(tcfg, recipe, len(pairs))
+    elif "pairs" in given and recipe.pairs != len(pairs):
+        raise UserError(f"--pairs {recipe.pairs:,}: the student in {out} learns from the "
+                        f"{len(pairs):,} pairs it started with; resume without --pairs")
+    else:  # enough epochs for the steps asked (--max-steps honoured)
+        per_epoch = math.ceil(len(pairs) / cfg.train.batch_size)
+        cfg.train.epochs = max(cfg.train.epochs, math.ceil(cfg.train.max_steps / per_epoch))
     run = new_run(cfg, "student", out, device, log,
                   init={k: v.detach().cpu() for k, v in teacher.state_dict().items()})
     return run_training(run, logdir or Path("runs") / f"distill_{out.stem}", resume, pairs)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .time_position_emb import TimePositionEmbedding
+from .time_position_emb import TimePositionEmbedding, embed_time
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -121,8 +121,11 @@ class DiT(nn.Module):
         self.null_label = cfg.num_classes if cfg.null_class else None
         self.patch_in = nn.Linear(cfg.in_channels * p * p, w)
         self.register_buffer("pos", position_embedding(cfg.img_size // p, w), persistent=False)
-        self.time_emb = nn.Sequential(TimePositionEmbedding(cfg.time_emb_dim),
-                                      nn.Linear(cfg.time_emb_dim, w), nn.SiLU(), nn.Linear(w, w))
+        def time_layers():
+            return nn.Sequential(TimePositionEmbedding(cfg.time_emb_dim),
+                                 nn.Linear(cfg.time_emb_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.time_emb = time_layers()
+        self.interval_emb = time_layers() if cfg.interval_input else None  # MeanFlow's t - r
         self.cls_emb = nn.Embedding(cfg.num_classes + int(cfg.null_class), w * cfg.cond_tokens)
         self.blocks = nn.ModuleList(DiTBlock(w, cfg.heads) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -136,10 +139,11 @@ class DiT(nn.Module):
         """(label and patch tokens, time embedding) before the first block."""
         labels = self.cls_emb(y).view(y.shape[0], self.cfg.cond_tokens, self.cfg.width)
         patches = self.patch_in(patchify(x, self.cfg.patch_size)) + self.pos
-        return torch.cat([labels, patches], dim=1), self.time_emb(t)
+        return torch.cat([labels, patches], dim=1), embed_time(self.time_emb, self.interval_emb, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, S, S) noisy images; t: (B,) times as the objective feeds them; y: (B,) labels
+        # x: (B, C, S, S) noisy images; t: (B,) times as the objective feeds them (or (B, 2)
+        # with the interval: model.interval_input); y: (B,) labels
         h, c = self.tokens(x, t, y)  # (B, L + N, W), (B, W)
         for block in self.blocks:
             h = block(h, c)

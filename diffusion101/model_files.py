@@ -86,6 +86,8 @@ FLOW_PATH = SHIPPED_PATH.with_name("cpu_flow.safetensors")
 STUDENT_PATH = SHIPPED_PATH.with_name("cpu_student.safetensors")
 # The `cpu-dit` preset as trained (a transformer, dit.py), exported: the tour's transformer
 DIT_PATH = SHIPPED_PATH.with_name("cpu_dit.safetensors")
+# The `cpu-onestep` preset as trained (MeanFlow from scratch, meanflow.py), exported
+ONESTEP_PATH = SHIPPED_PATH.with_name("cpu_onestep.safetensors")
 
 
 def export_for_sampling(src, dst, overrides=(), log=print) -> dict:

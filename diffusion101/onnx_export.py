@@ -51,7 +51,9 @@ def export_onnx(model: torch.nn.Module, cfg: Config, preset, path) -> None:
     model = model.eval()
     m = cfg.model
     # A batch of 2 as the example: a batch of 1 would be specialised away by torch.export.
-    example = (torch.zeros(2, m.in_channels, m.img_size, m.img_size), torch.zeros(2),
+    # (A network with an interval input takes two numbers per image: the time and t - r.)
+    times = torch.zeros((2, 2) if m.interval_input else (2,))
+    example = (torch.zeros(2, m.in_channels, m.img_size, m.img_size), times,
                torch.zeros(2, dtype=torch.long))
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -125,7 +125,8 @@ def validate(cfg: Config) -> None:
                         "other classes cannot be scored that way (set it to 0)")
     if t.p_uncond > 0 and not m.null_class:
         raise UserError("train.p_uncond > 0 needs model.null_class=true (the label to drop to)")
-    flow = d.objective == "flow"
+    flow = d.objective != "ddpm"  # flow matching's path, walked on t in [0, 1]
+    check_meanflow(cfg)
     if d.prediction == "x0" and not flow:
         raise UserError("diffusion.prediction=x0 is flow matching's (diffusion.objective=flow); "
                         "a DDPM model predicts eps or v")
@@ -143,6 +144,33 @@ def validate(cfg: Config) -> None:
     if len(s.guidance_interval) != 2 or not s.guidance_interval[0] <= s.guidance_interval[1]:
         raise UserError("sample.guidance_interval must be two fractions lo,hi with lo <= hi")
     check_settings_apply(s, flow)
+
+
+def check_meanflow(cfg: Config) -> None:
+    """What MeanFlow's training needs (meanflow.py), and its settings refused on the other
+    objectives, where they would do nothing."""
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    if d.objective != "meanflow":
+        if (d.interval_share, d.trained_guidance, d.adaptive_p) != (0.25, 1.0, 1.0):
+            raise UserError("diffusion.interval_share, trained_guidance and adaptive_p shape "
+                            "MeanFlow's training (diffusion.objective=meanflow); leave them be")
+        return
+    if not m.interval_input:
+        raise UserError("diffusion.objective=meanflow needs model.interval_input=true: the "
+                        "network must be told the interval t - r it averages over")
+    if m.backbone == "unet" and m.norm == "batch":
+        raise UserError("diffusion.objective=meanflow needs model.norm=group: BatchNorm mixes "
+                        "the images of a batch, so its forward-mode derivative is not each "
+                        "image's own")
+    if d.prediction == "x0":
+        raise UserError("a MeanFlow network predicts the average velocity, not x_0 "
+                        "(leave diffusion.prediction as it is)")
+    if t.loss != "mse":
+        raise UserError("diffusion.objective=meanflow weighs each image's squared error "
+                        "(train.loss=mse)")
+    if d.trained_guidance != 1 and not (m.null_class and t.p_uncond > 0):
+        raise UserError("diffusion.trained_guidance needs the unconditional model: "
+                        "model.null_class=true and train.p_uncond > 0")
 
 
 def check_backbone(m: ModelConfig) -> None:

@@ -1,4 +1,6 @@
 """Sinusoidal timestep embedding ("Attention Is All You Need", section 3.5), for diffusion steps."""
+from __future__ import annotations
+
 import math
 
 import torch
@@ -23,5 +25,18 @@ class TimePositionEmbedding(nn.Module):
         self.register_buffer("freqs", freqs.float())
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t.float()[:, None] * self.freqs[None, :]  # (B, half)
+        angles = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]  # (B, half)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, dim)
+
+
+def embed_time(time_emb: nn.Module, interval_emb: nn.Module | None, t: torch.Tensor) -> torch.Tensor:
+    """A network's time embedding: time_emb(t) for times t of shape (B,), or, for a network with
+    an interval input (interval_emb, model.interval_input), t of shape (B, 2), each image's
+    time and the interval t - r, each embedded by its own layers and the two added (as
+    MeanFlow's networks take both). Such a network given (B,) times reads an interval of 0:
+    the instantaneous velocity, which Euler, Heun and a distilled student's walks ask for."""
+    if interval_emb is None:
+        return time_emb(t)
+    if t.dim() == 1:
+        t = torch.stack([t, torch.zeros_like(t)], dim=1)
+    return time_emb(t[:, 0]) + interval_emb(t[:, 1])

@@ -26,6 +26,7 @@ from . import checkpoint, distributed
 from .config import Config, SampleConfig, TrainConfig, UserError
 from .dataset import Batch, ImageData, epoch_batches
 from .denoise import make_objective, make_sampler, sample_classes
+from .entry import check_interrupt
 from .evaluate import evaluate_model
 from .images import grid_image
 from .objective import Objective
@@ -105,6 +106,7 @@ def fit(run: Run, state: TrainState, data: ImageData, objective: Objective,
             for idx in batches[state.step_in_epoch:]:
                 batch = data.batch(idx, run.device)
                 loss = train_step(state, objective, batch, recipe, run.speed, run.distributed)
+                check_interrupt()  # a Ctrl-C whose exception something swallowed stops here
                 log_loss(run, state, bar, loss)
                 if every(recipe.save_every, state.step):
                     save(run, state)

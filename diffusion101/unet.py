@@ -5,7 +5,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .conv_block import BLOCKS
-from .time_position_emb import TimePositionEmbedding
+from .time_position_emb import TimePositionEmbedding, embed_time
 
 
 class UNet(nn.Module):
@@ -18,9 +18,11 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         chs = [cfg.in_channels] + list(cfg.channels)
-        self.time_emb = nn.Sequential(
-            TimePositionEmbedding(cfg.time_emb_dim),
-            nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim), nn.ReLU())
+        def time_layers():
+            return nn.Sequential(TimePositionEmbedding(cfg.time_emb_dim),
+                                 nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim), nn.ReLU())
+        self.time_emb = time_layers()
+        self.interval_emb = time_layers() if cfg.interval_input else None  # MeanFlow's t - r
         # One row per class (plus the null class for guidance), holding cond_tokens tokens.
         self.null_label = cfg.num_classes if cfg.null_class else None
         self.cls_emb = nn.Embedding(cfg.num_classes + int(cfg.null_class),
@@ -40,8 +42,9 @@ class UNet(nn.Module):
         self.output = nn.Conv2d(chs[1], cfg.in_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # x: (B, 1, S, S) noisy images; t: (B,) int timesteps; y: (B,) int labels
-        t_emb = self.time_emb(t)  # (B, time_emb_dim)
+        # x: (B, 1, S, S) noisy images; t: (B,) timesteps (or (B, 2) with the interval t - r:
+        # model.interval_input); y: (B,) int labels
+        t_emb = embed_time(self.time_emb, self.interval_emb, t)  # (B, time_emb_dim)
         # (B, L, cls_emb_dim): L = cond_tokens label tokens (1 in the reference)
         context = self.cls_emb(y).view(y.shape[0], self.cfg.cond_tokens, self.cfg.cls_emb_dim)
         skips = []

@@ -28,7 +28,8 @@ from diffusion101.denoise import make_sampler, predict
 from diffusion101.diffusion import NoiseSchedule
 from diffusion101.evaluate import score
 from diffusion101.dit import patchify, unpatchify
-from diffusion101.model_files import BOLD_LORA_PATH, DIT_PATH, FLOW_PATH, SHIPPED_PATH, STUDENT_PATH
+from diffusion101.model_files import (BOLD_LORA_PATH, DIT_PATH, FLOW_PATH, ONESTEP_PATH, SHIPPED_PATH,
+                                      STUDENT_PATH)
 from diffusion101.train_run import train
 from diffusion101.unet import UNet
 
@@ -486,6 +487,87 @@ print("share of attention on the label, per block:", [round(float(v), 3) for v i
 # velocity (Li and He 2025), which at guidance 2 halved its FID (3.78 to 1.93). The side-by-side
 # tables, and where the two curves would cross: docs/EXPERIMENTS.md, "A transformer beside the
 # UNet".
+
+
+# %% [markdown]
+# ## 12. One step from scratch: the average velocity
+#
+# The student of chapter 10 draws in one step, but it needs a teacher (an hour of CPU here) and
+# the teacher's walks. MeanFlow (Geng et al. 2025; `diffusion101/meanflow.py`) trains a one-step
+# generator from scratch. Flow matching's network learns the *instantaneous* velocity
+# `v(x_t, t)`: the direction of the path at one point. Where several images are still possible,
+# that direction points at their average, so the path of `x_t` curves as the choice is made,
+# and one step along the first direction lands between the images. MeanFlow's network learns
+# the *average* velocity over an interval, `u(x_t, r, t) = (x_t - x_r) / (t - r)`, which is
+# exact for a jump of any length: `x_r = x_t - (t - r) u`. It never needs the path to learn it:
+# differentiating `(t - r) u` along the path gives `u = v - (t - r) du/dt`, and the right side
+# asks only for the velocity of the straight line and the network's own derivative, taken by a
+# Jacobian-vector product. The network takes the interval `t - r` as a second time input.
+#
+# Below, a 2-D example where everything is exact: the data are two points, the noise a
+# Gaussian, and the path from one noise (top) curves towards the point it ends at. At five
+# times along it, the instantaneous velocity (orange) and the average velocity to the end
+# (blue), each drawn as the jump of length t it asks for: the orange jumps land between the
+# two points, the blue ones on the data.
+#
+# ![the instantaneous and the average velocity along one curved path](tour/meanflow_paths.png)
+
+# %%
+ends = torch.tensor([[-1.0, -0.6], [1.0, -0.6]])  # the data: two points, equally likely
+
+
+def velocity_2d(x: torch.Tensor, t: float) -> torch.Tensor:
+    """The exact flow-matching velocity of the two-point data at (x, t): the velocity of
+    each point's straight line, eps - x_0 = (x - x_0) / t, weighted by how likely that point
+    is given x (a Gaussian of spread t around (1 - t) x_0)."""
+    logits = -((x[None] - (1 - t) * ends).square().sum(1)) / (2 * t ** 2)
+    weights = torch.softmax(logits, dim=0)
+    return (weights[:, None] * (x[None] - ends) / t).sum(0)
+
+
+x_path, times = [torch.tensor([0.25, 1.6])], torch.linspace(1.0, 0.0, 2001)
+for t_now, t_next in zip(times[:-1].tolist(), times[1:].tolist()):  # small Euler steps: the path
+    x_path.append(x_path[-1] + (t_next - t_now) * velocity_2d(x_path[-1], t_now))
+path = torch.stack(x_path)
+fig, ax = plt.subplots(figsize=(5.2, 4.4))
+ax.plot(path[:, 0], path[:, 1], color="grey", lw=1.5, label="the path of x_t")
+ax.scatter(ends[:, 0], ends[:, 1], s=60, color="black", zorder=3, label="the data")
+for k, i in enumerate((0, 400, 800, 1200, 1600)):
+    t_i, x_i = times[i].item(), path[i]
+    jump_v = -t_i * velocity_2d(x_i, t_i)  # to t = 0 along the instantaneous velocity
+    jump_u = path[-1] - x_i  # t times the average velocity u(x_t, 0, t)
+    ax.annotate("", x_i + jump_v, x_i, arrowprops={"arrowstyle": "->", "color": "tab:orange"})
+    ax.annotate("", x_i + jump_u, x_i, arrowprops={"arrowstyle": "->", "color": "tab:blue"})
+    ax.text(x_i[0] + 0.06, x_i[1], f"t = {t_i:.1f}", fontsize=7)
+ax.plot([], [], color="tab:orange", label="t v(x_t, t): one Euler jump")
+ax.plot([], [], color="tab:blue", label="t u(x_t, 0, t): one MeanFlow jump")
+ax.legend(fontsize=7, loc="upper left")
+ax.set_aspect("equal")
+save(fig, "meanflow_paths")
+
+# %% [markdown]
+# The `cpu-onestep` preset trains this on MNIST: the `cpu` recipe's UNet with GroupNorm (forward-
+# mode derivatives must stay within each image, and BatchNorm mixes a batch) and the interval
+# input, guidance trained into the target so that a guided step is one network call, 1,100
+# training steps. The shipped model (`weights/cpu_onestep.safetensors`) draws below in one and
+# two jumps, beside the distilled student in as many steps (the student's row: a teacher's hour
+# and a distillation's 25 minutes; MeanFlow's: its own training alone). docs/EXPERIMENTS.md,
+# "One step from scratch", has the accuracy and FID of each, and the CPU minutes of each path.
+#
+# ![digits 0-9 in one and two steps: the from-scratch MeanFlow model and the distilled student](tour/onestep_grid.png)
+
+# %%
+onestep = d.load(ONESTEP_PATH)
+print(onestep.config.diffusion)
+rows = [(name, m, n_steps) for n_steps in (1, 2) for name, m in (("MeanFlow", onestep),
+                                                                  ("student", student))]
+fig, axes = plt.subplots(len(rows), 10, figsize=(10, 1.4 * len(rows)))
+for axes_row, (name, m, n_steps) in zip(axes, rows):
+    images = d.sample(m, classes=range(10), seed=0, steps=n_steps)
+    show_row(axes_row, images)
+    axes_row[0].set_ylabel(f"{name}\n{n_steps} step{'s' if n_steps > 1 else ''}", fontsize=8,
+                           rotation=0, labelpad=28)
+save(fig, "onestep_grid")
 
 
 # %% [markdown]

@@ -207,3 +207,96 @@ def test_bad_teachers_are_refused_in_one_line_and_nothing_is_written(tmp_path, c
     assert "nothing to resume" in _refused(["--teacher", teacher, "--out", str(outs[-1]), "--resume"],
                                            capsys)
     assert not any(out.exists() or pairs_path(out).exists() for out in outs)
+
+
+def test_resume_takes_only_a_student_of_this_teacher(tmp_path, capsys):
+    """Mechanism 1 of round four: the file --resume continues is checked for what it is."""
+    from diffusion101.commands import train as train_command
+    _flow_teacher(tmp_path / "t.pt")
+    quiet = dict(log=lambda *a: None)
+    # an ordinary training run of the teacher's own architecture: resuming it as a student
+    # would train it on pairs and overwrite it
+    assert run_cli(train_command, ["--preset", "tiny", "--max-steps", "1", "--out",
+                                   str(tmp_path / "run.pt"), "--logdir", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "run.pt").read_bytes()
+    err = _refused(["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "run.pt"),
+                    "--resume"], capsys)
+    assert "not a distilled student" in err and (tmp_path / "run.pt").read_bytes() == before
+    # a student, of a teacher of another network
+    distill(tmp_path / "t.pt", tmp_path / "s.pt", "cpu", _recipe(), logdir=tmp_path / "r", **quiet)
+    cfg = get_preset("tiny")
+    cfg.model.channels, cfg.diffusion, cfg.sample = (8, 8), FLOW, SampleConfig(sampler="euler", steps=4)
+    from diffusion101.unet import UNet
+    checkpoint.save(checkpoint.model_file(cfg, "tiny", {"model": UNet(cfg.model).state_dict()}),
+                    tmp_path / "other.pt")
+    capsys.readouterr()
+    assert "another network" in _refused(["--teacher", str(tmp_path / "other.pt"), "--out",
+                                          str(tmp_path / "s.pt"), "--resume"], capsys)
+
+
+def test_flags_given_on_resume_are_honoured_or_refused(tmp_path, capsys):
+    _flow_teacher(tmp_path / "t.pt")
+    quiet = dict(log=lambda *a: None)
+    distill(tmp_path / "t.pt", tmp_path / "s.pt", "cpu", _recipe(), logdir=tmp_path / "r", **quiet)
+    capsys.readouterr()
+    base = ["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "s.pt"), "--resume",
+            "--logdir", str(tmp_path / "r")]
+    before = (tmp_path / "s.pt").read_bytes()
+    for flags, words in ((["--steps", "4"], "--steps 4: the student"), (["--lr", "0.5"], "--lr 0.5"),
+                         (["--batch-size", "8"], "--batch-size 8"), (["--pairs", "64"], "--pairs 64")):
+        assert words in _refused(base + flags, capsys), flags
+    assert (tmp_path / "s.pt").read_bytes() == before
+    # --max-steps is honoured: the student, trained 6 steps, trains on to 9
+    assert run_cli(distill_student, base + ["--max-steps", "9"]) == 0
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert saved["step"] == 9 and checkpoint.config_of(saved).train.max_steps == 9
+
+
+def _pairs_file(tmp_path):
+    cfg = _flow_teacher(tmp_path / "t.pt")
+    teacher, _, _ = load_model(tmp_path / "t.pt")
+    path = tmp_path / "p.pt"
+    make_pairs(teacher, cfg, cfg.sample, 8, 0, path, log=lambda *a: None)
+    return teacher, cfg, path
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda d: d.update(images=d["images"][:, :, :8, :8], noise=d["noise"][:, :, :8, :8]), "float32 (N, 1, 16, 16)"),
+    (lambda d: d.update(labels=d["labels"].float()), "int64 labels"),
+    (lambda d: d.update(labels=d["labels"].to(torch.int8)), "int64 labels"),
+    (lambda d: d.update(images=d["images"].double()), "float32"),
+    (lambda d: d.update(noise=torch.cat([d["noise"]] * 3, dim=1)), "float32 (N, 1, 16, 16)"),
+    (lambda d: d["labels"].__setitem__(0, 10), "labels outside 0..9"),
+    (lambda d: d["labels"].__setitem__(0, -1), "labels outside 0..9"),
+    (lambda d: d["images"].__setitem__((0, 0, 0, 0), float("nan")), "NaN or inf"),
+])
+def test_a_pairs_file_is_checked_for_what_it_holds(tmp_path, change, words):
+    teacher, cfg, path = _pairs_file(tmp_path)
+    saved = torch.load(path, weights_only=True)
+    change(saved)
+    torch.save(saved, path)
+    with pytest.raises(distillation.UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        make_pairs(teacher, cfg, cfg.sample, 16, 0, path, log=lambda *a: None)
+
+
+def test_pairs_are_counted_first_and_the_file_is_rewritten_a_few_times(tmp_path, monkeypatch):
+    from diffusion101 import memory
+    teacher, cfg, path = _pairs_file(tmp_path)
+    monkeypatch.setattr(memory, "device_memory", lambda device: 10 ** 6)  # 1 MB to spare
+    with pytest.raises(distillation.UserError, match="100,000 pairs needs about"):
+        make_pairs(teacher, cfg, cfg.sample, 100_000, 0, tmp_path / "big.pt", log=lambda *a: None)
+    assert not (tmp_path / "big.pt").exists()
+    monkeypatch.undo()
+    # chunks of 4 pairs: 40 pairs are saved after 4, 8, 16, 32 and 40 (not after each chunk),
+    # and hold what one call made at once holds
+    monkeypatch.setattr(distillation, "CHUNK", 4)
+    writes = []
+    real = distillation.atomic_write
+    monkeypatch.setattr(distillation, "atomic_write", lambda p, fn, **kw: (writes.append(p), real(p, fn, **kw)))
+    pairs = make_pairs(teacher, cfg, cfg.sample, 40, 0, tmp_path / "q.pt", log=lambda *a: None)
+    assert len(writes) == 5
+    saved = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert torch.equal(saved["images"], pairs.images) and len(saved["labels"]) == 40
+    first = torch.load(path, weights_only=True)  # the 8 made by _pairs_file, in chunks of 1000
+    assert torch.equal(first["noise"], saved["noise"][:8])

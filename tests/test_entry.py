@@ -46,3 +46,79 @@ def test_each_entry_point_runs_its_command_inside_the_boundary(tmp_path, capsys,
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("error:") for line in err), err
     assert list(tmp_path.iterdir()) == []
+
+
+def _swallowed_ctrl_c():
+    """A Ctrl-C whose KeyboardInterrupt some library code catches and drops (as an import or
+    a callback run from C can): the press is real, the exception never arrives."""
+    import os
+    import signal
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT as a command started from a terminal has it (run_cli then notes each press)."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("where", ["step", "final_save"])
+def test_a_swallowed_ctrl_c_still_stops_training_at_once(tmp_path, capsys, monkeypatch, fake_data,
+                                                         default_sigint, where):
+    """Round four's mechanism 11: pressed during step 3 of 20, or during the final save, with
+    the exception swallowed where it was raised: the run stops there (not 17 steps later: the
+    file keeps step 2, as a Ctrl-C inside step 3 leaves it), exit 130 with the one line, and
+    what was saved loads."""
+    import torch
+
+    from diffusion101 import commands, train, train_run
+    from diffusion101.cli import INTERRUPTED, run_cli
+    monkeypatch.setattr(train_run, "load_mnist", lambda **kw: fake_data)
+    real_step, real_save = train.train_step, train.save
+
+    def step(state, *args):
+        loss = real_step(state, *args)
+        if where == "step" and state.step == 3:
+            _swallowed_ctrl_c()
+        return loss
+
+    def save(run, state):
+        real_save(run, state)
+        if where == "final_save" and state.step == 20:
+            _swallowed_ctrl_c()
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "save", save)
+    out = tmp_path / "run.pt"
+    code = run_cli(commands.train, ["--preset", "tiny", "--max-steps", "20", "--epochs", "5",
+                                    "--save-every", "1", "--out", str(out), "--logdir",
+                                    str(tmp_path / "runs")])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == INTERRUPTED
+    assert torch.load(out, weights_only=True)["step"] == (2 if where == "step" else 20)
+
+
+def test_a_swallowed_ctrl_c_stops_a_walk_at_its_next_step(tmp_path, capsys, monkeypatch,
+                                                          default_sigint):
+    from conftest import tiny_checkpoint
+
+    from diffusion101 import checkpoint, commands, denoise
+    from diffusion101.cli import INTERRUPTED, run_cli
+    checkpoint.save(tiny_checkpoint(0), tmp_path / "m.pt")
+    calls, real = [], denoise.predict
+
+    def predict(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            _swallowed_ctrl_c()
+        return real(*args, **kw)
+    monkeypatch.setattr(denoise, "predict", predict)
+    code = run_cli(commands.sample, ["--ckpt", str(tmp_path / "m.pt"), "--out",
+                                     str(tmp_path / "g.png")])
+    assert code == 130 and len(calls) == 2 and not (tmp_path / "g.png").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == INTERRUPTED
