@@ -57,6 +57,13 @@ def run_cli(main, argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        return _run(main, argv)
+    finally:
+        PRESSED.clear()  # (a later command in this process starts with none)
+
+
+def _run(main, argv) -> int:
+    try:
         main(argv)
     except UserError as e:
         return _fail(f"error: {e}", 2)
