@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SEED_MAX, Config, SampleConfig, UserError
-from .entry import PRESSED
+from .config import PRESSED, SEED_MAX, Config, SampleConfig, UserError
 from .presets import get_preset
 from .denoise import check_config
 from .files import same_file, written_path

@@ -383,13 +383,13 @@ def distill_student(argv=None) -> None:
     if a.seed is not None:
         given["seed"] = a.seed
     recipe = Recipe(**given)
+    recipe.given = frozenset(given)
     recipe.check()
     device = resolve_device(a.device)
     check_outputs({"--out": a.out, "the pairs file": str(pairs_path(a.out))},
                   inputs={"--teacher": a.teacher}, folders={"--logdir": a.logdir},
                   derived=["the pairs file"])
-    distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir,
-                given=frozenset(given))
+    distill_run(a.teacher, a.out, device, recipe, a.teacher_set, a.resume, a.logdir)
 
 
 def demo(argv=None) -> None:

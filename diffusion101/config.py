@@ -18,6 +18,19 @@ class UserError(ValueError):
     ValueError, as the Python API promises for a bad argument)."""
 
 
+# Ctrl-C presses this process has seen since its command started (cli.run_cli's handler notes
+# each before raising KeyboardInterrupt). Library code sometimes catches and drops the
+# exception (an import, a callback run from C); the note survives that.
+PRESSED: list = []
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed: loops call this between steps, so that a
+    press whose exception was swallowed on the way still stops the work at the next step."""
+    if PRESSED:
+        raise KeyboardInterrupt
+
+
 # Every field declares what it may hold, once: a range (for numbers, and for each item of a
 # tuple) or a list of choices. settings.validate() is derived from these; a comparison written as
 # `lo <= x <= hi` is False for NaN, so NaN can never pass.

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from . import guidance
-from .config import DiffusionConfig, SampleConfig, UserError
+from .config import DiffusionConfig, SampleConfig, UserError, check_interrupt
 from .diffusion import NoiseSchedule
 from .flow import FlowMatching
-from .entry import check_interrupt
 from .guidance import is_guided, needs_uncond
 from .meanflow import MeanFlow
 from .memory import check_memory
@@ -106,7 +105,7 @@ def sample(model, sampler: Objective, labels: torch.Tensor, sample_cfg: SampleCo
     keep = set(np.linspace(0, steps - 1, n_frames).round().astype(int).tolist()) if n_frames else set()
     frames, history = [], {}  # what a guidance rule keeps over this walk
     for i, t in enumerate(sampler.timesteps.tolist()):
-        check_interrupt()  # (a Ctrl-C whose exception was swallowed: entry.py)
+        check_interrupt()  # (a Ctrl-C whose exception was swallowed: config.py)
         out = predict(model, sampler, x, t, labels, sample_cfg, guide, history)
         x = sampler.step(out, t, x, generator=generator).prev_sample
         if i in keep:

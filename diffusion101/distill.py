@@ -54,6 +54,8 @@ class Recipe:
     batch_size: int = num(128, 1, 1_000_000)
     lr: float = num(1e-3, 0.0, 10.0, above_lo=True)
     seed: int = num(0, 0, 2**32 - 1)
+    # (not a field: the names the command line set, which a resumed student honours or refuses)
+    given = frozenset()
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -222,7 +224,7 @@ def pairs_path(out) -> Path:
     return Path(f"{out}.pairs.pt")
 
 
-def resumed_student(out: Path, teacher: Config, recipe: Recipe, given=frozenset()) -> tuple:
+def resumed_student(out: Path, teacher: Config, recipe: Recipe) -> tuple:
     """(the config, the recipe) of the student saved at `out`, to continue. The file must be a
     student (not a training run, which resuming would overwrite) of the teacher's network;
     a flag in `given` (the Recipe fields the command line set) that the student fixed when it
@@ -239,6 +241,7 @@ def resumed_student(out: Path, teacher: Config, recipe: Recipe, given=frozenset(
     if cfg.model != teacher.model:
         raise UserError(f"{out} is a student of another network than this teacher's; resume "
                         f"with its own teacher, or choose another --out")
+    given = recipe.given
     fixed = {"steps": cfg.diffusion.walk_steps, "batch_size": cfg.train.batch_size,
              "lr": cfg.train.lr, "seed": cfg.train.seed}
     for name, value in fixed.items():
@@ -253,10 +256,10 @@ def resumed_student(out: Path, teacher: Config, recipe: Recipe, given=frozenset(
 
 
 def distill(teacher_path, out, device, recipe: Recipe, sampling_overrides=(), resume: bool = False,
-            logdir=None, log=print, given=frozenset()) -> dict:
+            logdir=None, log=print) -> dict:
     """Distill the teacher at `teacher_path` into a student checkpoint at `out` (its pairs
-    beside it, in <out>.pairs.pt); with resume, continue the student saved there (`given`:
-    the Recipe fields the command line set, honoured or refused: resumed_student)."""
+    beside it, in <out>.pairs.pt); with resume, continue the student saved there (
+    recipe.given, the fields the command line set, honoured or refused: resumed_student)."""
     out = Path(out)
     if Path(teacher_path).exists() and same_file(teacher_path, out):
         raise UserError(f"--out {out} is the teacher itself: distill into another file")
@@ -265,7 +268,8 @@ def distill(teacher_path, out, device, recipe: Recipe, sampling_overrides=(), re
     checkpoint.load_state(teacher, checkpoint.sampling_weights(ckpt), str(teacher_path))
     sampling = teacher_sampling(tcfg, sampling_overrides)
     if resume:
-        cfg, recipe = resumed_student(out, tcfg, recipe, given)
+        given = recipe.given
+        cfg, recipe = resumed_student(out, tcfg, recipe)
     pairs = make_pairs(teacher.to(device).eval(), tcfg, sampling, None if resume else recipe.pairs,
                        recipe.seed, pairs_path(out), log)
     if not resume:

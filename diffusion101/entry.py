@@ -45,19 +45,6 @@ def _note_sigint(pressed: list):
     return signal.default_int_handler if previous is None else previous
 
 
-# Ctrl-C presses this process has seen since its command started (cli.run_cli's handler notes
-# each before raising KeyboardInterrupt). Library code sometimes catches and drops the
-# exception (an import, a callback run from C); the note survives that.
-PRESSED: list = []
-
-
-def check_interrupt() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C was pressed: loops call this between steps, so that a
-    press whose exception was swallowed on the way still stops the work at the next step."""
-    if PRESSED:
-        raise KeyboardInterrupt
-
-
 def _entry(name: str):
     def command(argv=None) -> int:
         return run(name, argv)

@@ -23,10 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config, SampleConfig, TrainConfig, UserError
+from .config import Config, SampleConfig, TrainConfig, UserError, check_interrupt
 from .dataset import Batch, ImageData, epoch_batches
 from .denoise import make_objective, make_sampler, sample_classes
-from .entry import check_interrupt
 from .evaluate import evaluate_model
 from .images import grid_image
 from .objective import Objective

@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 
 from .checkpoint import config_of, load_model_checkpoint
-from .config import UserError
+from .config import PRESSED, UserError
 from .dataset import cache_dir
 from .flow import FlowMatching
 from .model_files import FLOW_PATH, STUDENT_PATH, export_for_sampling
@@ -160,7 +160,8 @@ def serve(folder, port: int) -> None:
           flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C is how the server is meant to stop: handled
+        PRESSED.clear()
         print("stopped", flush=True)
     finally:
         server.server_close()

@@ -20,7 +20,7 @@ from diffusion101.flow import FlowMatching
 from diffusion101.model_files import export_for_sampling, load_model
 from diffusion101.speed import Speed
 from diffusion101.train import diffusion_loss
-from diffusion101.train_state import TrainState, build_state
+from diffusion101.train_state import build_state
 
 FLOW = DiffusionConfig(objective="flow", clip="none", timesteps=100)
 MU, S = 0.3, 0.5  # the data: every pixel N(MU, S^2), independent

@@ -104,6 +104,7 @@ READING_PATH = {
     "objective": {"config"},
     "diffusion": {"config", "objective"},
     "flow": {"config", "diffusion", "objective"},
+    "meanflow": {"diffusion", "flow"},
     "time_position_emb": set(),
     "cross_attn": set(),
     "conv_block": {"config", "cross_attn"},
@@ -113,7 +114,8 @@ READING_PATH = {
     # fit's chores save, snapshot and evaluate; the run's set-up is train_run's
     "train": {"config", "objective", "denoise", "dataset", "speed", "train_state", "checkpoint",
               "distributed", "images", "posthoc_ema", "evaluate"},
-    "denoise": {"config", "settings", "objective", "diffusion", "flow", "guidance", "memory"},
+    "denoise": {"config", "settings", "objective", "diffusion", "flow", "meanflow", "guidance",
+                "memory"},
     "lora": {"config"},
 }
 JOBS = {"cli", "commands", "api", "generate", "model_files", "lora_finetune", "train_run",
