@@ -6,18 +6,16 @@ the median of 7 steps after 2 (docs/EXPERIMENTS.md, "A transformer beside the UN
 """
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusion101.dataset import load_mnist  # noqa: E402
-from diffusion101.denoise import make_objective  # noqa: E402
-from diffusion101.networks import build_network, count_parameters  # noqa: E402
 from diffusion101.presets import get_preset  # noqa: E402
-from diffusion101.train import diffusion_loss  # noqa: E402
+from objective_speed import seconds_per_step  # noqa: E402  (the same timed loop)
 
 
 def main(shapes) -> None:
@@ -28,20 +26,9 @@ def main(shapes) -> None:
         w, d, p, h = (int(v) for v in shape.split(","))
         variants[f"dit {shape}"] = dict(backbone="dit", width=w, depth=d, patch_size=p, heads=h)
     for name, changes in variants.items():
-        torch.manual_seed(0)
-        net = build_network(dataclasses.replace(base.model, **changes))
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        objective, g = make_objective(base.diffusion), torch.Generator().manual_seed(0)
-        times = []
-        for _ in range(9):
-            start = time.perf_counter()
-            loss = diffusion_loss(net, objective, (x0, y), g, base.train)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-        median = sorted(times[2:])[len(times[2:]) // 2]
-        print(f"{name:>16}: {count_parameters(net):>9,} parameters, {median:.3f} s per step")
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, **changes))
+        median, params = seconds_per_step(cfg, x0, y, warmup=2, timed=7)
+        print(f"{name:>16}: {params:>9,} parameters, {median:.3f} s per step")
 
 
 if __name__ == "__main__":

@@ -22,20 +22,22 @@ from diffusion101.presets import get_preset  # noqa: E402
 from diffusion101.train import diffusion_loss  # noqa: E402
 
 
-def seconds_per_step(cfg, x0, y) -> float:
+def seconds_per_step(cfg, x0, y, warmup: int = 3, timed: int = 15) -> tuple:
+    """(the median seconds of `timed` training steps after `warmup`, the trainable
+    parameters) of cfg's network and objective on the batch (x0, y)."""
     torch.manual_seed(0)
     net = build_network(cfg.model)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     objective, g = make_objective(cfg.diffusion), torch.Generator().manual_seed(0)
     times = []
-    for _ in range(18):
+    for _ in range(warmup + timed):
         start = time.perf_counter()
         loss = diffusion_loss(net, objective, (x0, y), g, cfg.train)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return sorted(times[3:])[len(times[3:]) // 2], count_parameters(net)
+    return sorted(times[warmup:])[timed // 2], count_parameters(net)
 
 
 def main(names) -> None:
